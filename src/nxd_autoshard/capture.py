@@ -1,0 +1,236 @@
+"""Capture an unmodified nn.Module into an FX graph with torch.export (non-strict), on the meta device."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import Dim, ShapesCollection
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+__all__ = ["CapturedProgram", "capture", "meta_shadow", "module_path", "input_signature"]
+
+
+@dataclass
+class CapturedProgram:
+    """A captured forward: `gm(*state, *flat_user_inputs)` returns the flat user outputs.
+
+    `state_names[i]` is the qualified name (`model.layers.0.mlp.up_proj.weight`) of the
+    i-th placeholder; the user inputs follow. `in_spec`/`out_spec` rebuild the call's
+    (args, kwargs) and the model's output structure (e.g. a `CausalLMOutputWithPast`).
+    """
+
+    gm: torch.fx.GraphModule
+    state_names: list[str]
+    state_kinds: list[str]
+    user_input_names: list[str]
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    training: bool
+    static_dims: list[tuple[int, ...] | None] = field(default_factory=list)
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_state(self) -> int:
+        return len(self.state_names)
+
+    def accepts(self, flat_inputs: list[Any]) -> bool:
+        """Whether flat user inputs fit the shapes this program was specialised to."""
+        for value, static in zip(flat_inputs, self.static_dims):
+            if static is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.dim() != len(static):
+                return False
+            for size, want in zip(value.shape, static):
+                if want >= 0 and size != want:
+                    return False
+        return True
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Qualified name of the innermost module a node came from ('' for top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _normalize_module_path(path)
+
+
+def _normalize_module_path(path: str) -> str:
+    # export may spell paths like "L['self'].layers[0].mlp" in some torch versions
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in path.replace("]", "").replace("[", ".").split("."):
+        if part:
+            out.append(part.strip("'\""))
+    return ".".join(out)
+
+
+def meta_shadow(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters and buffers live on the meta device (no weight is copied)."""
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in memo:
+            continue
+        empty = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, torch.nn.Parameter):
+            empty = torch.nn.Parameter(empty, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = empty
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def input_signature(args: tuple, kwargs: dict) -> tuple:
+    """Hashable structure of a call: the pytree spec plus the non-tensor leaves."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    marks = tuple(
+        ("T", leaf.dtype, leaf.dim()) if isinstance(leaf, torch.Tensor) else ("V", repr(leaf))
+        for leaf in leaves
+    )
+    return (str(spec), marks)
+
+
+def _default_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
+    # A cache object in the output cannot be exported (and is not wanted in training).
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+    shapes = ShapesCollection()
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            shapes[leaf] = {d: Dim.AUTO for d in range(leaf.dim())}
+    return shapes.dynamic_shapes(model, args, kwargs)
+
+
+class _ModuleTracker:
+    """Forward pre/post hooks that remember which module was running when capture failed."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.stack: list[str] = []
+        self.deepest: list[str] = []
+        self.handles = []
+        for name, mod in model.named_modules():
+            self.handles.append(mod.register_forward_pre_hook(self._enter(name or type(model).__name__)))
+            self.handles.append(mod.register_forward_hook(self._leave))
+
+    def _enter(self, name):
+        def hook(mod, args):
+            self.stack.append(name)
+            self.deepest = list(self.stack)
+
+        return hook
+
+    def _leave(self, mod, args, out):
+        if self.stack:
+            self.stack.pop()
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    training: bool | None = None,
+    dynamic: bool = True,
+) -> CapturedProgram:
+    """Export `model` on the meta device into a flat CapturedProgram; weights are never touched."""
+    kwargs = _default_kwargs(model, dict(kwargs or {}))
+    training = model.training if training is None else training
+    shadow = meta_shadow(model)
+    shadow.train(training)
+    meta_args = pytree.tree_map(_to_meta, args)
+    meta_kwargs = pytree.tree_map(_to_meta, kwargs)
+    tracker = _ModuleTracker(shadow)
+    try:
+        try:
+            dyn = _dynamic_shapes(shadow, meta_args, meta_kwargs) if dynamic else None
+            ep = torch.export.export(shadow, meta_args, meta_kwargs, dynamic_shapes=dyn, strict=False)
+        except CaptureError:
+            raise
+        except Exception:
+            if not dynamic:
+                raise
+            # some models specialise a size; a static capture still works (recaptured per shape)
+            tracker.deepest = []
+            ep = torch.export.export(shadow, meta_args, meta_kwargs, strict=False)
+    except Exception as err:
+        where = tracker.deepest[-1] if tracker.deepest else type(model).__name__
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: the failure happened inside "
+            f"module '{where}': {type(err).__name__}: {first}\n"
+            "What to do: make that module's forward traceable (no data-dependent Python control "
+            "flow, no .item()/.tolist() on tensors, no unsupported objects in inputs or outputs), "
+            "or pass different example inputs; torch.export's own report is chained below."
+        ) from err
+    finally:
+        tracker.close()
+    return _flatten_exported(ep, model, training)
+
+
+def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedProgram:
+    sig = ep.graph_signature
+    for spec in sig.output_specs:
+        if spec.kind not in (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT):
+            raise CaptureError(
+                f"{type(model).__name__} mutates state during forward ({spec.kind.name} of "
+                f"'{spec.target}'); stateful layers such as BatchNorm running stats are not supported yet."
+            )
+    buffer_names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    state_names, state_kinds, user_names = [], [], []
+    for spec in sig.input_specs:
+        if spec.kind == InputKind.PARAMETER:
+            state_names.append(spec.target)
+            state_kinds.append("parameter")
+        elif spec.kind == InputKind.BUFFER:
+            state_names.append(spec.target)
+            state_kinds.append("buffer")
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            if spec.target not in buffer_names:
+                raise CaptureError(
+                    f"{type(model).__name__}.forward creates a tensor constant '{spec.target}' from "
+                    "data while tracing; its value is lost on the meta device. Register it as a buffer."
+                )
+            state_names.append(spec.target)
+            state_kinds.append("buffer")
+        elif spec.kind == InputKind.USER_INPUT:
+            user_names.append(spec.arg.name)
+        else:
+            raise CaptureError(f"unsupported exported input kind {spec.kind.name} for '{spec.target}'")
+    gm = ep.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    static_dims = []
+    for node in placeholders[len(state_names):]:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            static_dims.append(tuple(int(s) if isinstance(s, int) else -1 for s in val.shape))
+        else:
+            static_dims.append(None)
+    return CapturedProgram(
+        gm=gm,
+        state_names=state_names,
+        state_kinds=state_kinds,
+        user_input_names=user_names,
+        in_spec=ep.call_spec.in_spec,
+        out_spec=ep.call_spec.out_spec,
+        training=training,
+        static_dims=static_dims,
+    )

@@ -1,0 +1,81 @@
+"""Small graph-to-graph passes run around propagation: cleanup, bias splitting, device retargeting."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+__all__ = ["drop_assertions", "split_bias", "retarget_device", "run_pass"]
+
+aten = torch.ops.aten
+
+
+def _finish(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def drop_assertions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove export's metadata assertions (`_assert_tensor_metadata`): they only check dtype/device."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in (
+            aten._assert_tensor_metadata,
+        ):
+            gm.graph.erase_node(node)
+    return _finish(gm)
+
+
+def split_bias(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite `linear(x, W, b)` and `addmm(b, x, W)` as a bias-free product plus `add(., b)`.
+
+    A row-parallel product is a Partial sum; its bias must be added once, after the reduction,
+    which a separate add node gets for free from the placement rules.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet is aten.linear and len(node.args) > 2 and node.args[2] is not None:
+            bias = node.args[2]
+            node.args = node.args[:2]
+        elif packet is aten.addmm and not node.kwargs:
+            bias = node.args[0]
+            node.target = aten.mm.default
+            node.args = (node.args[1], node.args[2])
+        else:
+            continue
+        with graph.inserting_after(node):
+            add = graph.call_function(aten.add.Tensor, (node, bias))
+        node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+        add.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}
+        node.meta["nxd_bias"] = bias
+    return _finish(gm)
+
+
+def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+    """Replace the meta device baked in at capture (arange(..., device=meta)) by the run-time device."""
+    meta = torch.device("meta")
+    device = torch.device(device)
+
+    def swap(value):
+        if isinstance(value, torch.device) and value == meta:
+            return device
+        if isinstance(value, (list, tuple)):
+            return type(value)(swap(v) for v in value)
+        return value
+
+    for node in gm.graph.nodes:
+        node.args = swap(node.args)
+        node.kwargs = {k: swap(v) for k, v in node.kwargs.items()}
+    gm.recompile()
+    return gm
+
+
+def run_pass(history: list, fn, gm: torch.fx.GraphModule, *args, **kwargs) -> torch.fx.GraphModule:
+    """Run one pass and append (name, op count before, op count after) to `history`."""
+    before = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    out = fn(gm, *args, **kwargs)
+    after = sum(1 for n in out.graph.nodes if n.op == "call_function")
+    history.append((fn.__name__, before, after))
+    return out

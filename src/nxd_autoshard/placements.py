@@ -1,0 +1,57 @@
+"""Placements of a tensor across the ranks of one mesh axis: Replicate, Shard(dim), Partial."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "placement_str"]
+
+
+class Placement:
+    """Base class of the three placements; instances are frozen and hashable."""
+
+    def is_replicate(self) -> bool:
+        return isinstance(self, Replicate)
+
+    def is_shard(self, dim: int | None = None) -> bool:
+        return isinstance(self, Shard) and (dim is None or self.dim == dim)
+
+    def is_partial(self) -> bool:
+        return isinstance(self, Partial)
+
+
+@dataclass(frozen=True)
+class Replicate(Placement):
+    """Every rank holds the whole tensor."""
+
+    def __str__(self) -> str:
+        return "R"
+
+
+@dataclass(frozen=True)
+class Shard(Placement):
+    """Every rank holds one contiguous chunk of the tensor along `dim` (non-negative)."""
+
+    dim: int
+
+    def __str__(self) -> str:
+        return f"S({self.dim})"
+
+
+@dataclass(frozen=True)
+class Partial(Placement):
+    """Every rank holds a full-shape addend; the tensor is the sum over ranks."""
+
+    reduce_op: str = "sum"
+
+    def __str__(self) -> str:
+        return "P"
+
+
+def placement_str(placement: Placement | tuple | None) -> str:
+    """Compact text of a placement or of a tuple of them (multi-output ops)."""
+    if placement is None:
+        return "-"
+    if isinstance(placement, tuple):
+        return "(" + ", ".join(placement_str(p) for p in placement) + ")"
+    return str(placement)

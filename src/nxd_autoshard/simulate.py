@@ -1,0 +1,204 @@
+"""Run every TP rank of a local program in one process, with exact emulated collectives.
+
+Each value is a list with one tensor per rank; ordinary ops run rank by rank, collectives
+run as multi-rank autograd functions whose forward and backward mirror the real ones in
+`collectives`, so `loss.backward()` through a simulation gives each rank's gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from . import collectives as C
+from .placements import Placement, Shard
+
+__all__ = ["PerRank", "simulate_graph", "scatter_to_ranks"]
+
+
+class PerRank(list):
+    """One value per rank."""
+
+
+def _cat(parts, dim):
+    return torch.cat(list(parts), dim=dim)
+
+
+class _SimAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *xs):
+        total = torch.stack(xs).sum(0)
+        return tuple(total.clone() for _ in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+class _SimGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim, *xs):
+        ctx.dim, ctx.n = dim, len(xs)
+        full = _cat(xs, dim)
+        return tuple(full.clone() for _ in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *(g.chunk(ctx.n, ctx.dim)[r].contiguous() for r, g in enumerate(grads)))
+
+
+class _SimReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim, *xs):
+        ctx.dim = dim
+        total = torch.stack(xs).sum(0)
+        return tuple(c.contiguous() for c in total.chunk(len(xs), dim))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        full = _cat(grads, ctx.dim)
+        return (None, *(full.clone() for _ in grads))
+
+
+class _SimShard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim, *xs):
+        ctx.dim = dim
+        return tuple(x.chunk(len(xs), dim)[r].contiguous() for r, x in enumerate(xs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        full = _cat(grads, ctx.dim)
+        return (None, *(full.clone() for _ in grads))
+
+
+class _SimGradAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *xs):
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = torch.stack(grads).sum(0)
+        return tuple(total.clone() for _ in grads)
+
+
+class _SimVocabCrossEntropy(torch.autograd.Function):
+    """Per-token losses from vocab-sharded logits; each rank's backward uses its own grad only."""
+
+    @staticmethod
+    def forward(ctx, target, ignore_index, vocab_size, *logits):
+        full = _cat([x.float() for x in logits], -1)
+        if full.shape[-1] > vocab_size:
+            full = full.clone()
+            full[..., vocab_size:] = float("-inf")
+        logp = torch.log_softmax(full, -1)
+        safe = target.masked_fill(target == ignore_index, 0)
+        loss = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        ignored = target == ignore_index
+        loss = loss.masked_fill(ignored, 0.0)
+        grad_full = logp.exp()
+        grad_full.scatter_add_(-1, safe.unsqueeze(-1), -torch.ones_like(loss).unsqueeze(-1))
+        ctx.save_for_backward(grad_full, ignored)
+        ctx.n, ctx.dtypes = len(logits), [x.dtype for x in logits]
+        return tuple(loss.clone() for _ in logits)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad_full, ignored = ctx.saved_tensors
+        pieces = grad_full.chunk(ctx.n, -1)
+        out = []
+        for r, g in enumerate(grads):
+            scale = (g * (~ignored)).unsqueeze(-1)
+            out.append((pieces[r] * scale).to(ctx.dtypes[r]))
+        return (None, None, None, *out)
+
+
+def _sim_collective(target, args, tp: int):
+    x = args[0]
+    if target is C.all_reduce:
+        return PerRank(_SimAllReduce.apply(*x))
+    if target is C.all_gather:
+        return PerRank(_SimGather.apply(args[1], *x))
+    if target is C.reduce_scatter:
+        return PerRank(_SimReduceScatter.apply(args[1], *x))
+    if target is C.shard:
+        return PerRank(_SimShard.apply(args[1], *x))
+    if target is C.grad_all_reduce:
+        return PerRank(_SimGradAllReduce.apply(*x))
+    if target is C.vocab_parallel_embedding:
+        weight, ids, padding_idx = args[0], args[1], args[2]
+        return PerRank(
+            C.local_vocab_embedding(weight[r], _at(ids, r), padding_idx, r) for r in range(tp)
+        )
+    if target is C.vocab_parallel_cross_entropy:
+        logits, target_ids, reduction, ignore, vocab = args[0], _at(args[1], 0), args[2], args[3], args[4]
+        losses = _SimVocabCrossEntropy.apply(target_ids, ignore, vocab, *logits)
+        return PerRank(C.reduce_loss(l, target_ids, reduction, ignore) for l in losses)
+    raise KeyError(target)
+
+
+SIMULATED = {
+    C.all_reduce, C.all_gather, C.reduce_scatter, C.shard, C.grad_all_reduce,
+    C.vocab_parallel_embedding, C.vocab_parallel_cross_entropy,
+}
+
+
+def _at(value, rank: int):
+    if isinstance(value, PerRank):
+        return value[rank]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_at(v, rank) for v in value)
+    if isinstance(value, dict):
+        return {k: _at(v, rank) for k, v in value.items()}
+    return value
+
+
+def simulate_graph(gm: torch.fx.GraphModule, tp: int, per_rank_inputs: list) -> list:
+    """Run `gm` for all ranks in lockstep; inputs and outputs are PerRank lists (or shared values)."""
+    env: dict[torch.fx.Node, object] = {}
+    placeholders = iter(per_rank_inputs)
+    result = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(placeholders)
+        elif node.op == "call_function":
+            args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+            if node.target in SIMULATED:
+                env[node] = _sim_collective(node.target, args, tp)
+            else:
+                env[node] = PerRank(
+                    node.target(*_at(args, r), **_at(kwargs, r)) for r in range(tp)
+                )
+        elif node.op == "get_attr":
+            env[node] = getattr(gm, node.target)
+        elif node.op == "output":
+            result = torch.fx.node.map_arg(node.args[0], lambda n: env[n])
+        # free values no later node reads
+    return result
+
+
+class _ScatterToRanks(torch.autograd.Function):
+    """Full tensor -> per-rank pieces; backward assembles the full gradient."""
+
+    @staticmethod
+    def forward(ctx, full, placement, tp, blocks):
+        from .partition import shard_tensor
+
+        ctx.placement, ctx.tp, ctx.blocks = placement, tp, blocks
+        return tuple(shard_tensor(full, placement, tp, r, blocks).clone() for r in range(tp))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if not isinstance(ctx.placement, Shard):
+            return torch.stack(grads).mean(0), None, None, None
+        dim = ctx.placement.dim
+        per_block = [g.chunk(ctx.blocks, dim) for g in grads]
+        blocks = [torch.cat([p[b] for p in per_block], dim) for b in range(ctx.blocks)]
+        return torch.cat(blocks, dim), None, None, None
+
+
+def scatter_to_ranks(full: torch.Tensor, placement: Placement, tp: int, blocks: int = 1) -> PerRank:
+    """Differentiable split of a full tensor into each rank's piece (replicas share the gradient)."""
+    return PerRank(_ScatterToRanks.apply(full, placement, tp, blocks))
