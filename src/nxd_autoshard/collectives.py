@@ -62,33 +62,36 @@ def _group(axis: str):
         ) from None
 
 
-def _size_rank(axis: str) -> tuple[int, int]:
-    group = _group(axis)
+# Groups are resolved when the forward runs and kept in the autograd context, so the
+# backward (run later, outside `axis_groups`) talks to the same group.
+
+
+def _size_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _reduce(x: torch.Tensor, axis: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def _reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     x = x.contiguous().clone()
-    dist.all_reduce(x, op=op, group=_group(axis))
+    dist.all_reduce(x, op=op, group=group)
     return x
 
 
-def _gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
-    size, _ = _size_rank(axis)
+def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size, _ = _size_rank(group)
     parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=_group(axis))
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
 
-def _chunk(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
-    size, rank = _size_rank(axis)
+def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size, rank = _size_rank(group)
     return x.chunk(size, dim=dim)[rank].contiguous()
 
 
 class _AllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, axis):
-        return _reduce(x, axis)
+    def forward(ctx, x, group):
+        return _reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -97,71 +100,71 @@ class _AllReduce(torch.autograd.Function):
 
 class _AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return _gather(x, dim, axis)
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _chunk(grad, ctx.dim, ctx.axis), None, None
+        return _chunk(grad, ctx.dim, ctx.group), None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return _chunk(_reduce(x, axis), dim, axis)
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _chunk(_reduce(x, group), dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.axis), None, None
+        return _gather(grad, ctx.dim, ctx.group), None, None
 
 
 class _Shard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return _chunk(x, dim, axis)
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _chunk(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.axis), None, None
+        return _gather(grad, ctx.dim, ctx.group), None, None
 
 
 class _GradAllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, axis):
-        ctx.axis = axis
+    def forward(ctx, x, group):
+        ctx.group = group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce(grad, ctx.axis), None
+        return _reduce(grad, ctx.group), None
 
 
 def all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     """Partial -> Replicate: sum over the axis; backward is the identity."""
-    return _AllReduce.apply(x, axis)
+    return _AllReduce.apply(x, _group(axis))
 
 
 def all_gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Shard(dim) -> Replicate: concatenate the chunks; backward keeps the local chunk."""
-    return _AllGather.apply(x, dim, axis)
+    return _AllGather.apply(x, dim, _group(axis))
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Partial -> Shard(dim): sum, keep the local chunk; backward all-gathers."""
-    return _ReduceScatter.apply(x, dim, axis)
+    return _ReduceScatter.apply(x, dim, _group(axis))
 
 
 def shard(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Replicate -> Shard(dim): keep the local chunk (no communication); backward all-gathers."""
-    return _Shard.apply(x, dim, axis)
+    return _Shard.apply(x, dim, _group(axis))
 
 
 def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient backward (Megatron's `f`)."""
-    return _GradAllReduce.apply(x, axis)
+    return _GradAllReduce.apply(x, _group(axis))
 
 
 def _embedding_mask(ids: torch.Tensor, start: int, local_vocab: int):
@@ -174,7 +177,7 @@ def vocab_parallel_embedding(
     weight: torch.Tensor, ids: torch.Tensor, padding_idx: int, axis: str
 ) -> torch.Tensor:
     """Embedding lookup in this rank's vocab rows; the Partial result is summed by a later all_reduce."""
-    _, rank = _size_rank(axis)
+    _, rank = _size_rank(_group(axis))
     return local_vocab_embedding(weight, ids, padding_idx, rank)
 
 
@@ -190,19 +193,19 @@ def local_vocab_embedding(weight, ids, padding_idx: int, rank: int) -> torch.Ten
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, vocab_size, axis):
-        size, rank = _size_rank(axis)
+    def forward(ctx, logits, target, ignore_index, vocab_size, group):
+        _, rank = _size_rank(group)
         local_vocab = logits.shape[-1]
         start = rank * local_vocab
         logits = logits.float()
         logits = _mask_vocab_padding(logits, start, vocab_size)
-        global_max = _reduce(logits.max(dim=-1).values, axis, dist.ReduceOp.MAX)
+        global_max = _reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
         shifted = logits - global_max.unsqueeze(-1)
         exp = shifted.exp()
-        sum_exp = _reduce(exp.sum(dim=-1), axis)
+        sum_exp = _reduce(exp.sum(dim=-1), group)
         local_target, outside = _embedding_mask(target, start, local_vocab)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = _reduce(target_logit.masked_fill(outside, 0.0), axis)
+        target_logit = _reduce(target_logit.masked_fill(outside, 0.0), group)
         loss = sum_exp.log() - target_logit
         ignored = target == ignore_index
         loss = loss.masked_fill(ignored, 0.0)
@@ -237,7 +240,7 @@ def vocab_parallel_cross_entropy(
     axis: str,
 ) -> torch.Tensor:
     """Cross-entropy over vocab-sharded logits [N, V/tp] (Megatron's): three small all-reduces, no gather."""
-    loss = _VocabParallelCrossEntropy.apply(logits, target, ignore_index, vocab_size, axis)
+    loss = _VocabParallelCrossEntropy.apply(logits, target, ignore_index, vocab_size, _group(axis))
     return reduce_loss(loss, target, reduction, ignore_index)
 
 

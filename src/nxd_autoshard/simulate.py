@@ -13,7 +13,30 @@ import torch.fx
 from . import collectives as C
 from .placements import Placement, Shard
 
-__all__ = ["PerRank", "simulate_graph", "scatter_to_ranks"]
+__all__ = ["PerRank", "simulate_graph", "scatter_to_ranks", "trace_collectives"]
+
+_TRACE: list | None = None
+
+
+class trace_collectives:
+    """Record every emulated collective as (kind, phase, shape, bytes per rank) while active.
+
+    `with trace_collectives() as log: out = sharded.simulate(...); out.loss.backward()`
+    """
+
+    def __enter__(self) -> list:
+        global _TRACE
+        self._saved, _TRACE = _TRACE, []
+        return _TRACE
+
+    def __exit__(self, *exc) -> None:
+        global _TRACE
+        _TRACE = self._saved
+
+
+def _record(kind: str, phase: str, tensor: torch.Tensor) -> None:
+    if _TRACE is not None:
+        _TRACE.append((kind, phase, tuple(tensor.shape), tensor.numel() * tensor.element_size()))
 
 
 class PerRank(list):
@@ -27,6 +50,7 @@ def _cat(parts, dim):
 class _SimAllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *xs):
+        _record("all_reduce", "forward", xs[0])
         total = torch.stack(xs).sum(0)
         return tuple(total.clone() for _ in xs)
 
@@ -38,6 +62,7 @@ class _SimAllReduce(torch.autograd.Function):
 class _SimGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dim, *xs):
+        _record("all_gather", "forward", xs[0])
         ctx.dim, ctx.n = dim, len(xs)
         full = _cat(xs, dim)
         return tuple(full.clone() for _ in xs)
@@ -50,12 +75,14 @@ class _SimGather(torch.autograd.Function):
 class _SimReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dim, *xs):
+        _record("reduce_scatter", "forward", xs[0])
         ctx.dim = dim
         total = torch.stack(xs).sum(0)
         return tuple(c.contiguous() for c in total.chunk(len(xs), dim))
 
     @staticmethod
     def backward(ctx, *grads):
+        _record("all_gather", "backward", grads[0])
         full = _cat(grads, ctx.dim)
         return (None, *(full.clone() for _ in grads))
 
@@ -68,6 +95,7 @@ class _SimShard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        _record("all_gather", "backward", grads[0])
         full = _cat(grads, ctx.dim)
         return (None, *(full.clone() for _ in grads))
 
@@ -79,6 +107,7 @@ class _SimGradAllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        _record("all_reduce", "backward", grads[0])
         total = torch.stack(grads).sum(0)
         return tuple(total.clone() for _ in grads)
 
@@ -88,6 +117,8 @@ class _SimVocabCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, target, ignore_index, vocab_size, *logits):
+        for kind in ("all_reduce(max)", "all_reduce", "all_reduce"):
+            _record(kind, "forward", target)
         full = _cat([x.float() for x in logits], -1)
         if full.shape[-1] > vocab_size:
             full = full.clone()
