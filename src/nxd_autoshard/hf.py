@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,6 @@ def random_batch(model: torch.nn.Module, *, batch: int = 2, seq: int = 16, seed:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
-    params = model.forward.__code__.co_varnames[: model.forward.__code__.co_argcount]
-    kwargs: dict[str, Any] = {}
-    if getattr(config, "is_encoder_decoder", False) and "labels" in params:
-        kwargs["labels"] = labels
-    elif "labels" in params:
-        kwargs["labels"] = labels
+    params = inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {"labels": labels} if "labels" in params else {}
     return (ids,), kwargs

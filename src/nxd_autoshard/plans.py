@@ -90,4 +90,13 @@ def resolve_styles(model: torch.nn.Module, rules: Mapping[str, str]) -> dict[str
         for mod in matched:
             for pname, _ in model.get_submodule(mod).named_parameters(recurse=False):
                 styles[f"{mod}.{pname}"] = style
+    # tied parameters (GPT-2's wte / lm_head) share one style under every name
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    for names in aliases.values():
+        chosen = [styles[n] for n in names if n in styles]
+        if chosen:
+            for n in names:
+                styles.setdefault(n, chosen[0])
     return styles

@@ -211,6 +211,13 @@ def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, par
                 style = "vocab_parallel"
                 auto_styles[mod] = style
         placement = {"vocab_parallel": Shard(0), "column": Shard(1)}.get(style, R)
+        if isinstance(placement, Shard) and shape_of(weight)[placement.dim] % tp:
+            warnings.warn(
+                f"nxd-autoshard: '{name}' has {shape_of(weight)[placement.dim]} rows, which tp={tp} "
+                "does not divide; it is replicated (vocab padding is not implemented yet)",
+                stacklevel=4,
+            )
+            placement = R
         chosen[name] = placement
         placements[weight] = placement
         return

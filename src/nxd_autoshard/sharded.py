@@ -128,7 +128,12 @@ class ShardedModule(torch.nn.Module):
             result = propagate_placements(
                 program, self.tp, styles=styles, fixed=self.placements, auto=self._auto and first, veto=veto
             )
-            failed = {m: why for m, why in result.failed_columns.items() if m not in veto}
+            # auto choices that end in a gather are undone; a rule the user wrote is kept
+            # (and its gather warned about) unless the size simply does not split
+            failed = {
+                m: why for m, why in result.failed_columns.items()
+                if m not in veto and (m in result.auto_styles or "not divisible" in why)
+            }
             if not failed or not first:
                 break
             self._check_divisibility(result, failed)

@@ -146,7 +146,7 @@ class _SimVocabCrossEntropy(torch.autograd.Function):
 
 
 def _sim_collective(target, args, tp: int):
-    x = args[0]
+    x = args[0] if isinstance(args[0], PerRank) else PerRank([args[0]] * tp)
     if target is C.all_reduce:
         return PerRank(_SimAllReduce.apply(*x))
     if target is C.all_gather:
