@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         if run["replicated_matmul_weights"]:
             reps = run["replicated_matmul_weights"]
             layer0 = [n for n in reps if re.search(r"\.0\.", n)] or reps
-            notes.append(f"{name}: replicated projection weights (layer 0 shown): "
+            notes.append(f"{name}: replicated (unsharded) matmul weights (layer 0 only if in a layer): "
                          + ", ".join(f"`{n}`" for n in layer0))
         print(f"{name:<30} done ({time.monotonic() - t0:.1f}s)", flush=True)
     elapsed = time.monotonic() - t0
@@ -392,10 +392,13 @@ def main(argv=None) -> int:
                 "backward all-gathers the full k/v gradient so that the replicated k/v weights "
                 "get full, identical gradients. Per layer ring traffic "
                 f"{fmt_bytes(gb)} vs {fmt_bytes(mb)} without GQA ({gb / mb:.2f}x); each gather "
-                "moves as much as half an all-reduce of the hidden state. Plus compute: every "
-                "rank runs the full k/v projections (8x redundant). Megatron instead keeps one "
-                "copy of the needed kv head per rank and all-reduces the k/v weight gradients "
-                "among ranks sharing a head (weight-sized, not activation-sized).")
+                "moves (n-1) x B x S x head_dim floats per rank, half an all-reduce of the hidden "
+                "state when q heads x head_dim = hidden. Plus compute: every rank runs both kv "
+                "heads' k/v projections and the whole repeat_kv, then keeps 1/8. The "
+                "alternative (e.g. NxD's GQA QKV layer with kv replication) gives each rank a "
+                "copy of only the kv head it needs and sums the k/v weight gradients over the "
+                "ranks sharing a head: weight-sized traffic once per step instead of "
+                "activation-sized traffic in every layer's backward.")
         md += [
             "- Transformer layers of all families hit the Megatron optimum exactly (2 + 2 "
             "all-reduces, no all-gather / reduce-scatter)." if all(
