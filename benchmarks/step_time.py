@@ -6,14 +6,15 @@ Compares, for one forward+backward step (no optimizer):
   (1) unsharded  - the plain model in 1 process (reference),
   (2) dtensor    - torch.distributed.tensor.parallel.parallelize_module with a
                    torchtitan-style plan, tp=2 (2 gloo processes),
-  (3) ours       - nxd_autoshard.autoshard(model, tp=2, ...) in the same 2 gloo
-                   processes (same process group, run after the DTensor phase).
+  (3) ours       - nxd_autoshard.autoshard(model, tp=2, ...) in 2 gloo processes
+                   (a separate launch, after the DTensor one).
 
-If (3) cannot be imported or fails, the script prints "ours: unavailable (<error>)"
-and still reports (1) and (2).  Everything (including the reference) runs in child
-processes so the launcher never does torch compute before forking; every child
-reports exceptions with their traceback through a queue and the launcher enforces a
-deadline, so the script never hangs.
+Each setup is one ``nxd_autoshard.launch.run_ranks`` launch (1 process for the
+reference, 2 for each tp setup), so the launcher never does torch compute before
+forking; run_ranks returns each rank's result, reports exceptions with their
+tracebacks, kills the peers of a failed rank and enforces a deadline (--timeout), so
+the script never hangs. If (3) fails, the script prints its tracebacks and
+"ours: unavailable (<error>)" and still reports (1) and (2).
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_time.py [--steps 10]
@@ -42,10 +43,8 @@ import argparse
 import datetime as _dt
 import multiprocessing as _std_mp
 import platform
-import queue as _queue
 import re
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -53,7 +52,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -70,6 +68,9 @@ except ImportError:
     sys.modules.pop("nxd_autoshard", None)
     if str(REPO / "src") not in sys.path:
         sys.path.insert(0, str(REPO / "src"))
+
+# The project's one local launcher (torch-only; spawns ranks with a gloo process group).
+from nxd_autoshard.launch import RankError, run_ranks  # noqa: E402
 
 VOCAB = 1024
 BATCH = 4
@@ -232,78 +233,47 @@ def build_ours_step(input_ids, labels, tp):
 
 
 # ------------------------------------------------------------------------ workers
+# Each phase is one nxd_autoshard.launch.run_ranks launch: fn(rank, world, *args) runs in
+# a fresh gloo process group and returns its result; run_ranks reports exceptions with
+# tracebacks, kills the peers of a failed rank, and enforces a deadline.
 
 
-def _send(q, kind, phase, rank, payload):
-    q.put((kind, phase, rank, payload))
+def ref_rank(rank, world, warmup, steps):
+    input_ids, labels = make_inputs()
+    model, step = build_unsharded_step(input_ids, labels)
+    times, loss = time_steps(step, warmup, steps)
+    return {"times": times, "loss": loss, "grad_norm": grad_norm(model)}
 
 
-def ref_worker(q, warmup, steps):
-    rank = 0
-    try:
-        torch.set_num_threads(1)
-        input_ids, labels = make_inputs()
-        model, step = build_unsharded_step(input_ids, labels)
-        times, loss = time_steps(step, warmup, steps)
-        _send(q, "result", "unsharded", rank,
-              {"times": times, "loss": loss, "grad_norm": grad_norm(model)})
-    except BaseException:
-        _send(q, "error", "unsharded", rank, traceback.format_exc())
-    finally:
-        _send(q, "done", "unsharded", rank, None)
+def dtensor_rank(rank, world, warmup, steps):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    input_ids, labels = make_inputs()
+    model, step = build_dtensor_step(input_ids, labels, mesh)
+    times, loss = time_steps(step, warmup, steps, barrier=dist.barrier)
+    times = _max_over_ranks(times)
+    return {"times": times, "loss": loss, "grad_norm": grad_norm(model)}
 
 
-def tp_worker(rank, world, port, q, warmup, steps, pg_timeout_s, run_ours):
+def ours_rank(rank, world, warmup, steps):
     import torch.distributed as dist
 
-    phase = "setup"
-    try:
-        torch.set_num_threads(1)
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=world,
-            timeout=_dt.timedelta(seconds=pg_timeout_s),
-        )
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (world,))
-        input_ids, labels = make_inputs()
-
-        phase = "dtensor"
-        model, step = build_dtensor_step(input_ids, labels, mesh)
-        times, loss = time_steps(step, warmup, steps, barrier=dist.barrier)
-        times = _max_over_ranks(times)
-        gn = grad_norm(model)
-        _send(q, "result", phase, rank, {"times": times, "loss": loss, "grad_norm": gn})
-        del model, step
-
-        if run_ours:
-            phase = "ours"
-            dist.barrier()
-            mod, step = build_ours_step(input_ids, labels, world)
-            times, loss = time_steps(step, warmup, steps, barrier=dist.barrier)
-            times = _max_over_ranks(times)
-            gn = grad_norm(mod) if mod is not None else float("nan")
-            _send(q, "result", phase, rank, {"times": times, "loss": loss, "grad_norm": gn})
-    except BaseException:
-        _send(q, "error", phase, rank, traceback.format_exc())
-    finally:
-        _send(q, "done", phase, rank, None)
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except BaseException:
-            pass
+    input_ids, labels = make_inputs()
+    mod, step = build_ours_step(input_ids, labels, world)
+    times, loss = time_steps(step, warmup, steps, barrier=dist.barrier)
+    times = _max_over_ranks(times)
+    if hasattr(mod, "gather_grads"):  # local shards -> full grads (all-gathers; all ranks call)
+        gn = sum(float(g.double().pow(2).sum()) for g in mod.gather_grads().values()) ** 0.5
+    elif mod is not None:
+        gn = grad_norm(mod)
+    else:
+        gn = float("nan")
+    return {"times": times, "loss": loss, "grad_norm": gn}
 
 
 # ----------------------------------------------------------------------- launcher
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pick_start_method(requested: str) -> str:
@@ -312,66 +282,24 @@ def pick_start_method(requested: str) -> str:
     return "fork" if "fork" in _std_mp.get_all_start_methods() else "spawn"
 
 
-def run_group(ctx, target, args_per_rank, timeout_s, grace_after_error_s=20.0):
-    """Start one process per entry in args_per_rank; collect messages from a queue.
-
-    Returns (results {phase: {rank: payload}}, errors [(phase, rank, tb)] in arrival
-    order, notes list).
-    Never blocks past timeout_s; kills stragglers (e.g. a rank stuck in a collective
-    after its peer raised) grace_after_error_s after the first error.
-    """
-    q = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*a, q), daemon=True) for a in args_per_rank]
-    results, errors, notes = {}, [], []
-    done = set()
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    first_error_at = None
-    n = len(procs)
-    while len(done) < n:
-        now = time.monotonic()
-        if now > deadline:
-            notes.append(f"timeout after {timeout_s:.0f}s; killed remaining workers")
-            errors.append(("timeout", -1, notes[-1]))
-            break
-        if first_error_at is not None and now > first_error_at + grace_after_error_s:
-            notes.append("killed workers still running after a peer failed")
-            break
-        try:
-            kind, phase, rank, payload = q.get(timeout=0.5)
-        except _queue.Empty:
-            # A worker that died without sending "done" (segfault, os._exit, OOM kill)
-            for i, p in enumerate(procs):
-                if i not in done and not p.is_alive() and p.exitcode not in (0, None):
-                    # give the queue feeder a moment, then record
-                    time.sleep(0.2)
-                    if i not in done:
-                        errors.append(("crash", i, f"worker {i} died, exit code {p.exitcode}"))
-                        done.add(i)
-                        first_error_at = first_error_at or time.monotonic()
-            continue
-        if kind == "result":
-            results.setdefault(phase, {})[rank] = payload
-        elif kind == "error":
-            errors.append((phase, rank, payload))
-            first_error_at = first_error_at or time.monotonic()
-        elif kind == "done":
-            done.add(rank)
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
-    return results, errors, notes
-
-
-def _ref_target(warmup, steps, q):
-    ref_worker(q, warmup, steps)
-
-
-def _tp_target(rank, world, port, warmup, steps, pg_timeout_s, run_ours, q):
-    tp_worker(rank, world, port, q, warmup, steps, pg_timeout_s, run_ours)
+def launch(phase, fn, world, fn_args, timeout_s, start_method):
+    """One run_ranks launch. Returns (results {phase: {rank: payload}}, errors
+    [(phase, rank, traceback)], notes list); never raises for a failed phase."""
+    try:
+        out = run_ranks(fn, world, args=fn_args, timeout_s=timeout_s,
+                        start_method=start_method)
+    except RankError as err:
+        msg = str(err)
+        parts = re.split(r"^--- rank (\d+) ---\n", msg, flags=re.M)
+        if len(parts) > 1:  # "header\n--- rank r ---\n<traceback>..." -> per-rank tracebacks
+            errors = [(phase, int(parts[i]), parts[i + 1].rstrip())
+                      for i in range(1, len(parts) - 1, 2)]
+        else:  # timeout: no tracebacks, just the summary line
+            errors = [(phase, -1, msg)]
+        return {}, errors, [f"{phase}: {msg.splitlines()[0]}"]
+    except Exception:  # a launcher problem (e.g. bad start method): report, go on
+        return {}, [(phase, -1, traceback.format_exc())], []
+    return {phase: dict(enumerate(out))}, [], []
 
 
 def _short_error(tb: str) -> str:
@@ -415,26 +343,26 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
     ap.add_argument("--start-method", choices=["auto", "fork", "spawn"], default="auto")
     ap.add_argument("--timeout", type=float, default=600.0,
-                    help="deadline per process group launch, seconds (default 600)")
-    ap.add_argument("--pg-timeout", type=float, default=90.0,
-                    help="gloo collective timeout, seconds (default 90)")
+                    help="deadline per launch (reference, DTensor, ours), seconds "
+                         "(default 600); run_ranks kills all ranks when it passes")
     ap.add_argument("--no-ours", action="store_true", help="skip nxd_autoshard")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
     method = pick_start_method(args.start_method)
-    ctx = mp.get_context(method)
     t_start = time.monotonic()
+    steps_args = (args.warmup, args.steps)
 
-    # (1) reference, 1 process
-    r_res, r_err, r_notes = run_group(ctx, _ref_target, [(args.warmup, args.steps)],
-                                      args.timeout)
-    # (2) + (3): 2 gloo processes
-    port = free_port()
-    tp_args = [(r, TP, port, args.warmup, args.steps, args.pg_timeout, not args.no_ours)
-               for r in range(TP)]
-    t_res, t_err, t_notes = run_group(ctx, _tp_target, tp_args, args.timeout)
+    # (1) reference, 1 process; (2) DTensor and (3) ours, TP gloo processes each
+    r_res, r_err, r_notes = launch("unsharded", ref_rank, 1, steps_args, args.timeout, method)
+    t_res, t_err, t_notes = launch("dtensor", dtensor_rank, TP, steps_args, args.timeout,
+                                   method)
+    if not args.no_ours:
+        o_res, o_err, o_notes = launch("ours", ours_rank, TP, steps_args, args.timeout, method)
+        t_res.update(o_res)
+        t_err += o_err
+        t_notes += o_notes
     elapsed = time.monotonic() - t_start
 
     # Print any tracebacks in full (once per distinct traceback).
@@ -460,7 +388,7 @@ def main(argv=None) -> int:
 
     def why(errs, phase, default):
         """Root cause: prefer a real exception over a peer's follow-on gloo error."""
-        errs = [e for e in errs if e[0] in (phase, "setup", "crash", "timeout")]
+        errs = [e for e in errs if e[0] == phase]
         secondary = ("Connection closed by peer", "Connection reset", "Timed out",
                      "timed out", "Broken pipe")
         primary = [e for e in errs if not any(m in e[2] for m in secondary)]
@@ -489,8 +417,10 @@ def main(argv=None) -> int:
             f"grad-norm rel diff {gn_rel:.1e}")
     if ref and ours:
         dl = abs(ours["loss"] - ref["loss"])
+        gn_rel = abs(ours["grad_norm"] - ref["grad_norm"]) / max(ref["grad_norm"], 1e-12)
         checks.append(f"ours tp{TP} loss {ours['loss']:.7f} vs unsharded {ref['loss']:.7f}: "
-                      f"|diff| = {dl:.2e} ({'OK' if dl <= 1e-5 else 'MISMATCH'}, tol 1e-5)")
+                      f"|diff| = {dl:.2e} ({'OK' if dl <= 1e-5 else 'MISMATCH'}, tol 1e-5); "
+                      f"grad-norm rel diff {gn_rel:.1e} (full grads via gather_grads)")
 
     fmt = lambda s: f"{s['ms']:.2f}" if s else "n/a"  # noqa: E731
     rows = [

@@ -1,4 +1,4 @@
-"""Capture an unmodified nn.Module into an FX graph with torch.export (non-strict), on the meta device."""
+"""Capture an unmodified nn.Module into an FX graph with torch.export (non-strict) on fake tensors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["CapturedProgram", "capture", "meta_shadow", "module_path", "input_signature"]
+__all__ = ["CapturedProgram", "capture", "fake_shadow", "meta_shadow", "module_path", "input_signature"]
 
 
 @dataclass
@@ -35,7 +35,8 @@ class CapturedProgram:
     out_spec: pytree.TreeSpec
     training: bool
     static_dims: list[tuple[int, ...] | None] = field(default_factory=list)
-    history: list[tuple[str, str]] = field(default_factory=list)
+    history: list[tuple[str, int, int]] = field(default_factory=list)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_state(self) -> int:
@@ -86,8 +87,22 @@ def meta_shadow(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _to_meta(value: Any) -> Any:
-    return value.to("meta") if isinstance(value, torch.Tensor) else value
+def fake_shadow(model: torch.nn.Module, mode, device: torch.device | None = None) -> torch.nn.Module:
+    """A copy of `model` whose tensors are fake tensors of `mode` on their real device (no storage).
+
+    Fake tensors keep the device, so model code that branches on `x.device.type` (HF's MoE
+    routing does) is captured as it runs there; meta tensors would take the other branch.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in memo:
+            continue
+        with mode:
+            fake = torch.empty(tensor.shape, dtype=tensor.dtype, device=device or tensor.device)
+        if isinstance(tensor, torch.nn.Parameter):
+            fake = torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = fake
+    return copy.deepcopy(model, memo)
 
 
 def input_signature(args: tuple, kwargs: dict) -> tuple:
@@ -150,14 +165,30 @@ def capture(
     *,
     training: bool | None = None,
     dynamic: bool = True,
+    device: torch.device | None = None,
 ) -> CapturedProgram:
-    """Export `model` on the meta device into a flat CapturedProgram; weights are never touched."""
+    """Export `model` with fake tensors into a flat CapturedProgram; weights are never touched.
+
+    `device`: where the model's tensors live when it runs (default: where they are now).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
     kwargs = _default_kwargs(model, dict(kwargs or {}))
     training = model.training if training is None else training
-    shadow = meta_shadow(model)
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    shadow = fake_shadow(model, mode, device)
     shadow.train(training)
-    meta_args = pytree.tree_map(_to_meta, args)
-    meta_kwargs = pytree.tree_map(_to_meta, kwargs)
+
+    def to_fake(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        with mode:
+            fake = torch.empty(value.shape, dtype=value.dtype, device=device or value.device)
+        return fake
+
+    meta_args = pytree.tree_map(to_fake, args)
+    meta_kwargs = pytree.tree_map(to_fake, kwargs)
     tracker = _ModuleTracker(shadow)
     try:
         try:
@@ -196,6 +227,7 @@ def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedPro
             )
     buffer_names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
     state_names, state_kinds, user_names = [], [], []
+    constants: dict[str, torch.Tensor] = {}
     for spec in sig.input_specs:
         if spec.kind == InputKind.PARAMETER:
             state_names.append(spec.target)
@@ -204,13 +236,18 @@ def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedPro
             state_names.append(spec.target)
             state_kinds.append("buffer")
         elif spec.kind == InputKind.CONSTANT_TENSOR:
-            if spec.target not in buffer_names:
+            state_names.append(spec.target)
+            if spec.target in buffer_names:
+                state_kinds.append("buffer")
+                continue
+            value = _real_constant(ep.constants.get(spec.target))
+            if value is None:
                 raise CaptureError(
                     f"{type(model).__name__}.forward creates a tensor constant '{spec.target}' from "
-                    "data while tracing; its value is lost on the meta device. Register it as a buffer."
+                    "data while tracing, and its value could not be recovered; register it as a buffer."
                 )
-            state_names.append(spec.target)
-            state_kinds.append("buffer")
+            state_kinds.append("constant")
+            constants[spec.target] = value
         elif spec.kind == InputKind.USER_INPUT:
             user_names.append(spec.arg.name)
         else:
@@ -233,4 +270,16 @@ def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedPro
         out_spec=ep.call_spec.out_spec,
         training=training,
         static_dims=static_dims,
+        constants=constants,
     )
+
+
+def _real_constant(value) -> torch.Tensor | None:
+    """The data of a lifted constant: fake tensors made from Python data keep it in `.constant`."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, FakeTensor):
+        value = getattr(value, "constant", None)
+    if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        return value.detach().clone()
+    return None

@@ -100,7 +100,7 @@ class ShardedModule(torch.nn.Module):
 
     # ------------------------------------------------------------------ building
     def _capture(self, args: tuple, kwargs: dict) -> LocalProgram:
-        program = capture(self._shadow[0], args, kwargs, training=self.training)
+        program = capture(self._shadow[0], args, kwargs, training=self.training, device=self._device())
         history = program.history
         program.gm = run_pass(history, drop_assertions, program.gm)
         program.gm = run_pass(history, split_bias, program.gm)
@@ -211,7 +211,9 @@ class ShardedModule(torch.nn.Module):
         ordered = {k: kwargs[k] for k in entry.kwarg_order}
         return pytree.tree_leaves((args, ordered))
 
-    def _state_value(self, name: str):
+    def _state_value(self, program: CapturedProgram, name: str):
+        if name in program.constants:
+            return program.constants[name]
         return self.get_parameter(name) if name in self._full_shapes else self.get_buffer(name)
 
     def forward(self, *args, **kwargs):
@@ -219,7 +221,7 @@ class ShardedModule(torch.nn.Module):
             return self.simulate(*args, **kwargs)
         entry, flat = self._program_for(args, kwargs)
         program = entry.program
-        state = [self._state_value(n) for n in program.state_names]
+        state = [self._state_value(program, n) for n in program.state_names]
         with axis_groups({"tp": self.group}):
             outs = program.gm(*state, *flat)
         return pytree.tree_unflatten(list(outs), program.out_spec)
@@ -233,7 +235,7 @@ class ShardedModule(torch.nn.Module):
         program = entry.program
         inputs = []
         for name in program.state_names:
-            value = self._state_value(name)
+            value = self._state_value(program, name)
             if name in self._full_shapes:
                 inputs.append(scatter_to_ranks(value, self.placements[name], self.tp,
                                                self.blocks.get(name, 1)))
