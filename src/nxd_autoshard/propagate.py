@@ -108,9 +108,6 @@ def propagate_placements(
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         node.meta["nxd_index"] = i
 
-    def placement_of_param(name: str, node: torch.fx.Node) -> Placement | None:
-        return chosen.get(name)
-
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             name = _is_param(node, program)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -13,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import CapturedProgram, _default_kwargs, capture, input_signature, meta_shadow
 from .collectives import axis_groups
-from .errors import DivisibilityError, PlanError
+from .errors import DivisibilityError
 from .graph_passes import drop_assertions, retarget_device, run_pass, split_bias
 from .partition import partition, shard_tensor
 from .placements import Placement, Replicate, Shard
