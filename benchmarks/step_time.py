@@ -158,8 +158,8 @@ def _max_over_ranks(times):
 # --------------------------------------------------------------------- the setups
 
 
-def build_unsharded_step(input_ids, labels):
-    model = build_model()
+def _step_of(model, input_ids, labels):
+    """A forward + backward training step of `model` on one batch; returns the detached loss."""
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -167,7 +167,13 @@ def build_unsharded_step(input_ids, labels):
         loss.backward()
         return loss.detach()
 
-    return model, step
+    return step
+
+
+def build_unsharded_step(input_ids, labels):
+    model = build_model()
+
+    return model, _step_of(model, input_ids, labels)
 
 
 def build_dtensor_step(input_ids, labels, mesh):
@@ -199,13 +205,7 @@ def build_dtensor_step(input_ids, labels, mesh):
         )
     model = parallelize_module(model, mesh, plan)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids, labels=labels).loss
-        loss.backward()
-        return loss.detach()
-
-    return model, step
+    return model, _step_of(model, input_ids, labels)
 
 
 def build_ours_step(input_ids, labels, tp):

@@ -361,29 +361,11 @@ def shape_of_val(val) -> tuple[int, ...]:
     return tuple(hint_int(s) for s in val.shape)
 
 
-def cat_rule(node, placements, tp):
+def _join_rule(node, placements, tp, *, new_dim: bool):
+    """cat (new_dim=False) / stack (new_dim=True): inputs share the shard; joining along it gathers."""
     parts = [n for n in node.args[0] if isinstance(n, torch.fx.Node)]
     out_nd = node.meta["val"].dim()
     dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
-    pls = [placements[n] for n in parts]
-    if any(isinstance(p, Partial) for p in pls):
-        if all(isinstance(p, Partial) for p in pls):
-            return Decision(P)
-        return None
-    shard_dims = {p.dim for p in pls if isinstance(p, Shard)}
-    if len(shard_dims) != 1:
-        return None
-    d = shard_dims.pop()
-    if d == dim:
-        return None
-    needs = {n: Shard(d) for n, p in zip(parts, pls) if isinstance(p, Replicate)}
-    return Decision(Shard(d), needs)
-
-
-def stack_rule(node, placements, tp):
-    parts = [n for n in node.args[0] if isinstance(n, torch.fx.Node)]
-    out_nd = node.meta["val"].dim()
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, out_nd)
     pls = [placements[n] for n in parts]
     if any(isinstance(p, Partial) for p in pls):
         return Decision(P) if all(isinstance(p, Partial) for p in pls) else None
@@ -391,8 +373,18 @@ def stack_rule(node, placements, tp):
     if len(shard_dims) != 1:
         return None
     d = shard_dims.pop()
+    if d == dim and not new_dim:
+        return None
     needs = {n: Shard(d) for n, p in zip(parts, pls) if isinstance(p, Replicate)}
-    return Decision(Shard(d + 1 if d >= dim else d), needs)
+    return Decision(Shard(d + 1 if new_dim and d >= dim else d), needs)
+
+
+def cat_rule(node, placements, tp):
+    return _join_rule(node, placements, tp, new_dim=False)
+
+
+def stack_rule(node, placements, tp):
+    return _join_rule(node, placements, tp, new_dim=True)
 
 
 # ---------------------------------------------------------------- reductions and norms
