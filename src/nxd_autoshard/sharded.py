@@ -12,15 +12,36 @@ from torch.utils import _pytree as pytree
 
 from .capture import CapturedProgram, _default_kwargs, capture, input_signature, meta_shadow
 from .collectives import axis_groups
-from .errors import DivisibilityError
+from .errors import DivisibilityError, PlanError
 from .graph_passes import drop_assertions, retarget_device, run_pass, split_bias
+from .mesh import Mesh, MeshGroups, build_groups
 from .partition import partition, shard_tensor
+from .pipeline import (StageModule, build_schedule, check_schedule, chunk_batch, merge_chunk_outputs,
+                       simulate_stages, stage_ranks)
 from .placements import Placement, Replicate, Shard
 from .plans import load_plan, resolve_styles
 from .propagate import PropagationResult, propagate_placements
 from .simulate import PerRank, scatter_to_ranks, simulate_graph
+from .split import BlockCost, StageProgram, assign_units, find_blocks, split_program, stage_of_units, unit_costs
 
 __all__ = ["autoshard", "ShardedModule"]
+
+
+@dataclass
+class PipelineConfig:
+    """Pipeline settings: stages = pp x virtual, microbatches per step, torch schedule name, cuts."""
+
+    pp: int = 1
+    dp: int = 1
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual: int = 1
+    cuts: list[str] | None = None
+    balance: str = "cost"
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.virtual
 
 
 @dataclass
@@ -30,6 +51,8 @@ class LocalProgram:
     program: CapturedProgram
     result: PropagationResult
     kwarg_order: list[str]
+    stages: list[StageProgram] | None = None
+    runtime: Any = None  # the torch pipelining schedule of this rank, built at the first train_step
 
 
 def _divisors(n: int) -> list[int]:
@@ -73,11 +96,20 @@ class ShardedModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, *, tp: int, styles: dict[str, str], auto: bool,
-                 group=None):
+                 group=None, groups: MeshGroups | None = None, pipeline: PipelineConfig | None = None,
+                 loss_fn=None):
         super().__init__()
         self.tp = tp
-        self.group = group
-        self.rank = dist.get_rank(group) if group is not None else None
+        self.pipeline = pipeline or PipelineConfig()
+        self.mesh = Mesh(self.pipeline.dp, self.pipeline.pp, tp)
+        self._groups = groups
+        self.group = groups.tp if groups is not None else group
+        self.rank = dist.get_rank(self.group) if self.group is not None else None
+        self.loss_fn = loss_fn
+        self.stage_of_block: list[int] | None = None
+        self.block_costs: list[BlockCost] = []
+        self._tied: list[tuple[object, list[str]]] = []  # (group, params) summed across stages
+        self._installed = False
         self._styles = styles
         self._auto = auto
         self._shadow = [meta_shadow(model)]  # in a list: not a registered submodule
@@ -99,7 +131,9 @@ class ShardedModule(torch.nn.Module):
 
     # ------------------------------------------------------------------ building
     def _capture(self, args: tuple, kwargs: dict) -> LocalProgram:
-        program = capture(self._shadow[0], args, kwargs, training=self.training, device=self._device())
+        # stage programs are static per microbatch shape: values crossing a cut must be tensors
+        program = capture(self._shadow[0], args, kwargs, training=self.training, device=self._device(),
+                          dynamic=self.pipeline.n_stages == 1)
         history = program.history
         program.gm = run_pass(history, drop_assertions, program.gm)
         program.gm = run_pass(history, split_bias, program.gm)
@@ -111,7 +145,30 @@ class ShardedModule(torch.nn.Module):
         device = self._device()
         program.gm = run_pass(history, retarget_device, program.gm, device)
         kwarg_order = list(_default_kwargs(self._shadow[0], dict(kwargs)).keys())
-        return LocalProgram(program, result, kwarg_order)
+        entry = LocalProgram(program, result, kwarg_order)
+        if self.pipeline.n_stages > 1:
+            entry.stages = self._split(program)
+            history.append(("split", after, sum(
+                1 for st in entry.stages for n in st.gm.graph.nodes if n.op == "call_function")))
+        if not self._installed:
+            self._install_state(entry)
+        return entry
+
+    def _split(self, program: CapturedProgram) -> list[StageProgram]:
+        """Cut the local program into stages; the first capture fixes which blocks each stage holds."""
+        blocks = find_blocks(self._shadow[0])
+        if len(blocks) < 2:
+            raise PlanError(f"{self._model_name} has no repeated blocks (a ModuleList of layers of one "
+                            "class) to cut between, so it cannot be pipelined; use pp=1")
+        unit = assign_units(program.gm, blocks)
+        local = {n: int(torch.Size(self.local_shape(n)).numel()) for n in self._full_shapes}
+        costs = unit_costs(program, unit, blocks, local)
+        if self.stage_of_block is None:
+            self.block_costs = costs
+            self.stage_of_block = stage_of_units(
+                blocks, self.pipeline.n_stages, costs if self.pipeline.balance == "cost" else None,
+                self.pipeline.cuts)
+        return split_program(program, unit, self.stage_of_block, blocks)
 
     def _device(self) -> torch.device:
         for t in list(self._full.values()) + list(self._buffers_full.values()):
@@ -175,11 +232,27 @@ class ShardedModule(torch.nn.Module):
                 by_id[id(full)] = self.placements[name]
         for name, full in self._full.items():
             self.placements[name] = by_id.get(id(full), self.placements[name])
-        self._install_state()
 
-    def _install_state(self) -> None:
+    def _local_stages(self) -> list[int]:
+        """Indices of the stages this rank runs (all of them without a process group)."""
+        if self._groups is None:
+            return list(range(self.pipeline.n_stages))
+        mine = self._groups.coord("pp")
+        return [s for s, r in enumerate(stage_ranks(self.pipeline.pp, self.pipeline.virtual)) if r == mine]
+
+    def _install_state(self, entry: LocalProgram) -> None:
+        """Register this rank's parameters (its stages' shards, or every full tensor when simulating)."""
+        self._installed = True
+        held = set(self._full)
+        if entry.stages is not None and self._groups is not None:
+            held = {n for s in self._local_stages() for n in entry.stages[s].state_names}
+            held_ids = {id(self._full[n]) for n in held if n in self._full}
+            held |= {n for n, full in self._full.items() if id(full) in held_ids}  # tied aliases
+            self._tied = self._tied_groups(entry.stages)
         local: dict[int, torch.nn.Parameter] = {}
         for name, full in self._full.items():
+            if name not in held:
+                continue
             if id(full) not in local:
                 if self.group is None:
                     local[id(full)] = full
@@ -189,9 +262,33 @@ class ShardedModule(torch.nn.Module):
                     local[id(full)] = torch.nn.Parameter(piece.clone(), requires_grad=full.requires_grad)
             _attach(self, name, local[id(full)], parameter=True)
         for name, buf in self._buffers_full.items():
-            _attach(self, name, buf, parameter=False, persistent=name in self._persistent)
-        if self.group is not None:
+            if entry.stages is None or name in held or self._groups is None:
+                _attach(self, name, buf, parameter=False, persistent=name in self._persistent)
+        if self.group is not None or self._groups is not None:
             self._full = {}  # the full weights are no longer needed on this rank
+
+    def _tied_groups(self, stages: list[StageProgram]) -> list[tuple[object, list[str]]]:
+        """Process groups joining the pp ranks that hold the same parameter (e.g. tied embeddings)."""
+        where = stage_ranks(self.pipeline.pp, self.pipeline.virtual)
+        holders: dict[str, set[int]] = {}
+        for stage in stages:
+            for name in stage.state_names:
+                if name in self._full_shapes:
+                    holders.setdefault(name, set()).add(where[stage.index])
+        shared: dict[tuple[int, ...], list[str]] = {}
+        for name, ranks in holders.items():
+            if len(ranks) > 1:
+                shared.setdefault(tuple(sorted(ranks)), []).append(name)
+        mesh, me = self.mesh, self._groups.rank
+        out = []
+        for pp_ranks in sorted(shared):  # every rank creates every group, in the same order
+            for d in range(mesh.dp):
+                for t in range(mesh.tp):
+                    ranks = [mesh.rank(dp=d, pp=p, tp=t) for p in pp_ranks]
+                    group = dist.new_group(ranks)
+                    if me in ranks:
+                        out.append((group, shared[pp_ranks]))
+        return out
 
     # ------------------------------------------------------------------ running
     def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]:
@@ -216,8 +313,12 @@ class ShardedModule(torch.nn.Module):
         return self.get_parameter(name) if name in self._full_shapes else self.get_buffer(name)
 
     def forward(self, *args, **kwargs):
-        if self.group is None:
+        if self.group is None and self._groups is None:
             return self.simulate(*args, **kwargs)
+        if self.pipeline.n_stages > 1:
+            raise RuntimeError("this rank holds pipeline stage(s) "
+                               f"{self._local_stages()} of {self.pipeline.n_stages}, not the whole "
+                               "model: run a step with sharded.train_step(*inputs, **kwargs)")
         entry, flat = self._program_for(args, kwargs)
         program = entry.program
         state = [self._state_value(program, n) for n in program.state_names]
@@ -226,28 +327,136 @@ class ShardedModule(torch.nn.Module):
         return pytree.tree_unflatten(list(outs), program.out_spec)
 
     def simulate(self, *args, **kwargs):
-        """Run all tp ranks in this process with emulated collectives; returns the model's output."""
-        if self.group is not None:
+        """Run every rank (all tp ranks, all stages) in this process with emulated collectives.
+
+        Returns what the original model returns. With pipeline stages the batch is cut into
+        dp x microbatches chunks as on the mesh; their losses are averaged, other outputs concatenated.
+        """
+        if self.group is not None or self._groups is not None:
             raise RuntimeError("simulate() runs the all-rank program; this module is one rank's "
                                "(it was built inside a process group): call it directly instead")
-        entry, flat = self._program_for(args, kwargs)
-        program = entry.program
-        inputs = []
-        for name in program.state_names:
+        scattered: dict[str, PerRank] = {}
+        if self.pipeline.n_stages == 1:
+            entry, flat = self._program_for(args, kwargs)
+            program = entry.program
+            inputs = [self._rank_state(program, n, scattered) for n in program.state_names] + flat
+            return pytree.tree_unflatten(_join(simulate_graph(program.gm, self.tp, inputs)),
+                                         program.out_spec)
+        outs = []
+        for chunk_args, chunk_kwargs in chunk_batch(args, kwargs, self.pipeline.dp * self.pipeline.microbatches):
+            entry, flat = self._program_for(chunk_args, chunk_kwargs)
+            last = simulate_stages(entry.stages, self.tp,
+                                   lambda n, p=entry.program: self._rank_state(p, n, scattered), flat)
+            outs.append(_join(last))
+        return pytree.tree_unflatten(merge_chunk_outputs(outs), entry.program.out_spec)
+
+    def _rank_state(self, program: CapturedProgram, name: str, cache: dict) -> PerRank:
+        """Each rank's piece of a parameter (scattered once per call, so tied uses share a gradient)."""
+        if name not in cache:
             value = self._state_value(program, name)
             if name in self._full_shapes:
-                inputs.append(scatter_to_ranks(value, self.placements[name], self.tp,
-                                               self.blocks.get(name, 1)))
+                cache[name] = scatter_to_ranks(value, self.placements[name], self.tp, self.blocks.get(name, 1))
             else:
-                inputs.append(PerRank([value] * self.tp))
-        inputs += flat
-        outs = simulate_graph(program.gm, self.tp, inputs)
-        joined = [
-            _ReplicaJoin.apply(*o) if isinstance(o, PerRank) and isinstance(o[0], torch.Tensor)
-            else (o[0] if isinstance(o, PerRank) else o)
-            for o in outs
-        ]
-        return pytree.tree_unflatten(joined, program.out_spec)
+                cache[name] = PerRank([value] * self.tp)
+        return cache[name]
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
+        """Forward and backward of one batch; returns the loss. Gradients end up in `.grad`, summed
+        across pipeline stages for tied weights and averaged across data-parallel replicas.
+
+        On a mesh, `args`/`kwargs` are this data-parallel replica's batch; in simulation they are
+        the whole batch. The loss is the model's own (`output.loss`, e.g. with `labels=`) unless
+        autoshard got `loss_fn(output, target)`. Call `optimizer.step()` afterwards.
+        """
+        on_mesh = self.group is not None or self._groups is not None
+        if not on_mesh:
+            loss = self._loss_from(self.simulate(*args, **kwargs), target)
+            loss.backward()
+            return loss.detach()
+        kwargs = _default_kwargs(self._shadow[0], dict(kwargs))
+        m = self.pipeline.microbatches
+        if self.pipeline.n_stages == 1:
+            total = torch.zeros(())
+            chunks = chunk_batch(args, kwargs, m) if m > 1 else [(args, kwargs)]
+            targets = target.chunk(m) if isinstance(target, torch.Tensor) and m > 1 else [target] * m
+            for (a, k), t in zip(chunks, targets):
+                loss = self._loss_from(self(*a, **k), t) / m
+                loss.backward()
+                total += loss.detach()
+        else:
+            total = self._pipeline_step(args, kwargs, target)
+        self.sync_grads()
+        if self._groups is not None and self.mesh.dp > 1:
+            dist.all_reduce(total, group=self._groups.dp)
+            total /= self.mesh.dp
+        return total
+
+    def _pipeline_step(self, args: tuple, kwargs: dict, target) -> torch.Tensor:
+        m = self.pipeline.microbatches
+        first_args, first_kwargs = chunk_batch(args, kwargs, m)[0]
+        entry, _ = self._program_for(first_args, first_kwargs)
+        if entry.runtime is None:
+            entry.runtime = self._build_runtime(entry)
+        schedule, local = entry.runtime
+        flat = [x for x in self._flatten(entry, args, kwargs) if isinstance(x, torch.Tensor)]
+        losses: list[torch.Tensor] = []
+        # the schedule hands each microbatch's target to loss_fn; a dummy one when the model has its own loss
+        target = target if target is not None else torch.zeros(m)
+        # outputs stay per microbatch: the losses come back through `losses`
+        extra = {"return_outputs": False} if _accepts(schedule.step, "return_outputs") else {}
+        schedule.step(*(flat if 0 in local else ()), target=target, losses=losses, **extra)
+        last = self.pipeline.n_stages - 1
+        total = torch.stack([x.detach() for x in losses]).sum() if last in local else torch.zeros(())
+        src = self.mesh.rank(dp=self._groups.coord("dp"), pp=stage_ranks(self.pipeline.pp,
+                             self.pipeline.virtual)[last], tp=self._groups.coord("tp"))
+        dist.broadcast(total, src=src, group=self._groups.pp)
+        return total
+
+    def _build_runtime(self, entry: LocalProgram):
+        local = self._local_stages()
+        state = {n: self._state_value(entry.program, n) for s in local for n in entry.stages[s].state_names}
+        modules = [StageModule(entry.stages[s], state, set(self._full_shapes), self.group) for s in local]
+        m = self.pipeline.microbatches
+
+        def loss_fn(outputs, target):
+            return self._loss_from(pytree.tree_unflatten(list(outputs), entry.program.out_spec), target) / m
+
+        schedule = build_schedule(modules, local, self.pipeline.n_stages, self._groups.pp, self._device(),
+                                  m, self.pipeline.schedule, loss_fn)
+        return schedule, local
+
+    def _loss_from(self, output, target) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(output, target)
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+            loss = output
+        if loss is None and isinstance(output, (tuple, list)) and output and \
+                isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+            loss = output[0]
+        if loss is None:
+            raise ValueError(f"{self._model_name} returned no loss: pass the labels its forward takes "
+                             "(e.g. labels=...) or give autoshard(..., loss_fn=fn(output, target))")
+        return loss
+
+    def sync_grads(self) -> None:
+        """Sum gradients of weights shared by stages (tied embeddings), then average them over dp."""
+        if self._groups is None:
+            return
+        for group, names in self._tied:
+            for name in names:
+                param = self.get_parameter(name)
+                if param.grad is None:  # every holder must join the collective
+                    param.grad = torch.zeros_like(param)
+                dist.all_reduce(param.grad, group=group)
+        if self.mesh.dp > 1:
+            seen = set()
+            for p in self.parameters():
+                if p.grad is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    dist.all_reduce(p.grad, group=self._groups.dp)
+                    p.grad /= self.mesh.dp
 
     # ------------------------------------------------------------------ inspection
     def programs(self) -> list[CapturedProgram]:
@@ -295,25 +504,13 @@ class ShardedModule(torch.nn.Module):
         return {name: self._gather_full(name, p.detach()) for name, p in self.named_parameters()}
 
 
-def _tp_group(tp: int, group):
-    if group is not None:
-        if dist.get_world_size(group) != tp:
-            raise ValueError(f"the given process group has {dist.get_world_size(group)} ranks, not tp={tp}")
-        return group
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    world = dist.get_world_size()
-    if world == tp:
-        return dist.group.WORLD
-    if world % tp:
-        raise ValueError(f"the world has {world} ranks, which tp={tp} does not divide; launch "
-                         f"a multiple of {tp} ranks or pass group=")
-    mine = None
-    for start in range(0, world, tp):  # NxD rank order: tp varies fastest
-        g = dist.new_group(list(range(start, start + tp)))
-        if start <= dist.get_rank() < start + tp:
-            mine = g
-    return mine
+def _join(outs: list) -> list:
+    """Rank 0's copy of every replicated output (its backward feeds every rank)."""
+    return [
+        _ReplicaJoin.apply(*o) if isinstance(o, PerRank) and isinstance(o[0], torch.Tensor)
+        else (o[0] if isinstance(o, PerRank) else o)
+        for o in outs
+    ]
 
 
 def autoshard(
@@ -326,24 +523,67 @@ def autoshard(
     auto: bool | None = None,
     group=None,
     pp: int = 1,
-    dp: int = 1,
+    dp: int | None = None,
+    microbatches: int | None = None,
+    schedule: str = "1f1b",
+    pipeline_cuts: list[str] | None = None,
+    balance: str = "cost",
+    loss_fn=None,
 ) -> ShardedModule:
-    """Shard an unmodified model for tensor parallelism (tp ranks); see the README for the contract.
+    """Shard an unmodified model over a (dp, pp, tp) mesh; see the README for the contract.
 
     plan: "auto" (infer), a dict {module pattern: style}, a YAML path, or a family name
     ("llama", "gpt2", ...); rules win over inference, which fills in the rest unless auto=False.
+    pp: pipeline stages, cut between repeated blocks and balanced by FLOPs (balance="even" deals
+    blocks out evenly; pipeline_cuts names the first block of each later stage).
+    schedule: "gpipe", "1f1b", "interleaved" or "looped_bfs" (2 stages per rank) from
+    torch.distributed.pipelining. dp: data-parallel replicas (default: the rest of the world).
+    example_inputs: one step's batch as `train_step` will get it (this replica's, on a mesh).
     """
-    if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tp must be a positive integer, got {tp!r}")
-    if pp != 1 or dp != 1:
-        raise NotImplementedError("pipeline (pp) and data (dp) parallelism are not implemented yet; "
-                                  "use tp alone for now")
+    for name, value in (("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not example_inputs and not example_kwargs:
         raise ValueError("autoshard needs example inputs to capture the model: "
                          "autoshard(model, tp, example_inputs=(input_ids,))")
+    if balance not in ("cost", "even"):
+        raise ValueError(f"balance must be 'cost' or 'even', got {balance!r}")
+    microbatches = microbatches or (pp if pp > 1 else 1)
+    virtual = check_schedule(schedule, pp, microbatches) if pp > 1 else 1
+    on_mesh = dist.is_available() and dist.is_initialized()
+    if group is not None or not on_mesh or (pp == 1 and dp is None and dist.get_world_size() % tp):
+        dp = dp or 1
+    else:
+        world = dist.get_world_size()
+        dp = dp or max(1, world // (tp * pp))
+    if group is not None and (pp > 1 or dp > 1):
+        raise ValueError("group= gives the tp group only; for pp/dp let autoshard build the mesh "
+                         "from the world (dp x pp x tp ranks)")
+    pipeline = PipelineConfig(pp=pp, dp=dp, microbatches=microbatches, schedule=schedule,
+                              virtual=virtual, cuts=pipeline_cuts, balance=balance)
     rules = {} if plan == "auto" else load_plan(plan)
     styles = resolve_styles(model, rules)
     auto = (plan == "auto" or isinstance(plan, Mapping)) if auto is None else auto
-    sharded = ShardedModule(model, tp=tp, styles=styles, auto=auto, group=_tp_group(tp, group))
-    sharded._program_for(tuple(example_inputs), dict(example_kwargs or {}))
+    groups = None
+    if group is None and on_mesh:
+        groups = build_groups(Mesh(dp, pp, tp), _device_type(model))
+    sharded = ShardedModule(model, tp=tp, styles=styles, auto=auto, group=group, groups=groups,
+                            pipeline=pipeline, loss_fn=loss_fn)
+    example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    if pipeline.n_stages > 1:
+        chunks = microbatches * (1 if groups is not None else dp)
+        example_inputs, example_kwargs = chunk_batch(example_inputs, example_kwargs, chunks)[0]
+    sharded._program_for(example_inputs, example_kwargs)
     return sharded
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    for t in model.parameters():
+        return t.device.type
+    return "cpu"

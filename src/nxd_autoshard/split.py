@@ -1,0 +1,279 @@
+"""Split pass: cut a local program into pipeline stages between repeated blocks, balanced by cost.
+
+A *block* is a child of a ModuleList whose children share one class (decoder layers).
+Every node belongs to one unit (one block; code before the first block joins the first,
+code after the last joins the last), and each stage is a contiguous run of units. Values
+used across a cut (hidden states, rotary cos/sin, masks, labels) are passed along as
+stage outputs/inputs; parameters go to every stage that reads them (tied weights).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from .capture import CapturedProgram, module_path
+from .errors import PlanError
+
+__all__ = [
+    "BlockCost", "StageProgram", "find_blocks", "assign_units", "unit_costs",
+    "balance", "even_split", "split_program", "stage_of_units",
+]
+
+
+@dataclass
+class BlockCost:
+    """Forward FLOPs, parameter count and parameter bytes (per rank) of one unit."""
+
+    name: str
+    flops: int = 0
+    params: int = 0
+    param_bytes: int = 0
+
+
+@dataclass
+class StageProgram:
+    """One pipeline stage: `gm(*state, *inputs)` returns `outputs` (or the model's outputs if last)."""
+
+    index: int
+    gm: torch.fx.GraphModule
+    state_names: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    blocks: list[str] = field(default_factory=list)
+    is_last: bool = False
+
+
+def find_blocks(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the repeated blocks: children of ModuleLists whose children share a class."""
+    blocks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) >= 2:
+            kinds = {type(child) for child in mod}
+            if len(kinds) == 1 and not isinstance(mod[0], (torch.nn.Linear, torch.nn.Embedding)):
+                blocks += [f"{name}.{i}" if name else str(i) for i in range(len(mod))]
+    # nested lists (a block holding its own list of experts) are not blocks themselves
+    return [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]
+
+
+def _block_index(path: str, index: dict[str, int]) -> int | None:
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        hit = index.get(".".join(parts[:end]))
+        if hit is not None:
+            return hit
+    return None
+
+
+def assign_units(gm: torch.fx.GraphModule, blocks: list[str]) -> dict[torch.fx.Node, int]:
+    """Unit (block index) of every node, never before the units of its inputs."""
+    index = {b: i for i, b in enumerate(blocks)}
+    unit: dict[torch.fx.Node, int] = {}
+    pending: list[torch.fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            unit[node] = 0
+            continue
+        if node.op == "output":
+            continue
+        own = _block_index(module_path(node), index) if node.op == "call_function" else None
+        floor = max((unit[n] for n in node.all_input_nodes if n in unit), default=0)
+        if node.target is operator.getitem:
+            unit[node] = unit[node.args[0]]
+            continue
+        if own is None:
+            pending.append(node)
+            continue
+        here = max(own, floor)
+        for p in pending:  # code between blocks runs with the block that follows it
+            unit[p] = max(here, max((unit[n] for n in p.all_input_nodes if n in unit), default=0))
+        pending = []
+        unit[node] = here
+    last = len(blocks) - 1
+    for p in pending:
+        unit[p] = max(last, max((unit[n] for n in p.all_input_nodes if n in unit), default=0))
+    for node in gm.graph.nodes:  # getitems follow their (possibly moved) tuple
+        if node.target is operator.getitem and node in unit:
+            unit[node] = unit[node.args[0]]
+    return unit
+
+
+_MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"}
+
+
+def _shape(val) -> list[int]:
+    return [int(s) for s in val.shape] if isinstance(val, torch.Tensor) else []
+
+
+def node_flops(node: torch.fx.Node) -> int:
+    """Forward FLOPs of one node: 2·m·n·k for matmuls, 4·b·h·s·t·d for attention, numel otherwise."""
+    name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return 0
+    numel = out.numel()
+    if name in _MATMULS:
+        weight = node.args[-1] if name in ("mm", "bmm", "matmul", "addmm", "baddbmm") else node.args[1]
+        k_shape = _shape(weight.meta.get("val")) if isinstance(weight, torch.fx.Node) else []
+        k = k_shape[-1] if name == "linear" else (k_shape[-2] if len(k_shape) >= 2 else 1)
+        return 2 * numel * k
+    if name == "_scaled_dot_product_flash_attention_for_cpu" or "scaled_dot_product" in name:
+        q = _shape(node.args[0].meta.get("val"))
+        kv_len = _shape(node.args[1].meta.get("val"))[-2]
+        return 4 * (q[0] * q[1] * q[2] * q[3]) * kv_len
+    return int(numel)
+
+
+def unit_costs(program: CapturedProgram, unit: dict[torch.fx.Node, int], blocks: list[str],
+               local_numel: dict[str, int]) -> list[BlockCost]:
+    """Cost of each unit: FLOPs of its nodes and the (per-rank) parameters first read there."""
+    costs = [BlockCost(b) for b in blocks]
+    for node in program.gm.graph.nodes:
+        if node.op == "call_function" and node in unit:
+            costs[unit[node]].flops += node_flops(node)
+    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    seen: set[str] = set()
+    for node, name, kind in zip(placeholders, program.state_names, program.state_kinds):
+        if kind != "parameter" or name in seen or not node.users:
+            continue
+        seen.add(name)
+        first = min(unit[u] for u in node.users if u in unit)
+        val = node.meta.get("val")
+        numel = local_numel.get(name, val.numel() if isinstance(val, torch.Tensor) else 0)
+        costs[first].params += numel
+        costs[first].param_bytes += numel * (val.element_size() if isinstance(val, torch.Tensor) else 4)
+    return costs
+
+
+def balance(costs: list[float], stages: int) -> list[int]:
+    """Stage index of each unit: contiguous runs minimising the largest stage cost (linear partition DP)."""
+    n = len(costs)
+    if stages > n:
+        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has {n}; "
+                        f"use pp <= {n}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: smallest max cost of the first i units in k stages; cut[k][i]: start of the last stage
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                worst = max(best[k - 1][j], prefix[i] - prefix[j])
+                if worst < best[k][i] - 1e-9 * max(1.0, worst):
+                    best[k][i], cut[k][i] = worst, j
+    bounds, i = [], n
+    for k in range(stages, 0, -1):
+        bounds.append(cut[k][i])
+        i = cut[k][i]
+    starts = sorted(bounds)
+    return [sum(1 for s in starts if s <= u) - 1 for u in range(n)]
+
+
+def even_split(n: int, stages: int) -> list[int]:
+    """Stage of each unit when the blocks are dealt out evenly (NxD's default), extra blocks first."""
+    if stages > n:
+        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has {n}")
+    base, extra = divmod(n, stages)
+    out = []
+    for s in range(stages):
+        out += [s] * (base + (1 if s < extra else 0))
+    return out
+
+
+def stage_of_units(blocks: list[str], stages: int, costs: list[BlockCost] | None,
+                   cuts: list[str] | None) -> list[int]:
+    """Stage of each block: from the user's cut names, else balanced by FLOPs, else even."""
+    if cuts:
+        starts = [0]
+        for name in cuts:
+            if name not in blocks:
+                near = [b for b in blocks if name.split(".")[-1] == b.split(".")[-1]][:3] or blocks[:3]
+                raise PlanError(f"pipeline cut '{name}' matches no block; blocks are named like "
+                                f"{', '.join(near)}")
+            starts.append(blocks.index(name))
+        starts = sorted(set(starts))
+        if len(starts) != stages:
+            raise PlanError(f"{len(cuts)} pipeline cuts make {len(starts)} stages, not {stages}; "
+                            f"give {stages - 1} cut names (the first block of each later stage)")
+        return [sum(1 for s in starts if s <= u) - 1 for u in range(len(blocks))]
+    if costs is None:
+        return even_split(len(blocks), stages)
+    return balance([c.flops for c in costs], stages)
+
+
+def split_program(program: CapturedProgram, unit: dict[torch.fx.Node, int], stage_of_unit: list[int],
+                  blocks: list[str]) -> list[StageProgram]:
+    """Cut the local program into one GraphModule per stage; crossing values become stage I/O."""
+    gm = program.gm
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    state = dict(zip(placeholders, program.state_names))
+    user_inputs = [n for n in placeholders[program.num_state:]]
+    n_stages = max(stage_of_unit) + 1
+    stage: dict[torch.fx.Node, int] = {}
+    for node in nodes:
+        if node.op == "output":
+            stage[node] = n_stages - 1
+        elif node in state:
+            continue
+        elif node.op == "placeholder":
+            if node.users and not isinstance(node.meta.get("val"), torch.Tensor):
+                raise PlanError(f"input '{node.name}' is not a tensor but the graph reads it; "
+                                "pipeline stages can only pass tensors")
+            stage[node] = 0
+        else:
+            stage[node] = stage_of_unit[unit[node]]
+
+    def last_use(node: torch.fx.Node) -> int:
+        return max((stage[u] for u in node.users), default=stage[node])
+
+    stages = []
+    carried: list[torch.fx.Node] = [n for n in user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
+    for s in range(n_stages):
+        graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        state_used = [p for p in placeholders[: program.num_state]
+                      if any(stage.get(u) == s for u in p.users)]
+        for p in state_used:
+            env[p] = graph.placeholder(_safe(state[p]))
+            env[p].meta = dict(p.meta)
+        for v in carried:
+            env[v] = graph.placeholder(v.name)
+            env[v].meta = dict(v.meta)
+        for node in nodes:
+            if stage.get(node) != s or node.op == "placeholder":
+                continue
+            if node.op == "output":
+                graph.output(torch.fx.node.map_arg(node.args[0], lambda a: env[a]))
+                continue
+            env[node] = graph.node_copy(node, lambda a: env[a])
+        if s < n_stages - 1:
+            live = [v for v in list(carried) + [n for n in nodes if stage.get(n) == s and n.op != "placeholder"]
+                    if v in env and last_use(v) > s]
+            out = list(dict.fromkeys(live))
+            for v in out:
+                if not isinstance(v.meta.get("val"), torch.Tensor):
+                    raise PlanError(f"value '{v.name}' (module '{module_path(v)}') crosses the pipeline "
+                                    "cut but is not a tensor; choose other cut points")
+            graph.output(tuple(env[v] for v in out))
+        else:
+            out = []
+        stage_gm = torch.fx.GraphModule(gm, graph)
+        stages.append(StageProgram(
+            index=s, gm=stage_gm, state_names=[state[p] for p in state_used],
+            inputs=[v.name for v in carried], outputs=[v.name for v in out],
+            blocks=[b for b, st in zip(blocks, stage_of_unit) if st == s], is_last=s == n_stages - 1,
+        ))
+        carried = out
+    return stages
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "_")
