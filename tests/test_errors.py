@@ -73,8 +73,8 @@ def test_bad_arguments(llama):
         autoshard(llama, 0, example_inputs=args)
     with pytest.raises(ValueError, match="needs example inputs"):
         autoshard(llama, 2)
-    with pytest.raises(NotImplementedError, match="pipeline"):
-        autoshard(llama, 2, pp=2, example_inputs=args)
+    with pytest.raises(ValueError, match="pp must be a positive integer"):
+        autoshard(llama, 2, pp=0, example_inputs=args)
 
 
 def test_unsupported_op_is_gathered_with_a_warning():

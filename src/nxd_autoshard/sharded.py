@@ -463,6 +463,10 @@ class ShardedModule(torch.nn.Module):
         """Every captured local program (one per call signature and train/eval mode)."""
         return [e.program for entries in self._programs.values() for e in entries]
 
+    def stages(self) -> list[StageProgram]:
+        """Pipeline stages of the first captured call ([] without pipelining)."""
+        return next(iter(self._programs.values()))[0].stages or []
+
     @property
     def graph_module(self) -> torch.fx.GraphModule:
         """The local program of the first captured call."""

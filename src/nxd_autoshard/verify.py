@@ -9,6 +9,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .hf import build_model, load_config, random_batch
+from .mesh import Mesh
+from .pipeline import chunk_batch
 from .sharded import autoshard
 
 __all__ = ["Check", "compare", "verify_config", "loss_of"]
@@ -71,40 +73,78 @@ def _sharded_run(model, tp, args, kwargs, plan):
     return sharded, loss.detach(), {k: v.detach() for k, v in _float_outputs(out).items()}, sharded.gather_grads()
 
 
-def _rank_worker(rank, world, config_dict, tp, plan, batch, seq, seed):
+def _pipelined(model, tp, args, kwargs, plan, mesh: Mesh, microbatches, schedule):
+    return autoshard(model, tp, pp=mesh.pp, dp=mesh.dp, microbatches=microbatches, schedule=schedule,
+                     example_inputs=args, example_kwargs=kwargs, plan=plan,
+                     loss_fn=lambda output, target: loss_of(output))
+
+
+def _rank_worker(rank, world, config_dict, tp, plan, batch, seq, seed, pp=1, dp=1, microbatches=None,
+                 schedule="1f1b"):
     model = build_model(config_dict, seed=seed)
     args, kwargs = random_batch(model, batch=batch, seq=seq, seed=seed + 1)
-    _, loss, outs, grads = _sharded_run(model, tp, args, kwargs, plan)
-    return (loss, outs, grads) if rank == 0 else None
+    if pp == 1 and dp == 1:
+        _, loss, outs, grads = _sharded_run(model, tp, args, kwargs, plan)
+        return (loss, outs, grads) if rank == 0 else None
+    mesh = Mesh(dp, pp, tp)
+    where = mesh.coords(rank)
+    args, kwargs = chunk_batch(args, kwargs, dp)[where["dp"]]
+    sharded = _pipelined(model, tp, args, kwargs, plan, mesh, microbatches, schedule)
+    loss = sharded.train_step(*args, **kwargs)
+    grads = sharded.gather_grads()  # every rank joins its tp group's gathers
+    # one rank per stage reports: its stage's gradients (the loss is the same everywhere)
+    return (loss, {}, grads) if where["tp"] == 0 and where["dp"] == 0 else None
 
 
 def verify_config(
     config,
     tp: int,
     *,
+    pp: int = 1,
+    dp: int = 1,
+    microbatches: int | None = None,
+    schedule: str = "1f1b",
     world: str = "gloo",
     plan="auto",
-    batch: int = 2,
+    batch: int | None = None,
     seq: int = 16,
     seed: int = 0,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> list[Check]:
-    """Compare the sharded model (gloo processes or the simulator) with the unsharded one in this process."""
+    """Compare the sharded model (gloo processes or the simulator) with the unsharded one in this process.
+
+    With pp or dp > 1 the sharded side runs `train_step` on dp x microbatches chunks of the batch
+    and its loss and gradients are compared with the unsharded model's on the whole batch.
+    """
+    if world not in ("gloo", "sim"):
+        raise ValueError(f"unknown world '{world}': use 'gloo' (processes) or 'sim' (one process)")
     config = load_config(config)
+    microbatches = microbatches or (pp if pp > 1 else 1)
+    batch = batch or max(2, dp * microbatches)
     model = build_model(config, seed=seed)
     args, kwargs = random_batch(model, batch=batch, seq=seq, seed=seed + 1)
     ref_loss, ref_outs, ref_grads = _reference(model, args, kwargs)
-    if world == "sim":
+    mesh = Mesh(dp, pp, tp)
+    if world == "sim" and mesh.size == tp:
         _, loss, outs, grads = _sharded_run(model, tp, args, kwargs, plan)
-    elif world == "gloo":
+    elif world == "sim":
+        sharded = _pipelined(model, tp, args, kwargs, plan, mesh, microbatches, schedule)
+        with torch.no_grad():
+            outs = _float_outputs(sharded.simulate(*args, **kwargs))
+        loss = sharded.train_step(*args, **kwargs)
+        grads = sharded.gather_grads()
+    else:
         from .launch import run_ranks
 
-        config_dict = config.to_dict()
-        results = run_ranks(_rank_worker, tp, args=(config_dict, tp, plan, batch, seq, seed))
+        results = run_ranks(_rank_worker, mesh.size, args=(config.to_dict(), tp, plan, batch, seq, seed,
+                                                           pp, dp, microbatches, schedule))
         loss, outs, grads = results[0]
-    else:
-        raise ValueError(f"unknown world '{world}': use 'gloo' (processes) or 'sim' (one process)")
+        for part in results[1:]:
+            if part is not None:
+                grads.update(part[2])
+        if mesh.size != tp:
+            ref_outs = {}  # outputs stay on the last stage, per microbatch; loss and grads are checked
     checks = [compare("loss", loss, ref_loss, rtol=rtol, atol=atol)]
     for name, want in ref_outs.items():
         got = outs.get(name)
