@@ -143,7 +143,7 @@ def test_balance_is_optimal_on_random_costs():
 def test_balance_puts_fewer_layers_with_the_lm_head():
     model = build_model(layers("llama", 6, vocab_size=4096), seed=0)
     args = random_batch(model, batch=2)[0]
-    cost = autoshard(model, 1, pp=2, example_inputs=args)
+    cost = autoshard(model, 1, pp=2, example_inputs=args)  # balance='flops'
     even = autoshard(model, 1, pp=2, example_inputs=args, balance="even")
     assert even.stage_of_block == [0, 0, 0, 1, 1, 1]
     assert cost.stage_of_block.count(1) < 3  # the big head costs as much as a layer or more

@@ -22,7 +22,7 @@ from .placements import Placement, Replicate, Shard
 from .plans import load_plan, resolve_styles
 from .propagate import PropagationResult, propagate_placements
 from .simulate import PerRank, scatter_to_ranks, simulate_graph
-from .split import BlockCost, StageProgram, assign_units, find_blocks, split_program, stage_of_units, unit_costs
+from .split import BALANCE, BlockCost, StageProgram, assign_units, find_blocks, split_program, stage_of_units, unit_costs
 
 __all__ = ["autoshard", "ShardedModule"]
 
@@ -37,7 +37,7 @@ class PipelineConfig:
     schedule: str = "1f1b"
     virtual: int = 1
     cuts: list[str] | None = None
-    balance: str = "cost"
+    balance: str = "flops"
 
     @property
     def n_stages(self) -> int:
@@ -165,9 +165,8 @@ class ShardedModule(torch.nn.Module):
         costs = unit_costs(program, unit, blocks, local)
         if self.stage_of_block is None:
             self.block_costs = costs
-            self.stage_of_block = stage_of_units(
-                blocks, self.pipeline.n_stages, costs if self.pipeline.balance == "cost" else None,
-                self.pipeline.cuts)
+            self.stage_of_block = stage_of_units(blocks, self.pipeline.n_stages, costs,
+                                                 self.pipeline.cuts, self.pipeline.balance)
         return split_program(program, unit, self.stage_of_block, blocks)
 
     def _device(self) -> torch.device:
@@ -531,15 +530,16 @@ def autoshard(
     microbatches: int | None = None,
     schedule: str = "1f1b",
     pipeline_cuts: list[str] | None = None,
-    balance: str = "cost",
+    balance: str = "flops",
     loss_fn=None,
 ) -> ShardedModule:
     """Shard an unmodified model over a (dp, pp, tp) mesh; see the README for the contract.
 
     plan: "auto" (infer), a dict {module pattern: style}, a YAML path, or a family name
     ("llama", "gpt2", ...); rules win over inference, which fills in the rest unless auto=False.
-    pp: pipeline stages, cut between repeated blocks and balanced by FLOPs (balance="even" deals
-    blocks out evenly; pipeline_cuts names the first block of each later stage).
+    pp: pipeline stages, cut between repeated blocks and balanced by forward FLOPs (balance=
+    "memory": by parameter bytes; "even": blocks dealt out evenly, as NxD does; pipeline_cuts
+    names the first block of each later stage).
     schedule: "gpipe", "1f1b", "interleaved" or "looped_bfs" (2 stages per rank) from
     torch.distributed.pipelining. dp: data-parallel replicas (default: the rest of the world).
     example_inputs: one step's batch as `train_step` will get it (this replica's, on a mesh).
@@ -550,8 +550,8 @@ def autoshard(
     if not example_inputs and not example_kwargs:
         raise ValueError("autoshard needs example inputs to capture the model: "
                          "autoshard(model, tp, example_inputs=(input_ids,))")
-    if balance not in ("cost", "even"):
-        raise ValueError(f"balance must be 'cost' or 'even', got {balance!r}")
+    if balance not in BALANCE:
+        raise ValueError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
     microbatches = microbatches or (pp if pp > 1 else 1)
     virtual = check_schedule(schedule, pp, microbatches) if pp > 1 else 1
     on_mesh = dist.is_available() and dist.is_initialized()

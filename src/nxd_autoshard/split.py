@@ -19,7 +19,7 @@ from .capture import CapturedProgram, module_path
 from .errors import PlanError
 
 __all__ = [
-    "BlockCost", "StageProgram", "find_blocks", "assign_units", "unit_costs",
+    "BALANCE", "BlockCost", "StageProgram", "find_blocks", "assign_units", "unit_costs",
     "balance", "even_split", "split_program", "stage_of_units",
 ]
 
@@ -187,9 +187,12 @@ def even_split(n: int, stages: int) -> list[int]:
     return out
 
 
-def stage_of_units(blocks: list[str], stages: int, costs: list[BlockCost] | None,
-                   cuts: list[str] | None) -> list[int]:
-    """Stage of each block: from the user's cut names, else balanced by FLOPs, else even."""
+BALANCE = ("flops", "memory", "even")
+
+
+def stage_of_units(blocks: list[str], stages: int, costs: list[BlockCost], cuts: list[str] | None,
+                   by: str = "flops") -> list[int]:
+    """Stage of each block: from the user's cut names, else balanced by FLOPs or parameter bytes, else even."""
     if cuts:
         starts = [0]
         for name in cuts:
@@ -203,9 +206,9 @@ def stage_of_units(blocks: list[str], stages: int, costs: list[BlockCost] | None
             raise PlanError(f"{len(cuts)} pipeline cuts make {len(starts)} stages, not {stages}; "
                             f"give {stages - 1} cut names (the first block of each later stage)")
         return [sum(1 for s in starts if s <= u) - 1 for u in range(len(blocks))]
-    if costs is None:
+    if by == "even":
         return even_split(len(blocks), stages)
-    return balance([c.flops for c in costs], stages)
+    return balance([c.flops if by == "flops" else c.param_bytes for c in costs], stages)
 
 
 def split_program(program: CapturedProgram, unit: dict[torch.fx.Node, int], stage_of_unit: list[int],
