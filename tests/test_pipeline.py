@@ -224,3 +224,44 @@ def test_train_step_without_a_loss_says_what_to_pass(llama3):
     sharded = autoshard(model, 1, pp=2, example_inputs=args)
     with pytest.raises(ValueError, match=r"returned no loss: pass the labels"):
         sharded.train_step(*args)
+
+
+def _zero1_worker(rank, world, cfg):
+    from nxd_autoshard.pipeline import chunk_batch
+
+    model = build_model(cfg, seed=0)
+    args, kwargs = random_batch(model, batch=4, seed=1)
+    mine = chunk_batch(args, kwargs, 2)[rank // 2]  # dp replica of this rank (pp=2, tp=1)
+    sharded = autoshard(model, 1, pp=2, dp=2, microbatches=2, example_inputs=mine[0],
+                        example_kwargs=mine[1])
+    opt = sharded.optimizer(torch.optim.AdamW, zero=True, lr=1e-3)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        losses.append(sharded.train_step(*mine[0], **mine[1]).item())
+        opt.step()
+    losses.append(sharded.eval_step(*mine[0], **mine[1]).item())
+    return type(opt).__name__, losses
+
+
+def test_gloo_zero1_dp2_pp2_tracks_adamw():
+    from nxd_autoshard.launch import run_ranks
+
+    cfg = layers("gpt2", 3)
+    results = run_ranks(_zero1_worker, 4, args=(cfg,))
+    model = build_model(cfg, seed=0)
+    args, kwargs = random_batch(model, batch=4, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    want = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(*args, **kwargs).loss
+        loss.backward()
+        opt.step()
+        want.append(loss.item())
+    with torch.no_grad():
+        want.append(model(*args, **kwargs).loss.item())
+    for kind, got in results:
+        assert kind == "ZeroRedundancyOptimizer"
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-5)
+    assert want[-1] < want[0]

@@ -13,7 +13,7 @@ from .simulate import simulate_graph
 from .split import StageProgram
 
 __all__ = ["SCHEDULES", "check_schedule", "StageModule", "build_schedule", "chunk_batch",
-           "merge_chunk_outputs", "simulate_stages", "stage_ranks"]
+           "merge_chunk_outputs", "simulate_stages", "stage_ranks", "unpack_last_outputs"]
 
 # name -> (torch schedule class, stages per pp rank)
 SCHEDULES = {
@@ -65,7 +65,16 @@ class StageModule(torch.nn.Module):
                  for n in self.stage.state_names]
         with axis_groups({"tp": self.tp_group}):
             out = self.stage.gm(*state, *inputs)
-        return tuple(out)
+        # the schedule concatenates microbatch outputs on dim 0: a scalar loss travels as shape (1,)
+        return tuple(o.unsqueeze(0) if isinstance(o, torch.Tensor) and o.dim() == 0 else o for o in out)
+
+
+def unpack_last_outputs(outputs: tuple, stage: StageProgram) -> list:
+    """Undo StageModule's (1,)-shaped scalars for the loss function."""
+    vals = [n.meta.get("val") for n in stage.gm.graph.output_node().args[0]] \
+        if isinstance(stage.gm.graph.output_node().args[0], (list, tuple)) else []
+    return [o.squeeze(0) if isinstance(v, torch.Tensor) and v.dim() == 0 else o
+            for o, v in zip(outputs, vals)] if vals else list(outputs)
 
 
 def build_schedule(modules: list[StageModule], stage_indices: list[int], n_stages: int, pp_group,

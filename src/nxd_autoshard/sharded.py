@@ -17,7 +17,7 @@ from .graph_passes import drop_assertions, retarget_device, run_pass, split_bias
 from .mesh import Mesh, MeshGroups, build_groups
 from .partition import partition, shard_tensor
 from .pipeline import (StageModule, build_schedule, check_schedule, chunk_batch, merge_chunk_outputs,
-                       simulate_stages, stage_ranks)
+                       simulate_stages, stage_ranks, unpack_last_outputs)
 from .placements import Placement, Replicate, Shard
 from .plans import load_plan, resolve_styles
 from .propagate import PropagationResult, propagate_placements
@@ -391,7 +391,7 @@ class ShardedModule(torch.nn.Module):
             total /= self.mesh.dp
         return total
 
-    def _pipeline_step(self, args: tuple, kwargs: dict, target) -> torch.Tensor:
+    def _pipeline_step(self, args: tuple, kwargs: dict, target, backward: bool = True) -> torch.Tensor:
         m = self.pipeline.microbatches
         first_args, first_kwargs = chunk_batch(args, kwargs, m)[0]
         entry, _ = self._program_for(first_args, first_kwargs)
@@ -403,8 +403,11 @@ class ShardedModule(torch.nn.Module):
         # the schedule hands each microbatch's target to loss_fn; a dummy one when the model has its own loss
         target = target if target is not None else torch.zeros(m)
         # outputs stay per microbatch: the losses come back through `losses`
-        extra = {"return_outputs": False} if _accepts(schedule.step, "return_outputs") else {}
-        schedule.step(*(flat if 0 in local else ()), target=target, losses=losses, **extra)
+        inputs = flat if 0 in local else ()
+        if backward:
+            schedule.step(*inputs, target=target, losses=losses)
+        else:
+            schedule.eval(*inputs, target=target, losses=losses)
         last = self.pipeline.n_stages - 1
         total = torch.stack([x.detach() for x in losses]).sum() if last in local else torch.zeros(())
         src = self.mesh.rank(dp=self._groups.coord("dp"), pp=stage_ranks(self.pipeline.pp,
@@ -419,7 +422,8 @@ class ShardedModule(torch.nn.Module):
         m = self.pipeline.microbatches
 
         def loss_fn(outputs, target):
-            return self._loss_from(pytree.tree_unflatten(list(outputs), entry.program.out_spec), target) / m
+            flat = unpack_last_outputs(outputs, entry.stages[-1])
+            return self._loss_from(pytree.tree_unflatten(flat, entry.program.out_spec), target) / m
 
         schedule = build_schedule(modules, local, self.pipeline.n_stages, self._groups.pp, self._device(),
                                   m, self.pipeline.schedule, loss_fn)
@@ -438,6 +442,30 @@ class ShardedModule(torch.nn.Module):
             raise ValueError(f"{self._model_name} returned no loss: pass the labels its forward takes "
                              "(e.g. labels=...) or give autoshard(..., loss_fn=fn(output, target))")
         return loss
+
+    @torch.no_grad()
+    def eval_step(self, *args, target=None, **kwargs) -> torch.Tensor:
+        """The loss of one batch without backward (pipeline: the schedule's forward-only pass)."""
+        if self._groups is None or self.pipeline.n_stages == 1:
+            loss = self._loss_from(self(*args, **kwargs), target)
+        else:
+            loss = self._pipeline_step(tuple(args), _default_kwargs(self._shadow[0], dict(kwargs)),
+                                       target, backward=False)
+        if self._groups is not None and self.mesh.dp > 1:
+            dist.all_reduce(loss, group=self._groups.dp)
+            loss /= self.mesh.dp
+        return loss.detach()
+
+    def optimizer(self, optimizer_class=torch.optim.AdamW, *, zero: bool = False, **kwargs):
+        """An optimizer over this rank's parameters; zero=True shards its state over dp (ZeRO-1,
+        torch's ZeroRedundancyOptimizer)."""
+        params = list(self.parameters())
+        if not zero or self._groups is None or self.mesh.dp == 1:
+            return optimizer_class(params, **kwargs)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class,
+                                       process_group=self._groups.dp, **kwargs)
 
     def sync_grads(self) -> None:
         """Sum gradients of weights shared by stages (tied embeddings), then average them over dp."""
@@ -579,12 +607,6 @@ def autoshard(
         example_inputs, example_kwargs = chunk_batch(example_inputs, example_kwargs, chunks)[0]
     sharded._program_for(example_inputs, example_kwargs)
     return sharded
-
-
-def _accepts(fn, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(fn).parameters
 
 
 def _device_type(model: torch.nn.Module) -> str:
