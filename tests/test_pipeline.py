@@ -62,6 +62,13 @@ def test_gloo_tp2_pp2(family):
     _assert_all_ok(verify_config(layers(family, 3), 2, pp=2, microbatches=2, world="gloo"))
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "looped_bfs", "zero_bubble", "zbv"])
+def test_gloo_other_schedules_with_tied_embeddings(schedule):
+    # zbv puts the first and last stage (both holding the tied wte/lm_head) on one rank
+    _assert_all_ok(verify_config(layers("gpt2", 4), 1, pp=2, microbatches=4, schedule=schedule,
+                                 world="gloo"))
+
+
 def test_gloo_dp2_tp2():
     _assert_all_ok(verify_config(layers("llama", 2), 2, dp=2, microbatches=2, world="gloo"))
 

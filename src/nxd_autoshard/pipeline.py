@@ -21,7 +21,10 @@ SCHEDULES = {
     "1f1b": ("Schedule1F1B", 1),
     "interleaved": ("ScheduleInterleaved1F1B", 2),
     "looped_bfs": ("ScheduleLoopedBFS", 2),
+    "zero_bubble": ("ScheduleInterleavedZeroBubble", 2),
+    "zbv": ("ScheduleZBVZeroBubble", 2),
 }
+V_SHAPED = {"zbv"}  # stage s and 2·pp-1-s share a rank
 
 
 def check_schedule(schedule: str, pp: int, microbatches: int) -> int:
@@ -33,7 +36,7 @@ def check_schedule(schedule: str, pp: int, microbatches: int) -> int:
     if schedule == "1f1b" and microbatches < pp:
         raise ValueError(f"schedule '1f1b' needs at least as many microbatches as stages: "
                          f"microbatches={microbatches} < pp={pp}; use microbatches >= {pp} or 'gpipe'")
-    if schedule in ("interleaved", "looped_bfs"):
+    if schedule in ("interleaved", "looped_bfs", "zero_bubble"):
         rounds = max(1, microbatches // pp)
         if microbatches % rounds:
             raise ValueError(f"schedule '{schedule}' with pp={pp} needs microbatches that are a multiple "
@@ -42,8 +45,10 @@ def check_schedule(schedule: str, pp: int, microbatches: int) -> int:
     return SCHEDULES[schedule][1]
 
 
-def stage_ranks(pp: int, virtual: int) -> list[int]:
-    """The pp rank of each stage: stage s runs on rank s % pp (the loop placement of interleaved 1F1B)."""
+def stage_ranks(pp: int, virtual: int, schedule: str = "1f1b") -> list[int]:
+    """The pp rank of each stage: s % pp (loop placement), or a V (0..pp-1, pp-1..0) for V schedules."""
+    if schedule in V_SHAPED:
+        return [s if s < pp else 2 * pp - 1 - s for s in range(pp * virtual)]
     return [s % pp for s in range(pp * virtual)]
 
 

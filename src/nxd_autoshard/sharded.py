@@ -232,12 +232,16 @@ class ShardedModule(torch.nn.Module):
         for name, full in self._full.items():
             self.placements[name] = by_id.get(id(full), self.placements[name])
 
+    def _stage_ranks(self) -> list[int]:
+        """The pp rank that runs each stage."""
+        return stage_ranks(self.pipeline.pp, self.pipeline.virtual, self.pipeline.schedule)
+
     def _local_stages(self) -> list[int]:
         """Indices of the stages this rank runs (all of them without a process group)."""
         if self._groups is None:
             return list(range(self.pipeline.n_stages))
         mine = self._groups.coord("pp")
-        return [s for s, r in enumerate(stage_ranks(self.pipeline.pp, self.pipeline.virtual)) if r == mine]
+        return [s for s, r in enumerate(self._stage_ranks()) if r == mine]
 
     def _install_state(self, entry: LocalProgram) -> None:
         """Register this rank's parameters (its stages' shards, or every full tensor when simulating)."""
@@ -268,7 +272,7 @@ class ShardedModule(torch.nn.Module):
 
     def _tied_groups(self, stages: list[StageProgram]) -> list[tuple[object, list[str]]]:
         """Process groups joining the pp ranks that hold the same parameter (e.g. tied embeddings)."""
-        where = stage_ranks(self.pipeline.pp, self.pipeline.virtual)
+        where = self._stage_ranks()
         holders: dict[str, set[int]] = {}
         for stage in stages:
             for name in stage.state_names:
@@ -410,8 +414,8 @@ class ShardedModule(torch.nn.Module):
             schedule.eval(*inputs, target=target, losses=losses)
         last = self.pipeline.n_stages - 1
         total = torch.stack([x.detach() for x in losses]).sum() if last in local else torch.zeros(())
-        src = self.mesh.rank(dp=self._groups.coord("dp"), pp=stage_ranks(self.pipeline.pp,
-                             self.pipeline.virtual)[last], tp=self._groups.coord("tp"))
+        src = self.mesh.rank(dp=self._groups.coord("dp"), tp=self._groups.coord("tp"),
+                             pp=self._stage_ranks()[last])
         dist.broadcast(total, src=src, group=self._groups.pp)
         return total
 
