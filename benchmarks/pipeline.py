@@ -50,6 +50,11 @@ def _imbalance(costs: list[float], assign: list[int], stages: int) -> tuple[floa
     return max(per) / (sum(per) / stages), per
 
 
+def _whole_layers(flops: list[int], unit_of_block: list[int], pp: int) -> list[int]:
+    starts = [k == 0 or unit_of_block[k] != unit_of_block[k - 1] for k in range(len(flops))]
+    return balance(flops, pp, starts)
+
+
 def balance_rows(name: str, shape: dict, seq: int) -> tuple[list[str], str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -61,15 +66,19 @@ def balance_rows(name: str, shape: dict, seq: int) -> tuple[list[str], str]:
     sharded = autoshard(model, 8, pp=4, microbatches=4, example_inputs=(ids,),
                         example_kwargs={"labels": ids})
     planned = time.perf_counter() - start
-    flops = [c.flops for c in sharded.block_costs]
-    memory = [c.param_bytes for c in sharded.block_costs]
+    blocks = [c.flops for c in sharded.block_costs]
+    flops = [c.flops for c in sharded.unit_costs]
+    memory = [c.param_bytes for c in sharded.unit_costs]
+    unit_of_block = sharded.units.block
     rows = []
     for pp in (4, 8):
-        for label, assign in (("even layers (NxD default)", even_split(len(flops), pp)),
-                              ("ours, balanced by FLOPs", balance(flops, pp))):
+        even = even_split(len(blocks), pp)
+        for label, assign in (("even layers (NxD default)", [even[b] for b in unit_of_block]),
+                              ("ours: whole layers, by FLOPs", _whole_layers(flops, unit_of_block, pp)),
+                              ("ours: attention/MLP cuts, by FLOPs", balance(flops, pp, sharded.units.cut_ok))):
             f_imb, per = _imbalance(flops, assign, pp)
             m_imb, _ = _imbalance(memory, assign, pp)
-            layers = [assign.count(k) for k in range(pp)]
+            layers = [len({b for b, s in zip(unit_of_block, assign) if s == k}) for k in range(pp)]
             rows.append(f"| {name} | {pp} | {label} | {'/'.join(map(str, layers))} | {f_imb:.3f} | "
                         f"{m_imb:.3f} | {max(per) / 1e12:.2f} |")
     note = (f"{name}: planned at tp 8 x pp 4 on meta in {planned:.1f} s (capture, propagate, "
@@ -141,6 +150,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     ap.add_argument("--skip-70b", action="store_true", help="balance the 8B shape only")
+    ap.add_argument("--skip-bubble", action="store_true", help="balance only (prints, never writes)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per bubble measurement")
     ns = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -153,6 +163,8 @@ def main(argv=None) -> int:
         notes.append(note)
         print("\n".join(rows), flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if ns.skip_bubble:
+        return 0
     bubbles = bubble_rows(ns.steps)
     body = "\n".join([
         f"- Date: {datetime.date.today()}; {machine()}",

@@ -123,8 +123,13 @@ def test_every_parameter_lands_on_exactly_one_stage(n_layers, pp):
     # only the tied embedding / LM head is on two stages: the first and the last
     assert list(shared) == [id(by_name["lm_head.weight"])]
     assert list(shared.values()) == [[0, pp - 1]]
-    blocks = [b for stage in stages for b in stage.blocks]
-    assert blocks == [f"transformer.h.{i}" for i in range(n_layers)]  # no layer dropped or repeated
+    # every unit (a layer's attention half, its MLP half, the embedding...) on exactly one stage
+    assert [u for stage in stages for u in stage.units] == sharded.units.names
+    blocks = list(dict.fromkeys(b for stage in stages for b in stage.blocks))
+    assert blocks == [f"transformer.h.{i}" for i in range(n_layers)]  # no layer dropped
+    for stage in stages[1:]:  # a layer is only ever cut after its attention's residual add
+        first = stage.units[0]
+        assert first.endswith(".ln_1") or first.endswith(".ln_2"), first
 
 
 def test_balance_is_optimal_on_random_costs():

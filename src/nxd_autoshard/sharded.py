@@ -22,7 +22,8 @@ from .placements import Placement, Replicate, Shard
 from .plans import load_plan, resolve_styles
 from .propagate import PropagationResult, propagate_placements
 from .simulate import PerRank, scatter_to_ranks, simulate_graph
-from .split import BALANCE, BlockCost, StageProgram, assign_units, find_blocks, split_program, stage_of_units, unit_costs
+from .split import (BALANCE, BlockCost, StageProgram, assign_units, find_blocks, segment_blocks,
+                    Units, split_program, stage_of_units, unit_costs)
 
 __all__ = ["autoshard", "ShardedModule"]
 
@@ -106,8 +107,11 @@ class ShardedModule(torch.nn.Module):
         self.group = groups.tp if groups is not None else group
         self.rank = dist.get_rank(self.group) if self.group is not None else None
         self.loss_fn = loss_fn
-        self.stage_of_block: list[int] | None = None
+        self.stage_of_block: list[int] | None = None  # stage where each block starts
+        self.stage_of_unit: list[int] | None = None
         self.block_costs: list[BlockCost] = []
+        self.unit_costs: list[BlockCost] = []
+        self.units: Units | None = None  # pipeline units of the first capture
         self._tied: list[tuple[object, list[str]]] = []  # (group, params) summed across stages
         self._installed = False
         self._styles = styles
@@ -155,19 +159,27 @@ class ShardedModule(torch.nn.Module):
         return entry
 
     def _split(self, program: CapturedProgram) -> list[StageProgram]:
-        """Cut the local program into stages; the first capture fixes which blocks each stage holds."""
+        """Cut the local program into stages; the first capture fixes which units each stage holds."""
         blocks = find_blocks(self._shadow[0])
         if len(blocks) < 2:
             raise PlanError(f"{self._model_name} has no repeated blocks (a ModuleList of layers of one "
                             "class) to cut between, so it cannot be pipelined; use pp=1")
-        unit = assign_units(program.gm, blocks)
+        units = segment_blocks(program, assign_units(program.gm, blocks), blocks)
         local = {n: int(torch.Size(self.local_shape(n)).numel()) for n in self._full_shapes}
-        costs = unit_costs(program, unit, blocks, local)
-        if self.stage_of_block is None:
-            self.block_costs = costs
-            self.stage_of_block = stage_of_units(blocks, self.pipeline.n_stages, costs,
-                                                 self.pipeline.cuts, self.pipeline.balance)
-        return split_program(program, unit, self.stage_of_block, blocks)
+        costs = unit_costs(program, units.of_node, units.names, local)
+        if self.stage_of_unit is None:
+            self.units, self.unit_costs = units, costs
+            self.block_costs = [BlockCost(b) for b in blocks]
+            for cost, b in zip(costs, units.block):
+                for key in ("flops", "params", "param_bytes"):
+                    setattr(self.block_costs[b], key, getattr(self.block_costs[b], key) + getattr(cost, key))
+            self.stage_of_unit = stage_of_units(blocks, units, self.pipeline.n_stages, costs,
+                                                self.pipeline.cuts, self.pipeline.balance)
+            self.stage_of_block = [self.stage_of_unit[units.first_of_block(b)] for b in range(len(blocks))]
+        elif len(self.stage_of_unit) != len(units.names):
+            raise PlanError("a new capture of the model cut into different pipeline units than the first; "
+                            "pass the inputs of every step with the same structure")
+        return split_program(program, units, self.stage_of_unit, blocks)
 
     def _device(self) -> torch.device:
         for t in list(self._full.values()) + list(self._buffers_full.values()):

@@ -20,7 +20,7 @@ from .errors import PlanError
 
 __all__ = [
     "BALANCE", "BlockCost", "StageProgram", "find_blocks", "assign_units", "unit_costs",
-    "balance", "even_split", "split_program", "stage_of_units",
+    "balance", "even_split", "split_program", "stage_of_units", "segment_blocks", "Units",
 ]
 
 
@@ -44,6 +44,7 @@ class StageProgram:
     inputs: list[str]
     outputs: list[str]
     blocks: list[str] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)
     is_last: bool = False
 
 
@@ -101,6 +102,77 @@ def assign_units(gm: torch.fx.GraphModule, blocks: list[str]) -> dict[torch.fx.N
     return unit
 
 
+@dataclass
+class Units:
+    """Pipeline units: each block cut at its child modules (attention | MLP ...), in run order.
+
+    `cut_ok[k]`: a stage may start at unit k, i.e. no more activations that carry a gradient
+    cross there than cross between two blocks (in a decoder layer: after the attention's
+    residual add, but not between a norm and the module it feeds).
+    """
+
+    of_node: dict[torch.fx.Node, int]
+    names: list[str]
+    block: list[int]
+    cut_ok: list[bool]
+
+    def first_of_block(self, b: int) -> int:
+        return self.block.index(b)
+
+
+def _unit_name(path: str, block: str) -> str:
+    """The child module of `block` that `path` is in; '' for the block's own code (residual adds)."""
+    if path == block or not path or block.startswith(path + "."):
+        return ""  # the block's own code, or the model's code around it
+    if path.startswith(block + "."):
+        return f"{block}.{path[len(block) + 1:].split('.')[0]}"
+    return path  # code run with this block but outside it (embedding, final norm, LM head)
+
+
+def segment_blocks(program: CapturedProgram, block_of: dict[torch.fx.Node, int],
+                   blocks: list[str]) -> Units:
+    """Cut every block into units at its child modules and mark where a stage may start."""
+    from .partition import requires_grad_nodes
+
+    gm = program.gm
+    of_node: dict[torch.fx.Node, int] = {}
+    names, block = [], []
+    for b, prefix in enumerate(blocks):
+        key = None
+        for node in gm.graph.nodes:
+            if block_of.get(node) != b or node.op != "call_function":
+                continue
+            if node.target is operator.getitem:
+                of_node[node] = of_node[node.args[0]]
+                continue
+            here = _unit_name(module_path(node), prefix)
+            if key is None or (here and here != key):
+                key = here
+                names.append(here or prefix)
+                block.append(b)
+            of_node[node] = len(names) - 1
+        if key is None:  # a block the graph never runs still gets a unit
+            names.append(prefix)
+            block.append(b)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            of_node[node] = 0
+    n = len(names)
+    grad = requires_grad_nodes(gm, program)
+    state = set(list(n_ for n_ in gm.graph.nodes if n_.op == "placeholder")[: program.num_state])
+    crossing = [0] * (n + 1)
+    for node, lo in of_node.items():
+        if node not in grad or node in state:
+            continue
+        hi = max((n if u.op == "output" else of_node[u] for u in node.users), default=lo)
+        for k in range(lo + 1, hi + 1):
+            crossing[k] += 1
+    starts = [k for k in range(1, n) if block[k] != block[k - 1]]
+    floor = min((crossing[k] for k in starts), default=0)
+    cut_ok = [True] + [crossing[k] <= floor for k in range(1, n)]
+    return Units(of_node, names, block, cut_ok)
+
+
 _MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"}
 
 
@@ -127,10 +199,10 @@ def node_flops(node: torch.fx.Node) -> int:
     return int(numel)
 
 
-def unit_costs(program: CapturedProgram, unit: dict[torch.fx.Node, int], blocks: list[str],
+def unit_costs(program: CapturedProgram, unit: dict[torch.fx.Node, int], names: list[str],
                local_numel: dict[str, int]) -> list[BlockCost]:
     """Cost of each unit: FLOPs of its nodes and the (per-rank) parameters first read there."""
-    costs = [BlockCost(b) for b in blocks]
+    costs = [BlockCost(b) for b in names]
     for node in program.gm.graph.nodes:
         if node.op == "call_function" and node in unit:
             costs[unit[node]].flops += node_flops(node)
@@ -148,12 +220,14 @@ def unit_costs(program: CapturedProgram, unit: dict[torch.fx.Node, int], blocks:
     return costs
 
 
-def balance(costs: list[float], stages: int) -> list[int]:
-    """Stage index of each unit: contiguous runs minimising the largest stage cost (linear partition DP)."""
+def balance(costs: list[float], stages: int, cut_ok: list[bool] | None = None) -> list[int]:
+    """Stage index of each unit: contiguous runs minimising the largest stage cost (linear partition
+    DP); a stage may only start at a unit k with cut_ok[k]."""
     n = len(costs)
-    if stages > n:
-        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has {n}; "
-                        f"use pp <= {n}")
+    cut_ok = cut_ok or [True] * n
+    if stages > sum(cut_ok):
+        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has "
+                        f"{sum(cut_ok)}; use pp <= {sum(cut_ok)}")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -165,6 +239,8 @@ def balance(costs: list[float], stages: int) -> list[int]:
     for k in range(1, stages + 1):
         for i in range(k, n - (stages - k) + 1):
             for j in range(k - 1, i):
+                if not cut_ok[j] and j > 0:
+                    continue
                 worst = max(best[k - 1][j], prefix[i] - prefix[j])
                 if worst < best[k][i] - 1e-9 * max(1.0, worst):
                     best[k][i], cut[k][i] = worst, j
@@ -190,9 +266,20 @@ def even_split(n: int, stages: int) -> list[int]:
 BALANCE = ("flops", "memory", "even")
 
 
-def stage_of_units(blocks: list[str], stages: int, costs: list[BlockCost], cuts: list[str] | None,
-                   by: str = "flops") -> list[int]:
-    """Stage of each block: from the user's cut names, else balanced by FLOPs or parameter bytes, else even."""
+def stage_of_units(blocks: list[str], units: Units, stages: int, costs: list[BlockCost],
+                   cuts: list[str] | None, by: str = "flops") -> list[int]:
+    """Stage of each unit: from the user's cut names (block starts), else balanced by FLOPs or
+    parameter bytes (cuts inside blocks allowed), else whole blocks dealt out evenly."""
+    if stages > len(blocks):
+        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has "
+                        f"{len(blocks)}; use pp <= {len(blocks)}")
+    if by != "even" and not cuts:
+        return balance([c.flops if by == "flops" else c.param_bytes for c in costs], stages, units.cut_ok)
+    per_block = _block_stages(blocks, stages, cuts)
+    return [per_block[b] for b in units.block]
+
+
+def _block_stages(blocks: list[str], stages: int, cuts: list[str] | None) -> list[int]:
     if cuts:
         starts = [0]
         for name in cuts:
@@ -206,12 +293,10 @@ def stage_of_units(blocks: list[str], stages: int, costs: list[BlockCost], cuts:
             raise PlanError(f"{len(cuts)} pipeline cuts make {len(starts)} stages, not {stages}; "
                             f"give {stages - 1} cut names (the first block of each later stage)")
         return [sum(1 for s in starts if s <= u) - 1 for u in range(len(blocks))]
-    if by == "even":
-        return even_split(len(blocks), stages)
-    return balance([c.flops if by == "flops" else c.param_bytes for c in costs], stages)
+    return even_split(len(blocks), stages)
 
 
-def split_program(program: CapturedProgram, unit: dict[torch.fx.Node, int], stage_of_unit: list[int],
+def split_program(program: CapturedProgram, units: Units, stage_of_unit: list[int],
                   blocks: list[str]) -> list[StageProgram]:
     """Cut the local program into one GraphModule per stage; crossing values become stage I/O."""
     gm = program.gm
@@ -232,7 +317,7 @@ def split_program(program: CapturedProgram, unit: dict[torch.fx.Node, int], stag
                                 "pipeline stages can only pass tensors")
             stage[node] = 0
         else:
-            stage[node] = stage_of_unit[unit[node]]
+            stage[node] = stage_of_unit[units.of_node[node]]
 
     def last_use(node: torch.fx.Node) -> int:
         return max((stage[u] for u in node.users), default=stage[node])
@@ -272,7 +357,8 @@ def split_program(program: CapturedProgram, unit: dict[torch.fx.Node, int], stag
         stages.append(StageProgram(
             index=s, gm=stage_gm, state_names=[state[p] for p in state_used],
             inputs=[v.name for v in carried], outputs=[v.name for v in out],
-            blocks=[b for b, st in zip(blocks, stage_of_unit) if st == s], is_last=s == n_stages - 1,
+            blocks=list(dict.fromkeys(blocks[b] for b, st in zip(units.block, stage_of_unit) if st == s)),
+            units=[u for u, st in zip(units.names, stage_of_unit) if st == s], is_last=s == n_stages - 1,
         ))
         carried = out
     return stages
