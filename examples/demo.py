@@ -118,23 +118,22 @@ def pipeline_rank_main(rank, world):
         if step == 0:
             first_grads = sharded.gather_grads()
         opt.step()
-    stages = [(s.index, s.blocks, len(s.state_names), len(s.inputs)) for s in sharded.stages()]
-    costs = [(c.name, c.flops) for c in sharded.block_costs]
+    stages = [(s.index, s.blocks, len(s.state_names), len(s.inputs),
+               sum(c.flops for c, st in zip(sharded.unit_costs, sharded.stage_of_unit) if st == s.index))
+              for s in sharded.stages()]
     return dict(losses=losses, grads=first_grads if rank % PP_TP == 0 else None, stages=stages,
-                costs=costs, stage_of_block=sharded.stage_of_block)
+                stage_of_block=sharded.stage_of_block)
 
 
 def pipeline_demo(console, ref_losses, ref_grads):
     console.print(f"\n[bold]tp={PP_TP} x pp={PP}[/] on {PP_TP * PP} gloo processes, 2 microbatches, 1F1B")
     results = run_ranks(pipeline_rank_main, PP_TP * PP)
     first = results[0]
-    flops = dict(first["costs"])
     table = Table(title="Pipeline stages (balanced by forward FLOPs; embedding and LM head counted)")
     for col in ("stage", "blocks", "state tensors", "tensors received", "MFLOP"):
         table.add_column(col)
-    for index, blocks, n_state, n_in in first["stages"]:
-        table.add_row(str(index), ", ".join(blocks), str(n_state), str(n_in),
-                      f"{sum(flops[b] for b in blocks) / 1e6:.1f}")
+    for index, blocks, n_state, n_in, flops in first["stages"]:
+        table.add_row(str(index), ", ".join(blocks), str(n_state), str(n_in), f"{flops / 1e6:.1f}")
     console.print(table)
     grads = {}
     for r in results:
