@@ -277,3 +277,21 @@ def test_gloo_zero1_dp2_pp2_tracks_adamw():
         assert kind == "ZeroRedundancyOptimizer"
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-5)
     assert want[-1] < want[0]
+
+
+def test_eval_mode_recapture_keeps_the_stages():
+    # eval() recaptures without dropout; the stages must hold the same layers as in training
+    cfg = layers("gpt_neox", 3, hidden_dropout=0.1, attention_dropout=0.1)
+    model = build_model(cfg, seed=0).train()
+    args, kwargs = random_batch(model, batch=4, seed=1)
+    sharded = autoshard(model, 2, pp=2, example_inputs=args, example_kwargs=kwargs)
+    sharded.train_step(*args, **kwargs)
+    trained_blocks = [s.blocks for s in sharded.stages()]
+    sharded.eval()
+    model.eval()
+    got = sharded.eval_step(*args, **kwargs)
+    with torch.no_grad():
+        want = model(*args, **kwargs).loss
+    assert compare("eval loss", got, want).ok
+    entries = [e for es in sharded._programs.values() for e in es]
+    assert len(entries) == 2 and [s.blocks for s in entries[-1].stages] == trained_blocks

@@ -176,10 +176,17 @@ class ShardedModule(torch.nn.Module):
             self.stage_of_unit = stage_of_units(blocks, units, self.pipeline.n_stages, costs,
                                                 self.pipeline.cuts, self.pipeline.balance)
             self.stage_of_block = [self.stage_of_unit[units.first_of_block(b)] for b in range(len(blocks))]
-        elif len(self.stage_of_unit) != len(units.names):
-            raise PlanError("a new capture of the model cut into different pipeline units than the first; "
-                            "pass the inputs of every step with the same structure")
-        return split_program(program, units, self.stage_of_unit, blocks)
+            return split_program(program, units, self.stage_of_unit, blocks)
+        return split_program(program, units, self._same_stages(units), blocks)
+
+    def _same_stages(self, units: Units) -> list[int]:
+        """Stages for a later capture's units (eval mode drops dropout-only units): by unit name."""
+        first = dict(zip(self.units.names, self.stage_of_unit))
+        stages, current = [], 0
+        for name in units.names:
+            current = max(current, first.get(name, current))
+            stages.append(current)
+        return stages
 
     def _device(self) -> torch.device:
         for t in list(self._full.values()) + list(self._buffers_full.values()):
