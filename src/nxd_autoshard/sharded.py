@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -14,6 +15,7 @@ from .capture import CapturedProgram, _default_kwargs, capture, input_signature,
 from .collectives import axis_groups
 from .errors import DivisibilityError
 from .graph_passes import drop_assertions, retarget_device, run_pass, split_bias
+from .history import History, count_ops, record_pass
 from .partition import partition, shard_tensor
 from .placements import Placement, Replicate, Shard
 from .plans import load_plan, resolve_styles
@@ -99,15 +101,18 @@ class ShardedModule(torch.nn.Module):
 
     # ------------------------------------------------------------------ building
     def _capture(self, args: tuple, kwargs: dict) -> LocalProgram:
+        started = time.perf_counter()
         program = capture(self._shadow[0], args, kwargs, training=self.training, device=self._device())
         history = program.history
+        record_pass(history, "capture", program.gm, 0, started)
         program.gm = run_pass(history, drop_assertions, program.gm)
         program.gm = run_pass(history, split_bias, program.gm)
+        before, started = count_ops(program.gm), time.perf_counter()
         result = self._decide(program)
-        before = sum(1 for n in program.gm.graph.nodes if n.op == "call_function")
+        record_pass(history, "propagate", program.gm, before, started)
+        before, started = count_ops(program.gm), time.perf_counter()
         partition(program, result, self.tp)
-        after = sum(1 for n in program.gm.graph.nodes if n.op == "call_function")
-        history.append(("partition", before, after))
+        record_pass(history, "partition", program.gm, before, started)
         device = self._device()
         program.gm = run_pass(history, retarget_device, program.gm, device)
         kwarg_order = list(_default_kwargs(self._shadow[0], dict(kwargs)).keys())
@@ -258,6 +263,22 @@ class ShardedModule(torch.nn.Module):
     def graph_module(self) -> torch.fx.GraphModule:
         """The local program of the first captured call."""
         return self.programs()[0].gm
+
+    @property
+    def history(self) -> History:
+        """The passes of the first captured program: name, seconds, op counts, graph after each."""
+        return History(self.programs()[0].history)
+
+    def explain(self, format: str | None = None, *, program: int = 0):
+        """The plan report (see `report.explain`): a Report, or its "text" / "html" / "json" form."""
+        from .report import explain
+
+        return explain(self, format=format, program=program)
+
+    def _repr_html_(self) -> str:
+        from .report import explain
+
+        return explain(self).to_html(full=True)
 
     def local_shape(self, name: str) -> tuple[int, ...]:
         shape = list(self._full_shapes[name])
