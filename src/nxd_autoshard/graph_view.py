@@ -17,6 +17,7 @@ import torch.fx
 
 from .golden import display_module, target_name
 from .placements import Partial, Shard
+from .report_render import fmt_bytes
 
 __all__ = ["before_after_html", "block_lines", "graph_svg"]
 
@@ -56,7 +57,8 @@ def _rows(report, gm: torch.fx.GraphModule):
             current_module = None
         rows = groups[-1][1]
         if name in _COLLECTIVES:
-            sends = "; ".join(f"{e.phase[:3]} {e.kind} {e.bytes}B" for e in (c.forward + c.backward)) if c else ""
+            sends = "; ".join(f"{'fwd' if e.phase == 'forward' else 'bwd'} {e.kind} {fmt_bytes(e.bytes)}"
+                              for e in (c.forward + c.backward)) if c else ""
             rows.append(("coll", f"{name}[tp] {c.shape if c else ''}  {sends}"))
             current_module = None
             continue
@@ -82,7 +84,7 @@ def _row_text(row, group: str) -> tuple[str, str]:
     top = ", ".join(f"{op}x{n}" if n > 1 else op for op, n in ops.most_common(4))
     more = sum(ops.values())
     tag = f" {placement}" if kind != "rep" and placement is not None else ""
-    return kind, f"{rel or '(self)'}: {more} ops ({top}{', ...' if len(ops) > 4 else ''}){tag}"
+    return kind, f"{rel or '(self)'}: {more} op{'s' if more > 1 else ''} ({top}{', ...' if len(ops) > 4 else ''}){tag}"
 
 
 def graph_svg(report, gm: torch.fx.GraphModule) -> str:
@@ -151,8 +153,9 @@ def _op(line: str) -> str:
 
 
 def before_after_html(history, block: str) -> str:
-    """Side by side: a block as captured (after split_bias) and as rewritten (after partition)."""
-    before = block_lines(history.step("split_bias").text, block)
+    """Side by side: a block as captured and planned (global shapes) and as rewritten (one rank)."""
+    planned = "propagate" if any(r.name == "propagate" for r in history) else "split_bias"
+    before = block_lines(history.step(planned).text, block)
     after = block_lines(history.step("partition").text, block)
     matcher = difflib.SequenceMatcher(a=[_op(x) for x in before], b=[_op(x) for x in after],
                                       autojunk=False)
@@ -167,5 +170,5 @@ def before_after_html(history, block: str) -> str:
                         f"<td><pre>{html.escape(b)}</pre></td></tr>")
     return (f"<p>block <code>{html.escape(block)}</code>: {len(before)} ops captured, "
             f"{len(after)} after partition; green rows are inserted collectives, yellow rows "
-            "changed placement or per-rank shape</p><table><thead><tr><th>captured (global)</th>"
+            "changed placement or per-rank shape</p><table><thead><tr><th>captured (global), placements planned</th>"
             "<th>rewritten (one rank)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")

@@ -32,7 +32,7 @@ def build_meta_model(config) -> torch.nn.Module:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-        model = build(config, torch_dtype=dtype)
+        model = build(config, dtype=dtype)  # transformers >= 4.56 spells it dtype
     return model.eval()
 
 

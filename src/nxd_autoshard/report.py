@@ -458,7 +458,7 @@ def _attach_views(report: Report, prog) -> None:
     first = report.blocks[0].name if report.blocks else None
     names = {r.name for r in history}
     report._before_after = (before_after_html(history, first)
-                            if first and {"split_bias", "partition"} <= names else "")
+                            if first and "partition" in names and names & {"split_bias", "propagate"} else "")
 
 
 def _sizes(gm, names) -> dict[str, int]:
