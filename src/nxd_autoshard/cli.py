@@ -68,7 +68,7 @@ def _plan(ns: argparse.Namespace) -> int:
     if ns.output:
         with open(ns.output, "w") as f:
             f.write(text)
-        err.print(f"wrote {ns.output}")
+        print(f"wrote {ns.output}", file=sys.stderr)
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
