@@ -7,7 +7,9 @@ import pytest
 from conftest import FAMILIES
 from sharded_cache import sharded_family
 
+from nxd_autoshard import autoshard
 from nxd_autoshard import collectives as C
+from nxd_autoshard.hf import build_model, random_batch
 from nxd_autoshard.simulate import trace_collectives
 
 COMMUNICATING = {C.all_reduce: "all_reduce", C.all_gather: "all_gather",
@@ -38,6 +40,42 @@ def test_reported_collectives_are_the_graphs_and_the_traced_ones(family):
         assert report.totals[key] == sum(size for _, p, _, size in log if p == phase)
 
 
+def _assert_report_matches_trace(sharded, model, args, kwargs):
+    report = sharded.explain()
+    with trace_collectives() as log:
+        sharded(*args, **kwargs).loss.backward()
+    model.zero_grad(set_to_none=True)
+    traced = Counter((kind, phase, tuple(shape), size) for kind, phase, shape, size in log)
+    assert Counter((e.kind, e.phase, tuple(e.shape), e.bytes) for e in report.events()) == traced
+    return report
+
+
+def test_backward_collectives_are_counted_only_where_a_gradient_arrives():
+    # T5 shards the position bias added to every attention's scores (`shard`); in cross-attention
+    # that bias is only a mask, with no gradient, so its shard's conjugate all-gather never runs
+    config = {"model_type": "t5", "vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128,
+              "num_layers": 2, "num_heads": 4, "pad_token_id": 0, "eos_token_id": 1,
+              "decoder_start_token_id": 0}
+    model = build_model(config)
+    args, kwargs = random_batch(model)
+    sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)
+    report = _assert_report_matches_trace(sharded, model, args, kwargs)
+    shards = [c for c in report.collectives if c.op == "shard"]
+    assert shards and any(not c.backward for c in shards)
+
+
+def test_a_block_with_nothing_sharded_is_called_out():
+    model, _, args, kwargs = sharded_family("llama", 2)
+    replicated = {"model.layers.*.self_attn.(q|k|v|o)_proj": "replicate",
+                  "model.layers.*.mlp.(gate|up|down)_proj": "replicate"}
+    sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs, plan=replicated)
+    report = _assert_report_matches_trace(sharded, model, args, kwargs)
+    assert [b.replicated for b in report.blocks] == [True, True]
+    assert report.totals["replicated_blocks"] == 2
+    assert "not sharded (0 of 7 matmuls)" in report.to_text()
+    assert "2 of 2 blocks are not sharded" in report.to_html()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_block_hits_the_megatron_optimum(family):
     report = sharded_family(family, 2)[1].explain()
@@ -46,7 +84,7 @@ def test_every_block_hits_the_megatron_optimum(family):
         assert (block.optimum_forward, block.optimum_backward) == (2, 2), block
         assert block.forward == {"all_reduce": 2} and block.backward == {"all_reduce": 2}, block
     assert report.blocks[1].same_as == report.blocks[0].name
-    assert report.totals["extra_over_optimum"] == 0
+    assert report.totals["extra_over_optimum"] == 0 and report.totals["replicated_blocks"] == 0
 
 
 def test_parameters_have_placement_local_shape_and_bytes():

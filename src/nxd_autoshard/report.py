@@ -26,6 +26,7 @@ import torch.fx
 
 from . import collectives as C
 from .golden import display_module, dtype_str, local_shape, node_label, target_name, value_names
+from .partition import requires_grad_nodes
 from .placements import Shard, placement_str
 
 __all__ = [
@@ -112,6 +113,13 @@ class BlockRow:
     optimum_forward: int
     optimum_backward: int
     same_as: str | None = None
+    matmuls: int = 0
+    sharded_matmuls: int = 0
+
+    @property
+    def replicated(self) -> bool:
+        """No matmul of the block is sharded: it runs whole on every rank (no saving, no traffic)."""
+        return self.matmuls > 0 and self.sharded_matmuls == 0
 
     @property
     def extra(self) -> int:
@@ -265,8 +273,12 @@ def _event(kind: str, phase: str, shape: list, itemsize: int) -> CommEvent:
     return CommEvent(kind, phase, ints, math.prod(ints) * itemsize)
 
 
-def _events(node: torch.fx.Node, tp: int) -> tuple[list[CommEvent], list[CommEvent]]:
-    """What a collective node sends, in the shapes the simulator's tracer records."""
+def _events(node: torch.fx.Node, tp: int, grad: set) -> tuple[list[CommEvent], list[CommEvent]]:
+    """What a collective node sends, in the shapes the simulator's tracer records.
+
+    A backward communication happens only when a gradient reaches the node: `grad` holds the
+    values that carry one (partition's own analysis).
+    """
     name = target_name(node.target)
     if name == "vocab_parallel_cross_entropy":
         target = node.args[1]
@@ -279,6 +291,7 @@ def _events(node: torch.fx.Node, tp: int) -> tuple[list[CommEvent], list[CommEve
     out_shape, _ = _local(node, tp)
     size = torch.empty((), dtype=dtype).element_size()
     fwd, bwd = COMMUNICATION[name]
+    bwd = bwd if source in grad else None
     forward = [_event(fwd, "forward", in_shape, size)] if fwd else []
     # backward sends the gradient of the output: the local chunk for the gather kinds
     backward = [_event(bwd, "backward", out_shape if bwd == "all_gather" else in_shape, size)] if bwd else []
@@ -310,10 +323,10 @@ def collective_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _COLLECTIVE_FNS]
 
 
-def _collective_rows(gm, tp: int, names) -> list[CollectiveRow]:
+def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
     rows = []
     for node in collective_nodes(gm):
-        forward, backward = _events(node, tp)
+        forward, backward = _events(node, tp, grad)
         module = _serves(node)
         source = node.args[0]
         shape, _ = _local(source, tp)
@@ -355,20 +368,23 @@ def _weight_and_activation(node: torch.fx.Node):
     return weight.meta.get("nxd_placement"), out_dim, act
 
 
-def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int]:
+def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int, int, int]:
     """Megatron's count for a block: an all-reduce per row-parallel output forward and per
-    distinct column-parallel input backward (2 + 2 for attention + MLP)."""
-    rows, column_inputs = 0, set()
+    distinct column-parallel input backward (2 + 2 for attention + MLP); then the block's
+    matmuls with a weight, and how many of them are sharded."""
+    rows, column_inputs, matmuls, sharded = 0, set(), 0, 0
     for node in nodes:
         found = _weight_and_activation(node)
         if found is None:
             continue
         placement, out_dim, act = found
+        matmuls += 1
+        sharded += isinstance(placement, Shard)
         if isinstance(placement, Shard) and placement.dim == out_dim:
             column_inputs.add(act)
         elif isinstance(placement, Shard):
             rows += 1
-    return rows, len(column_inputs)
+    return rows, len(column_inputs), matmuls, sharded
 
 
 def _signature(block: str, nodes: list[torch.fx.Node], tp: int) -> tuple:
@@ -421,7 +437,7 @@ def build_report(sharded, *, program: int = 0) -> Report:
     names = value_names(gm)
     sizes = _sizes(gm, names)  # first: it numbers the dynamic sizes in graph order, as goldens do
     params = _param_rows(sharded)
-    collectives = _collective_rows(gm, tp, names)
+    collectives = _collective_rows(gm, tp, names, requires_grad_nodes(gm, prog))
 
     by_block: dict[str, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
@@ -492,13 +508,13 @@ def _block_rows(by_block, params, collectives, tp) -> list[BlockRow]:
             if c.block == name:
                 fwd.update(e.kind for e in c.forward)
                 bwd.update(e.kind for e in c.backward)
-        opt_f, opt_b = _optimum(nodes)
+        opt_f, opt_b, matmuls, sharded = _optimum(nodes)
         served = tuple((c.op, c.module.replace(name, "<block>", 1), c.shape,
                         tuple((e.kind, e.phase, tuple(e.shape)) for e in c.forward + c.backward))
                        for c in collectives if c.block == name)
         sig = (_signature(name, nodes, tp), served)
         rows.append(BlockRow(name, len(mine), sum(p.bytes_per_rank for p in mine), dict(fwd),
-                             dict(bwd), opt_f, opt_b, seen.get(sig)))
+                             dict(bwd), opt_f, opt_b, seen.get(sig), matmuls, sharded))
         seen.setdefault(sig, name)
     return rows
 
@@ -523,5 +539,6 @@ def _totals(report: Report) -> dict:
         "block_collectives": [list(x) for x in sorted(set(per_block))],
         "block_optimum": [list(x) for x in sorted({(b.optimum_forward, b.optimum_backward) for b in report.blocks})],
         "extra_over_optimum": sum(b.extra for b in report.blocks),
+        "replicated_blocks": sum(b.replicated for b in report.blocks),
         "outside_blocks": len(outside),
     }

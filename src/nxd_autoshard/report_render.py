@@ -80,11 +80,13 @@ def _verdict(report) -> str:
     if not report.blocks:
         return "no repeated blocks"
     per = Counter((tuple(sorted(b.forward.items())), tuple(sorted(b.backward.items())),
-                   b.optimum_forward, b.optimum_backward) for b in report.blocks)
+                   b.optimum_forward, b.optimum_backward, b.replicated) for b in report.blocks)
     parts = []
-    for (f, b, of, ob), n in per.items():
+    for (f, b, of, ob, replicated), n in per.items():
         state = "= optimum" if sum(dict(f).values()) == of and sum(dict(b).values()) == ob else (
             f"{sum(dict(f).values()) + sum(dict(b).values()) - of - ob:+d} vs optimum")
+        if replicated:
+            state = "NOT SHARDED: every matmul replicated"
         parts.append(f"{n} x (fwd {_kinds(dict(f))}, bwd {_kinds(dict(b))}; optimum {of} + {ob}: {state})")
     return "per block " + "; ".join(parts)
 
@@ -191,11 +193,12 @@ def _block_view(report, hidden, stands):
     for b in report.blocks:
         if b.name in hidden:
             continue
-        ok = b.extra == 0
+        verdict = "= optimum" if b.extra == 0 else f"{b.extra:+d} vs optimum"
+        if b.replicated:
+            verdict = f"not sharded (0 of {b.matmuls} matmuls)"
         name = b.name + (f"  (+{stands[b.name]} identical)" if b.name in stands else "")
         yield [name, str(b.params), fmt_bytes(b.param_bytes), _kinds(b.forward), _kinds(b.backward),
-               f"{b.optimum_forward} fwd + {b.optimum_backward} bwd",
-               "= optimum" if ok else f"{b.extra:+d} vs optimum"]
+               f"{b.optimum_forward} fwd + {b.optimum_backward} bwd", verdict]
 
 
 def _stage_view(report):
@@ -212,7 +215,7 @@ def _stage_view(report):
 
 def _table(head: list[str], rows, *, classes=None) -> str:
     out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
-    for i, row in enumerate(rows):
+    for row in rows:
         cls = classes(row) if classes else ""
         out.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in row) + "</tr>")
     out.append("</tbody></table>")
@@ -230,19 +233,22 @@ def _stage_html(stages) -> str:
         list(_stage_view(holder))) + "</div>"
 
 
-def render_html(report, *, full: bool = False, graph: bool = True, sharded=None) -> str:
+def render_html(report, *, full: bool = False, graph: bool = True) -> str:
     """The report as one HTML fragment (style included): headline, picture, tables in <details>."""
     hidden, stands = _collapsed(report, full)
     head = summary_lines(report)
     parts = [_STYLE, "<div class='nxd-report'>",
              f"<h2>nxd-autoshard plan: {html.escape(report.model)}</h2>",
              "<p>" + "<br>".join(html.escape(x) for x in head) + "</p>"]
-    verdict_ok = report.totals.get("extra_over_optimum", 0) == 0
-    parts.append(f"<p class='{'ok' if verdict_ok else 'bad'}'>"
-                 + ("every block at the optimum (Megatron: one all-reduce per row-parallel output "
-                    "forward, one per column-parallel input backward)" if verdict_ok else
-                    f"{report.totals['extra_over_optimum']} collectives over the optimum in blocks")
-                 + "</p>")
+    extra, replicated = report.totals["extra_over_optimum"], report.totals["replicated_blocks"]
+    if replicated:
+        verdict = f"{replicated} of {len(report.blocks)} blocks are not sharded (every matmul replicated)"
+    elif extra:
+        verdict = f"{extra} collectives over the optimum in blocks"
+    else:
+        verdict = ("every block at the optimum (Megatron: one all-reduce per row-parallel output "
+                   "forward, one per column-parallel input backward)")
+    parts.append(f"<p class='{'bad' if extra or replicated else 'ok'}'>{html.escape(verdict)}</p>")
     if graph and getattr(report, "_svg", None):
         parts.append("<h3>Rewritten program</h3>" + report._svg)
     parts.append("<h3>Pipeline stages</h3>" + _table(
