@@ -410,9 +410,8 @@ def main(argv=None) -> int:
             "(forward only; no backward, as the loss does not read the gathered logits): "
             "for a 128k vocab that dwarfs all layer traffic, and a training step that reads "
             "only `.loss` does not need it.",
-            "- Caveat on bytes: the simulator records the 3 cross-entropy all-reduces with the "
-            "int64 target's size (8 bytes/token); the real ones (collectives.py) reduce fp32 "
-            "(4 bytes/token), so the loss rows over-count bytes by 2x (tiny here).",
+            "- Bytes of the 3 cross-entropy all-reduces are fp32 per token (4 bytes), as the "
+            "real ones in collectives.py reduce (the simulator's tracer records them so).",
         ]
         md += [f"- note: {n}" for n in notes]
         md += [f"- FAILED {name}: {why}" for name, why in failures]

@@ -35,7 +35,7 @@ class CapturedProgram:
     out_spec: pytree.TreeSpec
     training: bool
     static_dims: list[tuple[int, ...] | None] = field(default_factory=list)
-    history: list[tuple[str, int, int]] = field(default_factory=list)
+    history: list = field(default_factory=list)  # history.PassRecord per pass run on `gm`
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -254,6 +254,10 @@ def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedPro
             raise CaptureError(f"unsupported exported input kind {spec.kind.name} for '{spec.target}'")
     gm = ep.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # printers (goldens, history) name inputs by what they are, not by export's node names
+    kinds = state_kinds + ["input"] * len(user_names)
+    for node, name, kind in zip(placeholders, state_names + user_names, kinds):
+        node.meta["nxd_name"], node.meta["nxd_kind"] = name, kind
     static_dims = []
     for node in placeholders[len(state_names):]:
         val = node.meta.get("val")

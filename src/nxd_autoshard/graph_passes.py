@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.fx
+
+from .history import count_ops, record_pass
 
 __all__ = ["drop_assertions", "split_bias", "retarget_device", "run_pass"]
 
@@ -73,9 +77,8 @@ def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.
 
 
 def run_pass(history: list, fn, gm: torch.fx.GraphModule, *args, **kwargs) -> torch.fx.GraphModule:
-    """Run one pass and append (name, op count before, op count after) to `history`."""
-    before = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    """Run one pass and append its PassRecord (name, op counts, seconds, graph after) to `history`."""
+    before, started = count_ops(gm), time.perf_counter()
     out = fn(gm, *args, **kwargs)
-    after = sum(1 for n in out.graph.nodes if n.op == "call_function")
-    history.append((fn.__name__, before, after))
+    record_pass(history, fn.__name__, out, before, started)
     return out

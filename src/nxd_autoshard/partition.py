@@ -122,6 +122,7 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
             node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: replace.get(a, a))
         if decision.rewrite is not None:
             decision.rewrite(node, tp)
+    gm.meta["nxd_tp"] = tp  # the graph is now one rank's: printers divide sharded dims by tp
     graph.lint()
     gm.recompile()
     return program

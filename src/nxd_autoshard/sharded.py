@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -15,6 +16,7 @@ from .collectives import axis_groups
 from .errors import DivisibilityError, PlanError
 from .graph_passes import drop_assertions, retarget_device, run_pass, split_bias
 from .mesh import Mesh, MeshGroups, build_groups
+from .history import History, count_ops, record_pass
 from .partition import partition, shard_tensor
 from .pipeline import (StageModule, build_schedule, check_schedule, chunk_batch, merge_chunk_outputs,
                        simulate_stages, stage_ranks, unpack_last_outputs)
@@ -136,24 +138,27 @@ class ShardedModule(torch.nn.Module):
     # ------------------------------------------------------------------ building
     def _capture(self, args: tuple, kwargs: dict) -> LocalProgram:
         # stage programs are static per microbatch shape: values crossing a cut must be tensors
+        started = time.perf_counter()
         program = capture(self._shadow[0], args, kwargs, training=self.training, device=self._device(),
                           dynamic=self.pipeline.n_stages == 1)
         history = program.history
+        record_pass(history, "capture", program.gm, 0, started)
         program.gm = run_pass(history, drop_assertions, program.gm)
         program.gm = run_pass(history, split_bias, program.gm)
+        before, started = count_ops(program.gm), time.perf_counter()
         result = self._decide(program)
-        before = sum(1 for n in program.gm.graph.nodes if n.op == "call_function")
+        record_pass(history, "propagate", program.gm, before, started)
+        before, started = count_ops(program.gm), time.perf_counter()
         partition(program, result, self.tp)
-        after = sum(1 for n in program.gm.graph.nodes if n.op == "call_function")
-        history.append(("partition", before, after))
+        record_pass(history, "partition", program.gm, before, started)
         device = self._device()
         program.gm = run_pass(history, retarget_device, program.gm, device)
         kwarg_order = list(_default_kwargs(self._shadow[0], dict(kwargs)).keys())
         entry = LocalProgram(program, result, kwarg_order)
         if self.pipeline.n_stages > 1:
+            before, started = count_ops(program.gm), time.perf_counter()
             entry.stages = self._split(program)
-            history.append(("split", after, sum(
-                1 for st in entry.stages for n in st.gm.graph.nodes if n.op == "call_function")))
+            record_pass(history, "split", [st.gm for st in entry.stages], before, started)
         if not self._installed:
             self._install_state(entry)
         return entry
@@ -513,14 +518,31 @@ class ShardedModule(torch.nn.Module):
         """Every captured local program (one per call signature and train/eval mode)."""
         return [e.program for entries in self._programs.values() for e in entries]
 
-    def stages(self) -> list[StageProgram]:
-        """Pipeline stages of the first captured call ([] without pipelining)."""
-        return next(iter(self._programs.values()))[0].stages or []
+    def stages(self, program: int = 0) -> list[StageProgram]:
+        """Pipeline stages of a captured program, by default the first ([] without pipelining)."""
+        entries = [e for es in self._programs.values() for e in es]
+        return entries[program].stages or []
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
         """The local program of the first captured call."""
         return self.programs()[0].gm
+
+    @property
+    def history(self) -> History:
+        """The passes of the first captured program: name, seconds, op counts, graph after each."""
+        return History(self.programs()[0].history)
+
+    def explain(self, format: str | None = None, *, program: int = 0):
+        """The plan report (see `report.explain`): a Report, or its "text" / "html" / "json" form."""
+        from .report import explain
+
+        return explain(self, format=format, program=program)
+
+    def _repr_html_(self) -> str:
+        from .report import explain
+
+        return explain(self).to_html(full=True)
 
     def local_shape(self, name: str) -> tuple[int, ...]:
         shape = list(self._full_shapes[name])
@@ -616,6 +638,13 @@ def autoshard(
                          "from the world (dp x pp x tp ranks)")
     pipeline = PipelineConfig(pp=pp, dp=dp, microbatches=microbatches, schedule=schedule,
                               virtual=virtual, cuts=pipeline_cuts, balance=balance)
+    if pipeline.n_stages > 1:  # fail before the (slow) capture
+        n_blocks = len(find_blocks(model))
+        if n_blocks and pipeline.n_stages > n_blocks:
+            raise PlanError(f"pp={pipeline.n_stages} stages need at least {pipeline.n_stages} blocks, "
+                            f"but {type(model).__name__} has {n_blocks}; use pp <= {n_blocks}"
+                            + (f" (schedule '{schedule}' runs {virtual} stages per pp rank)"
+                               if virtual > 1 else ""))
     rules = {} if plan == "auto" else load_plan(plan)
     styles = resolve_styles(model, rules)
     auto = (plan == "auto" or isinstance(plan, Mapping)) if auto is None else auto
