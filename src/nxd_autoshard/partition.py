@@ -16,8 +16,12 @@ __all__ = ["partition", "redistribute_ops", "shard_tensor", "requires_grad_nodes
 AXIS = "tp"
 
 
-def redistribute_ops(src: Placement, dst: Placement) -> list[tuple]:
-    """Collective calls (function, extra args) that turn `src` into `dst`."""
+def redistribute_ops(src: Placement, dst: Placement, *, size: int | None = None) -> list[tuple]:
+    """Collective calls (function, extra args) that turn `src` into `dst`.
+
+    size: the real size of a padded shard dim (vocab padding); the gathered padding is sliced
+    off, and the slice's backward hands the padding a zero gradient.
+    """
     if src == dst:
         return []
     if isinstance(src, Partial):
@@ -27,6 +31,8 @@ def redistribute_ops(src: Placement, dst: Placement) -> list[tuple]:
             return [(C.reduce_scatter, (dst.dim, AXIS))]
     if isinstance(src, Shard):
         gather = [(C.all_gather, (src.dim, AXIS))]
+        if size is not None:
+            gather.append((torch.ops.aten.slice.Tensor, (src.dim, 0, size)))
         if isinstance(dst, Replicate):
             return gather
         if isinstance(dst, Shard):
@@ -75,7 +81,7 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
             return cache[key]
         current = anchor = value if value.op != "placeholder" else _last_placeholder(graph)
         current = value
-        for fn, extra in redistribute_ops(src, dst):
+        for fn, extra in redistribute_ops(src, dst, size=_real_size_if_padded(value, src)):
             with graph.inserting_after(anchor):
                 current = graph.call_function(fn, (current, *extra))
             current.meta["nxd_placement"] = dst
@@ -127,6 +133,13 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
     return program
 
 
+def _real_size_if_padded(value: torch.fx.Node, placed: Placement) -> int | None:
+    """The unpadded size of a value's shard dim when propagation marked it padded, else None."""
+    if not isinstance(placed, Shard) or value.meta.get("nxd_padded") is None:
+        return None
+    return value.meta["val"].shape[placed.dim]
+
+
 def _last_placeholder(graph: torch.fx.Graph) -> torch.fx.Node:
     return [n for n in graph.nodes if n.op == "placeholder"][-1]
 
@@ -154,11 +167,23 @@ def _localise_outputs(node: torch.fx.Node, convert) -> None:
     node.args = torch.fx.node.map_arg(node.args, fix)
 
 
-def shard_tensor(full: torch.Tensor, placement: Placement, tp: int, rank: int, blocks: int = 1) -> torch.Tensor:
-    """This rank's local piece of a full tensor (blocks: equal parts of the dim sharded separately)."""
+def shard_tensor(
+    full: torch.Tensor, placement: Placement, tp: int, rank: int, blocks: int = 1, padded: int | None = None
+) -> torch.Tensor:
+    """This rank's local piece of a full tensor.
+
+    blocks: equal parts of the dim sharded separately (fused qkv); padded: the global size of the
+    dim after zero padding (vocab padding), so every rank holds padded/tp entries.
+    """
     if not isinstance(placement, Shard):
         return full
     dim = placement.dim
+    if padded is not None and padded != full.shape[dim]:
+        if blocks > 1 or padded % tp or padded < full.shape[dim]:
+            raise ValueError(f"cannot pad dim {dim} of size {full.shape[dim]} to {padded} for "
+                             f"{tp} shards" + (f" of {blocks} blocks" if blocks > 1 else ""))
+        pad = [0, 0] * (full.dim() - 1 - dim) + [0, padded - full.shape[dim]]
+        full = torch.nn.functional.pad(full, pad)
     if full.shape[dim] % (tp * blocks):
         raise ValueError(
             f"size {full.shape[dim]} of dim {dim} cannot be split into {tp} shards"

@@ -549,12 +549,14 @@ def embedding_rule(node, placements, tp):
     pw = placements[weight]
     needs = {ids: R} if not isinstance(placements[ids], Replicate) else {}
     if isinstance(pw, Shard) and pw.dim == 0:
+        vocab = shape_of(weight)[0]
+
         def rewrite(node, tp_=tp):
             from .collectives import vocab_parallel_embedding
 
             padding_idx = node.args[2] if len(node.args) > 2 else -1
             node.target = vocab_parallel_embedding
-            node.args = (node.args[0], node.args[1], padding_idx, "tp")
+            node.args = (node.args[0], node.args[1], padding_idx, vocab, "tp")
             node.kwargs = {}
 
         return Decision(P, needs, rewrite=rewrite)
