@@ -20,8 +20,10 @@ PADDED = [
     ("llama", {"vocab_size": 1023, "tie_word_embeddings": True}, 2),
     ("gpt2", {"vocab_size": 1023}, 2),
     ("gpt2", {"vocab_size": 1022}, 4),
+    ("bert", {"vocab_size": 1023}, 2),  # tied decoder plus a replicated [vocab] bias, padded to add
 ]
-VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
+VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight",
+                "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight")
 
 
 def _assert_all_ok(checks):

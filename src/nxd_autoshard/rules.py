@@ -53,7 +53,9 @@ class Decision:
     needs: dict[torch.fx.Node, Placement] = field(default_factory=dict)
     rewrite: Callable[[torch.fx.Node, int], None] | None = None
     note: str | None = None
-    padded: int | None = None  # global size of the output's shard dim with vocab padding
+    # vocab padding: the padded global size of the output's shard dim; a Shard this decision
+    # needs of an input is then padded to the same size (a replicated [vocab] bias, say)
+    padded: int | None = None
 
 
 def padded_of(node) -> int | None:
@@ -161,22 +163,23 @@ def pointwise_rule(node, placements):
 
 
 def _padded_pointwise(node, placements, shard_dim: int):
-    """Element-wise op on a padded shard: other operands broadcast over that dim or share the padding.
-
-    A full-size operand (a replicated [vocab] bias, say) would have to be padded at run time: gather.
-    """
+    """Element-wise op on a padded shard: other operands broadcast over that dim, share the padding,
+    or are replicated and get padded and sharded alike (a [vocab] bias of a tied LM head)."""
     out_nd = node.meta["val"].dim()
     padding = {padded_of(n) for n in tensor_inputs(node) if isinstance(placements[n], Shard)}
     if len(padding) != 1:
         return None
+    needs = {}
     for n in tensor_inputs(node):
         local_dim = shard_dim - (out_nd - n.meta["val"].dim())
         broadcast = local_dim < 0 or shape_of(n)[local_dim] == 1
-        if not broadcast and not isinstance(placements[n], Shard):
+        if isinstance(placements[n], Partial):
             return None
-        if broadcast and not isinstance(placements[n], Replicate):
+        if broadcast and isinstance(placements[n], Shard):
             return None
-    return Decision(Shard(shard_dim), padded=padding.pop())
+        if not broadcast and isinstance(placements[n], Replicate):
+            needs[n] = Shard(local_dim)
+    return Decision(Shard(shard_dim), needs, padded=padding.pop())
 
 
 def _has_scalar_operand(node) -> bool:
