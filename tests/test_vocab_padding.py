@@ -195,3 +195,19 @@ def test_reductions_over_a_padded_vocab_gather_it_first():
     want.square().sum().backward()
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(sharded.gather_grads()["emb.weight"], ref.emb.weight.grad)
+
+
+def test_a_new_call_structure_keeps_the_padding():
+    """A second capture (no labels, other shapes) reuses the committed placements and paddings."""
+    model = build_model(config_dict("gpt2", vocab_size=1023))
+    ref = copy.deepcopy(model)
+    args, kwargs = random_batch(model)
+    sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)
+    ids = torch.randint(0, 1023, (3, 7))
+    got, want = sharded(ids).logits, ref(ids).logits
+    assert len(sharded.programs()) == 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got.sum().backward()
+    want.sum().backward()
+    grad = sharded.gather_grads()["transformer.wte.weight"]
+    torch.testing.assert_close(grad, ref.transformer.wte.weight.grad, rtol=1e-4, atol=1e-5)
