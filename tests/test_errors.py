@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import CONFIGS, config_dict
+from conftest import CONFIGS
 from nxd_autoshard import CaptureError, DivisibilityError, PlanError, autoshard
 from nxd_autoshard.hf import build_model, random_batch
 
@@ -98,10 +98,21 @@ def test_unsupported_op_is_gathered_with_a_warning():
     torch.testing.assert_close(sharded(x), model(x))
 
 
-def test_vocab_not_divisible_is_replicated_with_warning():
-    model = build_model(config_dict("gpt2", vocab_size=127))
-    args, kwargs = random_batch(model)
-    with pytest.warns(UserWarning, match="127 rows"):
-        sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs, plan="gpt2")
-    out = sharded(*args, **kwargs)
-    torch.testing.assert_close(out.loss, model(*args, **kwargs).loss)
+def test_embedding_width_not_divisible_is_replicated_with_warning():
+    """Only a vocab dim is padded; a 'column' embedding whose width tp does not divide is replicated."""
+
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 6)
+
+        def forward(self, ids):
+            return self.emb(ids).sum(-1)
+
+    torch.manual_seed(0)
+    model = Bag()
+    ids = torch.randint(0, 16, (2, 5))
+    with pytest.warns(UserWarning, match="'emb.weight' has 6 columns.*tp=4.*vocab_parallel"):
+        sharded = autoshard(model, 4, example_inputs=(ids,), plan={"emb": "column"}, auto=False)
+    assert str(sharded.placements["emb.weight"]) == "R"
+    torch.testing.assert_close(sharded(ids), model(ids))

@@ -174,18 +174,24 @@ def _embedding_mask(ids: torch.Tensor, start: int, local_vocab: int):
 
 
 def vocab_parallel_embedding(
-    weight: torch.Tensor, ids: torch.Tensor, padding_idx: int, axis: str
+    weight: torch.Tensor, ids: torch.Tensor, padding_idx: int, vocab_size: int, axis: str
 ) -> torch.Tensor:
-    """Embedding lookup in this rank's vocab rows; the Partial result is summed by a later all_reduce."""
+    """Embedding lookup in this rank's vocab rows; the Partial result is summed by a later all_reduce.
+
+    `weight` may be padded past `vocab_size` rows (to a multiple of tp); padding rows are never read.
+    """
     _, rank = _size_rank(_group(axis))
-    return local_vocab_embedding(weight, ids, padding_idx, rank)
+    return local_vocab_embedding(weight, ids, padding_idx, rank, vocab_size)
 
 
-def local_vocab_embedding(weight, ids, padding_idx: int, rank: int) -> torch.Tensor:
+def local_vocab_embedding(weight, ids, padding_idx: int, rank: int, vocab_size: int) -> torch.Tensor:
     """Lookup of `ids` among rows [rank*V_local, (rank+1)*V_local) of the full table; zeros elsewhere."""
     local_vocab = weight.shape[0]
     start = rank * local_vocab
     local_ids, outside = _embedding_mask(ids, start, local_vocab)
+    if start + local_vocab > vocab_size:  # the last shards hold padding rows: ids there are no token
+        outside = outside | (ids >= vocab_size)
+        local_ids = local_ids.masked_fill(outside, 0)
     local_pad = padding_idx - start if 0 <= padding_idx - start < local_vocab else None
     out = torch.nn.functional.embedding(local_ids, weight, padding_idx=local_pad)
     return out.masked_fill(outside.unsqueeze(-1), 0.0)

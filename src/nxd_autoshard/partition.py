@@ -16,10 +16,19 @@ __all__ = ["partition", "redistribute_ops", "shard_tensor", "requires_grad_nodes
 AXIS = "tp"
 
 
-def redistribute_ops(src: Placement, dst: Placement) -> list[tuple]:
-    """Collective calls (function, extra args) that turn `src` into `dst`."""
+def redistribute_ops(
+    src: Placement, dst: Placement, *, size: int | None = None, pad: list[int] | None = None
+) -> list[tuple]:
+    """Collective calls (function, extra args) that turn `src` into `dst`.
+
+    Vocab padding, whose backward gives the padding a zero gradient: size, the real size of a
+    padded source shard dim, whose gathered padding is sliced off; pad, the `constant_pad_nd`
+    widths that zero-pad a replicated value before it is sharded over a padded dim.
+    """
     if src == dst:
         return []
+    if isinstance(src, Replicate) and isinstance(dst, Shard) and pad is not None:
+        return [(torch.ops.aten.constant_pad_nd.default, (pad,)), (C.shard, (dst.dim, AXIS))]
     if isinstance(src, Partial):
         if isinstance(dst, Replicate):
             return [(C.all_reduce, (AXIS,))]
@@ -27,6 +36,8 @@ def redistribute_ops(src: Placement, dst: Placement) -> list[tuple]:
             return [(C.reduce_scatter, (dst.dim, AXIS))]
     if isinstance(src, Shard):
         gather = [(C.all_gather, (src.dim, AXIS))]
+        if size is not None:
+            gather.append((torch.ops.aten.slice.Tensor, (src.dim, 0, size)))
         if isinstance(dst, Replicate):
             return gather
         if isinstance(dst, Shard):
@@ -69,13 +80,14 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
     grad = requires_grad_nodes(gm, program)
     cache: dict[tuple, torch.fx.Node] = {}
 
-    def convert(value: torch.fx.Node, src: Placement, dst: Placement) -> torch.fx.Node:
-        key = (value, dst)
+    def convert(value: torch.fx.Node, src: Placement, dst: Placement, padded: int | None = None):
+        key = (value, dst, padded)
         if key in cache:
             return cache[key]
         current = anchor = value if value.op != "placeholder" else _last_placeholder(graph)
         current = value
-        for fn, extra in redistribute_ops(src, dst):
+        size, pad = _real_size_if_padded(value, src), _pad_widths(value, dst, padded)
+        for fn, extra in redistribute_ops(src, dst, size=size, pad=pad):
             with graph.inserting_after(anchor):
                 current = graph.call_function(fn, (current, *extra))
             current.meta["nxd_placement"] = dst
@@ -110,7 +122,8 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
         for value, need in decision.needs.items():
             have = value.meta.get("nxd_placement")
             if have != need:
-                replace[value] = convert(value, have, need)
+                padded = decision.padded if isinstance(need, Shard) else None
+                replace[value] = convert(value, have, need, padded)
         if not _is_replicated(decision.out):
             for value in tensor_inputs(node):
                 src = replace.get(value, value)
@@ -126,6 +139,21 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
     graph.lint()
     gm.recompile()
     return program
+
+
+def _real_size_if_padded(value: torch.fx.Node, placed: Placement) -> int | None:
+    """The unpadded size of a value's shard dim when propagation marked it padded, else None."""
+    if not isinstance(placed, Shard) or value.meta.get("nxd_padded") is None:
+        return None
+    return value.meta["val"].shape[placed.dim]
+
+
+def _pad_widths(value: torch.fx.Node, dst: Placement, padded: int | None) -> list[int] | None:
+    """`constant_pad_nd` widths that zero-pad a value's `dst` shard dim up to `padded`, or None."""
+    if padded is None or not isinstance(dst, Shard):
+        return None
+    shape = value.meta["val"].shape
+    return [0, 0] * (len(shape) - 1 - dst.dim) + [0, padded - int(shape[dst.dim])]
 
 
 def _last_placeholder(graph: torch.fx.Graph) -> torch.fx.Node:
@@ -155,11 +183,23 @@ def _localise_outputs(node: torch.fx.Node, convert) -> None:
     node.args = torch.fx.node.map_arg(node.args, fix)
 
 
-def shard_tensor(full: torch.Tensor, placement: Placement, tp: int, rank: int, blocks: int = 1) -> torch.Tensor:
-    """This rank's local piece of a full tensor (blocks: equal parts of the dim sharded separately)."""
+def shard_tensor(
+    full: torch.Tensor, placement: Placement, tp: int, rank: int, blocks: int = 1, padded: int | None = None
+) -> torch.Tensor:
+    """This rank's local piece of a full tensor.
+
+    blocks: equal parts of the dim sharded separately (fused qkv); padded: the global size of the
+    dim after zero padding (vocab padding), so every rank holds padded/tp entries.
+    """
     if not isinstance(placement, Shard):
         return full
     dim = placement.dim
+    if padded is not None and padded != full.shape[dim]:
+        if blocks > 1 or padded % tp or padded < full.shape[dim]:
+            raise ValueError(f"cannot pad dim {dim} of size {full.shape[dim]} to {padded} for "
+                             f"{tp} shards" + (f" of {blocks} blocks" if blocks > 1 else ""))
+        pad = [0, 0] * (full.dim() - 1 - dim) + [0, padded - full.shape[dim]]
+        full = torch.nn.functional.pad(full, pad)
     if full.shape[dim] % (tp * blocks):
         raise ValueError(
             f"size {full.shape[dim]} of dim {dim} cannot be split into {tp} shards"

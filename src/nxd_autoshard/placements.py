@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Placement", "Replicate", "Shard", "Partial", "placement_str"]
+__all__ = ["Placement", "Replicate", "Shard", "Partial", "padded_size", "placement_str"]
 
 
 class Placement:
@@ -55,3 +55,12 @@ def placement_str(placement: Placement | tuple | None) -> str:
     if isinstance(placement, tuple):
         return "(" + ", ".join(placement_str(p) for p in placement) + ")"
     return str(placement)
+
+
+def padded_size(size: int, tp: int) -> int:
+    """`size` rounded up to a multiple of tp: the global size of a vocab dim sharded with padding.
+
+    A padded `Shard(dim)` keeps the one vocabulary: each rank holds `padded_size(size, tp) // tp`
+    entries of `dim`, the last rank's tail being zero padding that outputs and gradients never see.
+    """
+    return -(-size // tp) * tp

@@ -4,6 +4,11 @@ Parameter seeds come from the plan as styles (`column`, `row`, `vocab_parallel`,
 `replicate`); in auto mode a linear without a style becomes `column` when its input is
 replicated and `row` when its input is sharded on the feature dim. Values whose placement
 no rule can derive are gathered to Replicate with a warning naming the node and module.
+
+Vocab padding (as NxD's ParallelEmbedding / ColumnParallelLinear pad): a vocab-parallel
+embedding, and a column linear whose outputs are the vocab (the LM head, tied or not), are
+sharded even when tp does not divide the vocab, over a zero-padded size; `blocks`-like, the
+padded size of each such parameter is recorded in `PropagationResult.padded`.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import torch
 import torch.fx
 
 from .capture import CapturedProgram, module_path
-from .placements import Partial, Placement, Replicate, Shard
-from .rules import Decision, R, rule_for, shape_of, tensor_inputs
+from .placements import Partial, Placement, Replicate, Shard, padded_size
+from .rules import Decision, R, handles_padding, padded_of, rule_for, shape_of, tensor_inputs
 
 __all__ = ["PropagationResult", "propagate_placements", "LINEAR_OPS", "weight_role"]
 
@@ -35,6 +40,7 @@ class PropagationResult:
     fallbacks: list[str] = field(default_factory=list)
     blocks: dict[str, int] = field(default_factory=dict)  # param -> equal blocks of its shard dim
     column_inputs: dict[str, str] = field(default_factory=dict)  # column module -> its input node
+    padded: dict[str, int] = field(default_factory=dict)  # param -> padded size of its shard dim
 
 
 def weight_role(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None, int, torch.fx.Node] | None:
@@ -89,8 +95,12 @@ def propagate_placements(
     fixed: dict[str, Placement] | None = None,
     auto: bool = True,
     veto: set[str] = frozenset(),
+    padded: dict[str, int] | None = None,
 ) -> PropagationResult:
-    """Derive a placement for every node; styles map parameter names to plan styles."""
+    """Derive a placement for every node; styles map parameter names to plan styles.
+
+    fixed / padded: placements and vocab paddings of parameters decided by an earlier capture.
+    """
     gm = program.gm
     fixed = dict(fixed or {})
     placements: dict[torch.fx.Node, Placement | tuple | None] = {}
@@ -104,9 +114,11 @@ def propagate_placements(
     chosen: dict[str, Placement] = dict(fixed)
     column_module: dict[str, str] = {}  # weight param -> module path of its column linear
     column_inputs: dict[str, str] = {}  # column module -> name of its input node
+    padded = dict(padded or {})
 
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         node.meta["nxd_index"] = i
+    vocab_sizes = _vocab_sizes(program)
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -114,6 +126,7 @@ def propagate_placements(
             if name is not None:
                 param_of[node] = name
             placements[node] = chosen.get(name, R) if name else (R if _is_tensor(node) else None)
+            node.meta["nxd_padded"] = padded.get(name)
             continue
         if node.op == "output":
             continue
@@ -123,16 +136,9 @@ def propagate_placements(
         ins = tensor_inputs(node)
         # seed linear / embedding weights from styles (or auto) on first use
         _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, param_of,
-                      auto_styles, column_module, column_inputs)
+                      auto_styles, column_module, column_inputs, padded, vocab_sizes)
         pls = {n: placements[n] for n in ins}
-        if all(isinstance(p, Replicate) or p is None for p in pls.values()):
-            decision = Decision(_replicated_like(node))
-        else:
-            rule = rule_for(node.target)
-            decision = rule(node, pls, tp) if rule else None
-            if decision is None:
-                decision = Decision(_replicated_like(node), {n: R for n in ins},
-                                    note="no sharding rule for these placements")
+        decision = _decide_node(node, pls, tp)
         # gathers break the column shards flowing in: remember which ones
         for n, need in decision.needs.items():
             have = pls.get(n)
@@ -144,12 +150,13 @@ def propagate_placements(
                     failed.setdefault(origin, f"resharded at {_where(node)}")
         if decision.note and decision.note.startswith("no sharding rule"):
             fallbacks.append(f"{_where(node)}: {node.target} on "
-                             + ", ".join(f"{n.name}={pls[n]}" for n in ins))
+                             + ", ".join(f"{n.name}={_placed_str(pls[n], n)}" for n in ins))
         if decision.note and decision.note.startswith("blocks="):
             _mark_blocks(node, int(decision.note.split("=")[1]), param_of, blocks)
         decisions[node] = decision
         placements[node] = decision.out
         node.meta["nxd_placement"] = decision.out
+        node.meta["nxd_padded"] = decision.padded
         # provenance of sharded values: which auto/plan column produced them
         if not _all_replicate(decision.out):
             src = frozenset().union(*(origins.get(n, frozenset()) for n in ins))
@@ -162,11 +169,48 @@ def propagate_placements(
     for node, p in placements.items():
         node.meta["nxd_placement"] = p
     params = {param_of[n]: placements[n] for n in param_of}
-    return PropagationResult(decisions, params, auto_styles, failed, fallbacks, blocks, column_inputs)
+    padded = {name: size for name, size in padded.items() if isinstance(chosen.get(name), Shard)}
+    return PropagationResult(decisions, params, auto_styles, failed, fallbacks, blocks, column_inputs,
+                             padded)
+
+
+def _decide_node(node, pls: dict, tp: int) -> Decision:
+    """The rule's decision; inputs it cannot take (no rule, or padding it does not know) are gathered."""
+    unpadded = {} if handles_padding(node.target) else {
+        n: R for n, p in pls.items() if isinstance(p, Shard) and padded_of(n)
+    }
+    seen = {**pls, **unpadded}
+    if all(isinstance(p, Replicate) or p is None for p in seen.values()):
+        decision = Decision(_replicated_like(node))
+    else:
+        rule = rule_for(node.target)
+        decision = rule(node, seen, tp) if rule else None
+        if decision is None:
+            return Decision(_replicated_like(node), {n: R for n in pls},
+                            note="no sharding rule for these placements")
+    if unpadded:
+        decision.needs = {**unpadded, **decision.needs}
+        decision.note = "no sharding rule for a padded vocab dim"
+    return decision
+
+
+def _vocab_sizes(program: CapturedProgram) -> set[int]:
+    """Row counts of embedding tables read by user token ids: the dims that may be padded."""
+    sizes = set()
+    for node in program.gm.graph.nodes:
+        if (_packet(node) is aten.embedding and _is_param(node.args[0], program)
+                and _reads_user_input(node.args[1], program)):
+            sizes.add(shape_of(node.args[0])[0])
+    return sizes
 
 
 def _packet(node):
     return getattr(node.target, "overloadpacket", node.target)
+
+
+def _placed_str(placement, node) -> str:
+    padded = padded_of(node) if isinstance(placement, Shard) else None
+    return f"{placement}" + (f" padded to {padded}" if padded else "")
 
 
 def _where(node) -> str:
@@ -192,31 +236,12 @@ def _all_replicate(p) -> bool:
 
 
 def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, param_of,
-                  auto_styles, column_module, column_inputs):
+                  auto_styles, column_module, column_inputs, padded, vocab_sizes):
     """Give a linear's or embedding's parameters their placements the first time they are used."""
     packet = _packet(node)
     if packet is aten.embedding:
-        weight = node.args[0]
-        name = param_of.get(weight)
-        if name is None or name in chosen:
-            return
-        mod = name.rsplit(".", 1)[0]
-        style = styles.get(name)
-        if style is None and auto and mod not in veto:
-            vocab = shape_of(weight)[0]
-            if _reads_user_input(node.args[1], program) and vocab % tp == 0:
-                style = "vocab_parallel"
-                auto_styles[mod] = style
-        placement = {"vocab_parallel": Shard(0), "column": Shard(1)}.get(style, R)
-        if isinstance(placement, Shard) and shape_of(weight)[placement.dim] % tp:
-            warnings.warn(
-                f"nxd-autoshard: '{name}' has {shape_of(weight)[placement.dim]} rows, which tp={tp} "
-                "does not divide; it is replicated (vocab padding is not implemented yet)",
-                stacklevel=4,
-            )
-            placement = R
-        chosen[name] = placement
-        placements[weight] = placement
+        _seed_embedding(node, program, tp, styles, auto, veto, chosen, placements, param_of,
+                        auto_styles, padded)
         return
     if packet not in LINEAR_OPS:
         return
@@ -233,7 +258,8 @@ def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, par
         px = placements.get(x)
         in_features = shape_of(weight)[1 - out_dim]
         out_features = shape_of(weight)[out_dim]
-        if isinstance(px, (Replicate, Partial)) and out_features % tp == 0:
+        vocab_head = out_features in vocab_sizes  # padded when tp does not divide it
+        if isinstance(px, (Replicate, Partial)) and (out_features % tp == 0 or vocab_head):
             style = "column"
         elif isinstance(px, Shard) and px.dim == x.meta["val"].dim() - 1 and in_features % tp == 0:
             style = "row"
@@ -241,13 +267,20 @@ def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, par
             auto_styles[mod] = style
     if style is None:
         style = "replicate"
+    out_features = shape_of(weight)[out_dim]
+    vocab_head = style == "vocab_parallel" or out_features in vocab_sizes
     if style == "vocab_parallel":
         style = "column"
     w_pl, b_pl = _style_placements(style, out_dim)
-    if style == "column" and shape_of(weight)[out_dim] % tp:
-        w_pl, b_pl = R, R
+    pad = None
+    if style == "column" and out_features % tp:
+        if vocab_head:  # the LM head: padded like NxD's ColumnParallelLinear(pad=True)
+            pad = padded_size(out_features, tp)
+        else:
+            w_pl, b_pl = R, R
     chosen[name] = w_pl
     placements[weight] = w_pl
+    _mark_padded(weight, name, pad, padded)
     if style == "column":
         column_module[name] = mod
         column_inputs[mod] = x.name
@@ -256,6 +289,46 @@ def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, par
         if bname not in chosen:
             chosen[bname] = b_pl
             placements[bias] = b_pl
+            _mark_padded(bias, bname, pad, padded)
+
+
+def _seed_embedding(node, program, tp, styles, auto, veto, chosen, placements, param_of,
+                    auto_styles, padded):
+    """An embedding table read by token ids is vocab-parallel; a vocab tp does not divide is padded."""
+    weight = node.args[0]
+    name = param_of.get(weight)
+    if name is None or name in chosen:
+        return
+    mod = name.rsplit(".", 1)[0]
+    style = styles.get(name)
+    if style is None and auto and mod not in veto and _reads_user_input(node.args[1], program):
+        style = "vocab_parallel"
+        auto_styles[mod] = style
+    rows, width = shape_of(weight)
+    placement, pad = R, None
+    if style == "vocab_parallel":
+        placement = Shard(0)
+        pad = padded_size(rows, tp) if rows % tp else None
+    elif style == "column" and width % tp:
+        warnings.warn(
+            f"nxd-autoshard: embedding '{name}' has {width} columns, which tp={tp} does not divide; "
+            "it is replicated (only a vocab dim is padded: use 'vocab_parallel' to shard its rows)",
+            stacklevel=5,
+        )
+    elif style == "column":
+        placement = Shard(1)
+    chosen[name] = placement
+    placements[weight] = placement
+    _mark_padded(weight, name, pad, padded)
+
+
+def _mark_padded(param: torch.fx.Node, name: str, pad: int | None, padded: dict[str, int]) -> None:
+    """Record a parameter's padded shard size (or that it has none) for the rules and the module."""
+    if pad is None:
+        padded.pop(name, None)
+    else:
+        padded[name] = pad
+    param.meta["nxd_padded"] = pad
 
 
 def _mark_blocks(split_node, count, param_of, blocks):

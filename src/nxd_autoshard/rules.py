@@ -4,6 +4,12 @@ A rule returns a `Decision`, or None when the op cannot run on the given placeme
 propagation pass then gathers every input to Replicate and warns, naming node and module.
 Rules only read the graph; shape constants are localised by the `rewrite` they return,
 which the partition pass calls.
+
+Vocab padding: a vocab dim that tp does not divide is sharded as `Shard(dim)` over a zero-padded
+size (`padded_size`), recorded as `node.meta["nxd_padded"]` by propagation. Only the ops in
+`PADDING_AWARE` read that mark and say, through `Decision.padded`, whether their output still
+carries the padding; propagation gathers a padded input of any other op to Replicate (the gather
+slices the padding off), so no rule can mistake padding for data.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ def hint_int(size) -> int:
             return int(fn(size))
     return int(size.node.hint)
 
-__all__ = ["Decision", "RULES", "rule_for", "shape_of", "tensor_inputs", "view_groups"]
+__all__ = [
+    "PADDING_AWARE", "RULES", "Decision", "handles_padding", "padded_of", "rule_for", "shape_of",
+    "tensor_inputs", "view_groups",
+]
 
 aten = torch.ops.aten
 R = Replicate()
@@ -44,6 +53,14 @@ class Decision:
     needs: dict[torch.fx.Node, Placement] = field(default_factory=dict)
     rewrite: Callable[[torch.fx.Node, int], None] | None = None
     note: str | None = None
+    # vocab padding: the padded global size of the output's shard dim; a Shard this decision
+    # needs of an input is then padded to the same size (a replicated [vocab] bias, say)
+    padded: int | None = None
+
+
+def padded_of(node) -> int | None:
+    """Padded global size of a value's shard dim (vocab padding), or None when it is not padded."""
+    return node.meta.get("nxd_padded") if isinstance(node, torch.fx.Node) else None
 
 
 def shape_of(node) -> tuple[int, ...]:
@@ -122,6 +139,8 @@ def pointwise_rule(node, placements):
     packet = _packet(node.target)
     if packet in (aten.tril, aten.triu) and shard_dim is not None and shard_dim >= out_nd - 2:
         return None
+    if shard_dim is not None and any(padded_of(n) for n in ins):
+        return _padded_pointwise(node, placements, shard_dim)
     if shard_dim is not None:
         needs = {}
         for n in ins:
@@ -141,6 +160,26 @@ def pointwise_rule(node, placements):
         # reduce first: the Megatron all-reduce after a row-parallel layer
         return Decision(R, {n: R for n in partial_ins})
     return Decision(R)
+
+
+def _padded_pointwise(node, placements, shard_dim: int):
+    """Element-wise op on a padded shard: other operands broadcast over that dim, share the padding,
+    or are replicated and get padded and sharded alike (a [vocab] bias of a tied LM head)."""
+    out_nd = node.meta["val"].dim()
+    padding = {padded_of(n) for n in tensor_inputs(node) if isinstance(placements[n], Shard)}
+    if len(padding) != 1:
+        return None
+    needs = {}
+    for n in tensor_inputs(node):
+        local_dim = shard_dim - (out_nd - n.meta["val"].dim())
+        broadcast = local_dim < 0 or shape_of(n)[local_dim] == 1
+        if isinstance(placements[n], Partial):
+            return None
+        if broadcast and isinstance(placements[n], Shard):
+            return None
+        if not broadcast and isinstance(placements[n], Replicate):
+            needs[n] = Shard(local_dim)
+    return Decision(Shard(shard_dim), needs, padded=padding.pop())
 
 
 def _has_scalar_operand(node) -> bool:
@@ -180,12 +219,14 @@ def view_groups(in_shape, out_shape):
     return groups
 
 
-def _divide_literal(position: int, tp: int):
+def _divide_literal(position: int, tp: int, padded: int | None = None):
+    """Rewrite the size literal at `position` to its local value: size/tp, or padded/tp when padded."""
+
     def rewrite(node, tp_=tp):
         sizes = list(node.args[1])
         value = sizes[position]
         if isinstance(value, int) and value != -1:
-            sizes[position] = value // tp_
+            sizes[position] = (padded or value) // tp_
             node.args = (node.args[0], sizes, *node.args[2:])
         elif isinstance(value, torch.fx.Node):
             raise NotImplementedError(
@@ -213,6 +254,12 @@ def view_rule(node, placements, tp):
         if not big_ins or big_ins[0] != p.dim or not big_outs:
             return None
         target = big_outs[0]
+        padded = padded_of(x)
+        if padded:
+            # the padded dim must map to one output dim of the same size, or the padding moves
+            if big_ins != [p.dim] or big_outs != [target] or out_shape[target] != in_shape[p.dim]:
+                return None
+            return Decision(Shard(target), rewrite=_divide_literal(target, tp, padded), padded=padded)
         if out_shape[target] % tp:
             return Decision(R, {x: R}, note=f"size {out_shape[target]} is not divisible by tp={tp}")
         return Decision(Shard(target), rewrite=_divide_literal(target, tp))
@@ -237,7 +284,7 @@ def _dim_map_rule(mapping: Callable[[torch.fx.Node, int], int | None], linear: b
         if isinstance(p, Partial):
             return Decision(P) if linear else None
         out = mapping(node, p.dim)
-        return None if out is None else Decision(Shard(out))
+        return None if out is None else Decision(Shard(out), padded=padded_of(x))
 
     return rule
 
@@ -403,9 +450,10 @@ def reduction_rule(node, placements, tp):
     if isinstance(p, Partial):
         return Decision(P) if packet is aten.sum else None
     if p.dim in dims:
-        return Decision(P) if packet is aten.sum else None
+        # padding need not be zero after element-wise ops: a padded dim is gathered, then reduced
+        return Decision(P) if packet is aten.sum and not padded_of(x) else None
     out = p.dim if keepdim else p.dim - sum(1 for d in dims if d < p.dim)
-    return Decision(Shard(out))
+    return Decision(Shard(out), padded=padded_of(x))
 
 
 def layer_norm_rule(node, placements, tp):
@@ -438,6 +486,8 @@ def _matmul_decision(a, b, pa, pb, out_nd):
             return Decision(P)
         return None
     ka, kb = na - 1, nb - 2
+    if _padded_shard(a, pa) and pa.dim != na - 2 or _padded_shard(b, pb) and pb.dim != nb - 1:
+        return None  # only a free (non-contracted, non-batch) dim may carry padding
     if isinstance(pa, Shard) and pa.dim == ka:
         if isinstance(pb, Shard) and pb.dim != kb:
             return None
@@ -449,11 +499,11 @@ def _matmul_decision(a, b, pa, pb, out_nd):
     if isinstance(pa, Shard) and pa.dim == na - 2:
         if isinstance(pb, Shard):
             return None
-        return Decision(Shard(out_nd - 2))
+        return Decision(Shard(out_nd - 2), padded=padded_of(a))
     if isinstance(pb, Shard) and pb.dim == nb - 1:
         if isinstance(pa, Shard):
             return None
-        return Decision(Shard(out_nd - 1))
+        return Decision(Shard(out_nd - 1), padded=padded_of(b))
     # a batch dim is sharded: align both operands on it
     sharded = [(n, p) for n, p in ((a, pa), (b, pb)) if isinstance(p, Shard)]
     out_dim = {sharded[0][1].dim + out_nd - sharded[0][0].meta["val"].dim()}
@@ -471,6 +521,10 @@ def _matmul_decision(a, b, pa, pb, out_nd):
     return Decision(Shard(od), needs)
 
 
+def _padded_shard(node, placement) -> bool:
+    return isinstance(placement, Shard) and padded_of(node) is not None
+
+
 def matmul_rule(node, placements, tp):
     a, b = node.args[0], node.args[1]
     return _matmul_decision(a, b, placements[a], placements[b], node.meta["val"].dim())
@@ -483,8 +537,13 @@ def linear_rule(node, placements, tp):
         return None  # split_bias runs first: biases are separate adds
     px, pw = placements[x], placements[w]
     last = x.meta["val"].dim() - 1
+    if padded_of(x):
+        return None
     if isinstance(pw, Shard) and pw.dim == 0:
-        return Decision(Shard(last), {x: R} if not isinstance(px, Replicate) else {})
+        needs = {x: R} if not isinstance(px, Replicate) else {}
+        return Decision(Shard(last), needs, padded=padded_of(w))  # a padded vocab: padded logits
+    if padded_of(w):
+        return None
     if isinstance(pw, Shard) and pw.dim == 1:
         return Decision(P, {x: Shard(last)} if px != Shard(last) else {})
     if isinstance(pw, Replicate):
@@ -549,15 +608,19 @@ def embedding_rule(node, placements, tp):
     pw = placements[weight]
     needs = {ids: R} if not isinstance(placements[ids], Replicate) else {}
     if isinstance(pw, Shard) and pw.dim == 0:
+        vocab = shape_of(weight)[0]
+
         def rewrite(node, tp_=tp):
             from .collectives import vocab_parallel_embedding
 
             padding_idx = node.args[2] if len(node.args) > 2 else -1
             node.target = vocab_parallel_embedding
-            node.args = (node.args[0], node.args[1], padding_idx, "tp")
+            node.args = (node.args[0], node.args[1], padding_idx, vocab, "tp")
             node.kwargs = {}
 
         return Decision(P, needs, rewrite=rewrite)
+    if padded_of(weight):
+        return None
     if isinstance(pw, Shard) and pw.dim == 1:
         return Decision(Shard(node.meta["val"].dim() - 1), needs)
     return None
@@ -647,6 +710,21 @@ RULES: dict[object, Callable] = {
     aten.new_empty: fresh_rule,
     aten.new_full: fresh_rule,
 }
+
+
+# ops whose rules read `padded_of` (see the module docstring); the rest never see a padded input
+PADDING_AWARE = POINTWISE | {
+    aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.t, aten.permute,
+    aten.unsqueeze, aten.squeeze, aten.select, aten.slice, aten.softmax, aten._softmax,
+    aten.log_softmax, aten._log_softmax, aten.cumsum, aten.pad, aten.constant_pad_nd,
+    aten.index_select, aten.sum, aten.mean, aten.amax, aten.amin, aten.linear, aten.matmul,
+    aten.bmm, aten.mm, aten.embedding, aten.cross_entropy_loss,
+}
+
+
+def handles_padding(target) -> bool:
+    """Whether the op's rule understands padded shards (vocab padding)."""
+    return _packet(target) in PADDING_AWARE
 
 
 def rule_for(target):

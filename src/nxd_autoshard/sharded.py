@@ -131,6 +131,7 @@ class ShardedModule(torch.nn.Module):
         }
         self.placements: dict[str, Placement] = {}
         self.blocks: dict[str, int] = {}
+        self.padded: dict[str, int] = {}  # vocab padding: param -> padded size of its shard dim
         self.plan_styles: dict[str, str] = {}
         self._programs: dict[tuple, list[LocalProgram]] = {}
         self.train(model.training)
@@ -205,7 +206,8 @@ class ShardedModule(torch.nn.Module):
         veto: set[str] = set()
         for _ in range(8):
             result = propagate_placements(
-                program, self.tp, styles=styles, fixed=self.placements, auto=self._auto and first, veto=veto
+                program, self.tp, styles=styles, fixed=self.placements, auto=self._auto and first, veto=veto,
+                padded=self.padded,
             )
             # auto choices that end in a gather are undone; a rule the user wrote is kept
             # (and its gather warned about) unless the size simply does not split
@@ -245,16 +247,22 @@ class ShardedModule(torch.nn.Module):
     def _commit_placements(self, result: PropagationResult) -> None:
         self.placements = dict(result.param_placements)
         self.blocks = dict(result.blocks)
+        self.padded = dict(result.padded)
         self.plan_styles = dict(result.auto_styles)
         for name, full in self._full.items():
             self.placements.setdefault(name, Replicate())
         # tied parameters: one placement for every alias
         by_id: dict[int, Placement] = {}
+        padded_by_id: dict[int, int] = {}
         for name, full in self._full.items():
             if not isinstance(self.placements[name], Replicate):
                 by_id[id(full)] = self.placements[name]
+            if name in self.padded:
+                padded_by_id[id(full)] = self.padded[name]
         for name, full in self._full.items():
             self.placements[name] = by_id.get(id(full), self.placements[name])
+            if id(full) in padded_by_id:
+                self.padded[name] = padded_by_id[id(full)]
 
     def _stage_ranks(self) -> list[int]:
         """The pp rank that runs each stage."""
@@ -285,7 +293,7 @@ class ShardedModule(torch.nn.Module):
                     local[id(full)] = full
                 else:
                     piece = shard_tensor(full.detach(), self.placements[name], self.tp, self.rank,
-                                         self.blocks.get(name, 1))
+                                         self.blocks.get(name, 1), self.padded.get(name))
                     local[id(full)] = torch.nn.Parameter(piece.clone(), requires_grad=full.requires_grad)
             _attach(self, name, local[id(full)], parameter=True)
         for name, buf in self._buffers_full.items():
@@ -382,7 +390,8 @@ class ShardedModule(torch.nn.Module):
         if name not in cache:
             value = self._state_value(program, name)
             if name in self._full_shapes:
-                cache[name] = scatter_to_ranks(value, self.placements[name], self.tp, self.blocks.get(name, 1))
+                cache[name] = scatter_to_ranks(value, self.placements[name], self.tp,
+                                               self.blocks.get(name, 1), self.padded.get(name))
             else:
                 cache[name] = PerRank([value] * self.tp)
         return cache[name]
@@ -548,7 +557,7 @@ class ShardedModule(torch.nn.Module):
         shape = list(self._full_shapes[name])
         p = self.placements.get(name, Replicate())
         if isinstance(p, Shard):
-            shape[p.dim] //= self.tp
+            shape[p.dim] = self.padded.get(name, shape[p.dim]) // self.tp
         return tuple(shape)
 
     def full_shape(self, name: str) -> tuple[int, ...]:
@@ -573,7 +582,8 @@ class ShardedModule(torch.nn.Module):
         dist.all_gather(parts, local.detach().contiguous(), group=self.group)
         blocks = self.blocks.get(name, 1)
         per_rank = [t.chunk(blocks, p.dim) for t in parts]
-        return torch.cat([torch.cat([r[b] for r in per_rank], p.dim) for b in range(blocks)], p.dim)
+        full = torch.cat([torch.cat([r[b] for r in per_rank], p.dim) for b in range(blocks)], p.dim)
+        return full.narrow(p.dim, 0, self._full_shapes[name][p.dim])  # drop vocab padding
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters gathered back to full shape, by original name."""

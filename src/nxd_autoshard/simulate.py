@@ -159,9 +159,9 @@ def _sim_collective(target, args, tp: int):
     if target is C.grad_all_reduce:
         return PerRank(_SimGradAllReduce.apply(*x))
     if target is C.vocab_parallel_embedding:
-        weight, ids, padding_idx = args[0], args[1], args[2]
+        weight, ids, padding_idx, vocab = args[0], args[1], args[2], args[3]
         return PerRank(
-            C.local_vocab_embedding(weight[r], _at(ids, r), padding_idx, r) for r in range(tp)
+            C.local_vocab_embedding(weight[r], _at(ids, r), padding_idx, r, vocab) for r in range(tp)
         )
     if target is C.vocab_parallel_cross_entropy:
         logits, target_ids, reduction, ignore, vocab = args[0], _at(args[1], 0), args[2], args[3], args[4]
@@ -212,25 +212,32 @@ def simulate_graph(gm: torch.fx.GraphModule, tp: int, per_rank_inputs: list) -> 
 
 
 class _ScatterToRanks(torch.autograd.Function):
-    """Full tensor -> per-rank pieces; backward assembles the full gradient."""
+    """Full tensor -> per-rank pieces (zero-padded when `padded` is set); backward assembles the full gradient."""
 
     @staticmethod
-    def forward(ctx, full, placement, tp, blocks):
+    def forward(ctx, full, placement, tp, blocks, padded):
         from .partition import shard_tensor
 
         ctx.placement, ctx.tp, ctx.blocks = placement, tp, blocks
-        return tuple(shard_tensor(full, placement, tp, r, blocks).clone() for r in range(tp))
+        ctx.size = full.shape[placement.dim] if isinstance(placement, Shard) else None
+        return tuple(shard_tensor(full, placement, tp, r, blocks, padded).clone() for r in range(tp))
 
     @staticmethod
     def backward(ctx, *grads):
         if not isinstance(ctx.placement, Shard):
-            return torch.stack(grads).mean(0), None, None, None
+            return torch.stack(grads).mean(0), None, None, None, None
         dim = ctx.placement.dim
         per_block = [g.chunk(ctx.blocks, dim) for g in grads]
         blocks = [torch.cat([p[b] for p in per_block], dim) for b in range(ctx.blocks)]
-        return torch.cat(blocks, dim), None, None, None
+        # the padding rows' gradient is dropped: the parameter has the original full shape
+        return torch.cat(blocks, dim).narrow(dim, 0, ctx.size), None, None, None, None
 
 
-def scatter_to_ranks(full: torch.Tensor, placement: Placement, tp: int, blocks: int = 1) -> PerRank:
-    """Differentiable split of a full tensor into each rank's piece (replicas share the gradient)."""
-    return PerRank(_ScatterToRanks.apply(full, placement, tp, blocks))
+def scatter_to_ranks(
+    full: torch.Tensor, placement: Placement, tp: int, blocks: int = 1, padded: int | None = None
+) -> PerRank:
+    """Differentiable split of a full tensor into each rank's piece (replicas share the gradient).
+
+    padded: global size of the shard dim after zero padding (vocab padding), or None.
+    """
+    return PerRank(_ScatterToRanks.apply(full, placement, tp, blocks, padded))
