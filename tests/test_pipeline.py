@@ -295,3 +295,9 @@ def test_eval_mode_recapture_keeps_the_stages():
     assert compare("eval loss", got, want).ok
     entries = [e for es in sharded._programs.values() for e in es]
     assert len(entries) == 2 and [s.blocks for s in entries[-1].stages] == trained_blocks
+
+
+def test_gloo_padded_tied_vocab_across_stages():
+    # vocab 127 at tp 2 is padded to 128; the tied wte/lm_head sits on the first and last stage
+    _assert_all_ok(verify_config(layers("gpt2", 3, vocab_size=127), 2, pp=2, microbatches=2,
+                                 world="gloo"))
