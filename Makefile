@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean test-torch29
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,5 +21,19 @@ demo: venv
 test: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests
 
+# Optional, not part of CI: the suite on the oldest supported torch. torch 2.9.0 comes from PyPI
+# as a CUDA build of several GB (it runs on CPU); the rest resolves as for `make test`.
+VENV29 := .venv-torch29
+
+$(VENV29)/bin/.installed: pyproject.toml
+	test -x $(VENV29)/bin/python || $(PY) -m venv $(VENV29)
+	$(VENV29)/bin/pip install -q --upgrade pip
+	$(VENV29)/bin/pip install -q torch==2.9.0
+	$(VENV29)/bin/pip install -q -e ".[test]" torch==2.9.0
+	touch $@
+
+test-torch29: $(VENV29)/bin/.installed
+	OMP_NUM_THREADS=1 $(VENV29)/bin/python -m pytest -q -n 2 tests
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV29)

@@ -157,7 +157,8 @@ def test_rank_dies_without_reporting() -> None:
         run_ranks(_exit_on_rank_0, 2, timeout_s=30)
     msg = str(info.value)
     assert "rank 0" in msg and "code 3" in msg
-    assert info.value.ranks == [0]
+    # rank 1 is named too where gloo reports the lost peer before it is terminated (torch 2.9)
+    assert 0 in info.value.ranks and set(info.value.ranks) <= {0, 1}
 
 
 def test_blocked_rank_times_out() -> None:

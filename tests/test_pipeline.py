@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import config_dict
-from nxd_autoshard import PlanError, autoshard
+from nxd_autoshard import PlanError, autoshard, pipeline
 from nxd_autoshard.hf import build_model, random_batch
 from nxd_autoshard.mesh import Mesh
 from nxd_autoshard.split import balance, even_split
@@ -71,6 +71,23 @@ def test_gloo_other_schedules_with_tied_embeddings(schedule):
 
 def test_gloo_dp2_tp2():
     _assert_all_ok(verify_config(layers("llama", 2), 2, dp=2, microbatches=2, world="gloo"))
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_gloo_float_transport_between_stages(monkeypatch, schedule):
+    # the path torch 2.9 takes (ids, labels, masks cross stages as float64), forced on any torch;
+    # the ranks are forked, so they see the patch
+    monkeypatch.setattr(pipeline, "stage_io_must_be_float", lambda: True)
+    _assert_all_ok(verify_config(layers("gpt2", 4), 1, pp=2, microbatches=4, schedule=schedule,
+                                 world="gloo"))
+
+
+def test_zbv_without_torch_runtime_says_which_torch(monkeypatch):
+    from torch.distributed.pipelining import schedules
+
+    monkeypatch.delattr(schedules, "_PipelineScheduleRuntime", raising=False)
+    with pytest.raises(PlanError, match="torch >= 2.13"):
+        pipeline._with_local_handoff(object(), [], 4, lambda out, target: out)
 
 
 def test_gloo_interleaved_dp2_tp2_pp2():

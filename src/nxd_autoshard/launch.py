@@ -27,6 +27,8 @@ _PG_TIMEOUT_SLACK_S = 60.0
 _TERMINATE_GRACE_S = 2.0
 # Retries when the rendezvous port was taken between picking it and binding it.
 _PORT_RETRIES = 3
+# After a rank reports an error, how long to wait for a peer's death to show (it may be the cause).
+_DEATH_GRACE_S = 0.5
 
 _OK = "ok"
 _ERR = "error"
@@ -231,18 +233,23 @@ def _launch_once(
                 if reader is not None and reader.poll():
                     receive(reader, rank)
                 if rank in pending:
-                    procs[rank].join(1.0)
                     pending.discard(rank)
-                    attempt.errors[rank] = (
-                        f"process {_describe_exit(procs[rank].exitcode)} without reporting a result"
-                    )
-                    attempt.init_only = False
+                    _record_death(attempt, procs, rank)
 
         if attempt.errors:
             # Collect any other reports that are already available, for a fuller message.
             for reader, rank in list(readers.items()):
                 if rank in pending and reader.poll():
                     receive(reader, rank)
+            # a rank that died may be why another failed (torch 2.9's gloo reports the lost peer
+            # at once, later torch blocks until terminated): name it too, it is the cause
+            gone = mp_connection.wait([procs[r].sentinel for r in pending], timeout=_DEATH_GRACE_S)
+            for rank in sorted(r for r in pending if procs[r].sentinel in gone):
+                reader = next((r for r, rk in readers.items() if rk == rank), None)
+                if reader is not None and reader.poll():
+                    receive(reader, rank)
+                if rank in pending:
+                    _record_death(attempt, procs, rank)
         clean = not attempt.errors and not attempt.timed_out
     finally:
         if clean:
@@ -259,6 +266,12 @@ def _launch_once(
             except Exception:  # noqa: BLE001
                 pass
     return attempt
+
+
+def _record_death(attempt: _Attempt, procs: list[Any], rank: int) -> None:
+    procs[rank].join(1.0)
+    attempt.errors[rank] = f"process {_describe_exit(procs[rank].exitcode)} without reporting a result"
+    attempt.init_only = False
 
 
 def _is_port_clash(attempt: _Attempt) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from .collectives import axis_groups
@@ -52,10 +54,41 @@ def stage_ranks(pp: int, virtual: int, schedule: str = "1f1b") -> list[int]:
     return [s % pp for s in range(pp * virtual)]
 
 
-class StageModule(torch.nn.Module):
-    """One stage's program with the parameters it reads, as `PipelineStage` expects a module."""
+def stage_io_must_be_float() -> bool:
+    """Whether torch's `PipelineStage` makes every received value require grad and get a gradient.
 
-    def __init__(self, stage: StageProgram, state: dict[str, torch.Tensor], params: set[str], tp_group):
+    torch 2.9 does (ids, labels and masks between stages fail); later torch sends each value's
+    dtype and requires_grad with it, which shows as `tensor_meta` on its receive descriptor.
+    """
+    from torch.distributed.pipelining import stage as torch_stage
+
+    recv_info = getattr(torch_stage, "_RecvInfo", None)
+    if recv_info is None:
+        return True  # unknown torch: the float transport works everywhere
+    return "tensor_meta" not in inspect.signature(recv_info.__init__).parameters
+
+
+def _needs_float_transport(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex)
+
+
+def _zero_tie(inputs) -> torch.Tensor | None:
+    """An exact 0 that depends on every received input, so each gets a (zero) gradient."""
+    # an empty slice's sum is 0 whatever the values (a -inf mask times 0 would be nan)
+    ties = [x.reshape(-1)[:0].sum() for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    return sum(ties[1:], ties[0]) if ties else None
+
+
+class StageModule(torch.nn.Module):
+    """One stage's program with the parameters it reads, as `PipelineStage` expects a module.
+
+    `float_io` (default: what this torch needs): integer and bool values travel between stages
+    as float64 (exact below 2**53) and every received value feeds the outputs through an exact
+    zero, because torch 2.9's stage wants a gradient for each received value.
+    """
+
+    def __init__(self, stage: StageProgram, state: dict[str, torch.Tensor], params: set[str], tp_group,
+                 *, float_io: bool | None = None):
         super().__init__()
         from .sharded import _attach
 
@@ -64,14 +97,34 @@ class StageModule(torch.nn.Module):
         for name in stage.state_names:
             _attach(self, name, state[name], parameter=name in params)
         self._params = params
+        self.float_io = stage_io_must_be_float() if float_io is None else float_io
+        placeholders = [n for n in stage.gm.graph.nodes if n.op == "placeholder"]
+        self._input_vals = [n.meta.get("val") for n in placeholders[len(stage.state_names):]]
 
     def forward(self, *inputs):
         state = [self.get_parameter(n) if n in self._params else self.get_buffer(n)
                  for n in self.stage.state_names]
+        tie = None
+        if self.float_io and self.stage.index > 0:
+            tie = _zero_tie(inputs)
+            inputs = tuple(x.to(v.dtype) if isinstance(v, torch.Tensor) and _needs_float_transport(v.dtype)
+                           else x for x, v in zip(inputs, self._input_vals))
         with axis_groups({"tp": self.tp_group}):
             out = self.stage.gm(*state, *inputs)
         # the schedule concatenates microbatch outputs on dim 0: a scalar loss travels as shape (1,)
-        return tuple(o.unsqueeze(0) if isinstance(o, torch.Tensor) and o.dim() == 0 else o for o in out)
+        out = tuple(o.unsqueeze(0) if isinstance(o, torch.Tensor) and o.dim() == 0 else o for o in out)
+        return self._to_float_transport(out, tie) if self.float_io else out
+
+    def _to_float_transport(self, out: tuple, tie: torch.Tensor | None) -> tuple:
+        """Outputs as torch 2.9's stage can send them: floats, each tied to every received input."""
+        encoded = []
+        for o in out:
+            if isinstance(o, torch.Tensor) and _needs_float_transport(o.dtype) and not self.stage.is_last:
+                o = o.to(torch.float64)
+            if isinstance(o, torch.Tensor) and o.dtype.is_floating_point and tie is not None:
+                o = o + tie
+            encoded.append(o)
+        return tuple(encoded)
 
 
 def unpack_last_outputs(outputs: tuple, stage: StageProgram) -> list:
@@ -88,14 +141,56 @@ def build_schedule(modules: list[StageModule], stage_indices: list[int], n_stage
     """A `torch.distributed.pipelining` schedule over this rank's stages (gradients unscaled)."""
     import torch.distributed.pipelining as pipelining
 
-    stages = [pipelining.PipelineStage(m, i, n_stages, device, group=pp_group)
+    stages = [_gloo_safe_warmup(pipelining.PipelineStage(m, i, n_stages, device, group=pp_group))
               for m, i in zip(modules, stage_indices)]
     cls = getattr(pipelining, SCHEDULES[schedule][0])
     # the loss is divided by the microbatch count in loss_fn, so grads are scaled exactly once
     # even when one parameter sits in two local stages (tied embeddings under interleaving)
     if SCHEDULES[schedule][1] == 1:
         return cls(stages[0], microbatches, loss_fn=loss_fn, scale_grads=False)
-    return cls(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+    built = cls(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+    return _with_local_handoff(built, stages, microbatches, loss_fn) if schedule in V_SHAPED else built
+
+
+def _with_local_handoff(built, stages: list, microbatches: int, loss_fn: Callable):
+    """A V-shaped schedule run by torch's action runtime, which hands values between stages on one rank.
+
+    torch 2.9's ZB-V sends them over the process group to the rank itself, which gloo cannot
+    do; later torch runs it on the runtime already and gets it back unchanged.
+    """
+    from torch.distributed.pipelining import schedules
+
+    runtime = getattr(schedules, "_PipelineScheduleRuntime", None)
+    if runtime is not None and isinstance(built, runtime):
+        return built
+    if runtime is None or not hasattr(runtime, "_prepare_schedule_with_comms"):
+        raise PlanError(f"schedule '{type(built).__name__}' puts two stages on one rank, and torch "
+                        f"{torch.__version__} cannot pass values between them on gloo; use torch >= 2.13 "
+                        "or another schedule ('zero_bubble', 'interleaved')")
+    lowered = runtime(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
+    lowered._prepare_schedule_with_comms(built.pipeline_order)
+    return lowered
+
+
+def _gloo_safe_warmup(stage):
+    """Make the stage's p2p warm-up valid on gloo: matching dtypes and no sends to this rank itself."""
+    # torch 2.9 sends an int64 into a float32 receive (gloo aborts the process on the size
+    # mismatch) and warms up V-shaped neighbours on the same rank (gloo has no pair to itself);
+    # torch 2.13 warms PipelineStage up by other means, and where dtypes match and no neighbour
+    # shares the rank this changes nothing
+    make_ops = getattr(stage, "_get_init_p2p_neighbors_ops", None)
+    if make_ops is None:
+        return stage
+
+    def gloo_ops():
+        ops = [op for op in make_ops() if op.peer != dist.get_rank()]
+        for op in ops:
+            if op.tensor.dtype != torch.float32:
+                op.tensor = op.tensor.to(torch.float32)
+        return ops
+
+    stage._get_init_p2p_neighbors_ops = gloo_ops
+    return stage
 
 
 def chunk_batch(args: tuple, kwargs: dict, n: int) -> list[tuple[tuple, dict]]:
