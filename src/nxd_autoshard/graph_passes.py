@@ -9,7 +9,7 @@ import torch.fx
 
 from .history import count_ops, record_pass
 
-__all__ = ["drop_assertions", "split_bias", "retarget_device", "run_pass"]
+__all__ = ["drop_assertions", "linear_from_matmul", "split_bias", "retarget_device", "run_pass"]
 
 aten = torch.ops.aten
 
@@ -28,6 +28,41 @@ def drop_assertions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             aten._assert_tensor_metadata,
         ):
             gm.graph.erase_node(node)
+    return _finish(gm)
+
+
+def _transposed_weight(node) -> torch.fx.Node | None:
+    """W when `node` is W.T (t, numpy_T, transpose(0, 1), permute(1, 0)) of a 2-D parameter."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    packet = getattr(node.target, "overloadpacket", None)
+    w = node.args[0] if node.args else None
+    if not (isinstance(w, torch.fx.Node) and w.meta.get("nxd_kind") == "parameter"
+            and isinstance(w.meta.get("val"), torch.Tensor) and w.meta["val"].dim() == 2):
+        return None
+    if packet in (aten.t, aten.numpy_T):
+        return w
+    if packet is aten.transpose and sorted(a % 2 for a in node.args[1:3]) == [0, 1]:
+        return w
+    if packet is aten.permute and [a % 2 for a in node.args[1]] == [1, 0]:
+        return w
+    return None
+
+
+def linear_from_matmul(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite `x @ W.T` (matmul/mm with a transposed 2-D parameter) as `linear(x, W)`.
+
+    Models that skip nn.Linear (Falcon's `hidden @ self.weight.T`) then get the same
+    column/row choices as any linear layer.
+    """
+    for node in list(gm.graph.nodes):
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet not in (aten.matmul, aten.mm) or len(node.args) != 2 or node.kwargs:
+            continue
+        weight = _transposed_weight(node.args[1])
+        if weight is not None:
+            node.target = aten.linear.default
+            node.args = (node.args[0], weight)
     return _finish(gm)
 
 

@@ -369,6 +369,45 @@ def _index_select_map(node, d):
 
 # ---------------------------------------------------------------- split / cat
 
+def _slice_bounds(node) -> tuple[int, int, int, int] | None:
+    """(dim, start, end, step) of a slice with int bounds, end clipped to the size."""
+    x = node.args[0]
+    nd = x.meta["val"].dim()
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else shape_of(x)[dim]
+    step = node.args[4] if len(node.args) > 4 else 1
+    if not all(isinstance(v, int) for v in (start, end, step)):
+        return None
+    return dim, start, min(end, shape_of(x)[dim]), step
+
+
+def slice_block_rule(node, placements, tp):
+    """Slices that cut the shard dim into equal, aligned pieces (a fused qkv read as x[..., :d],
+    x[..., d:2d], ...) are blocks, like chunk: each rank slices its own piece of every block."""
+    x = node.args[0]
+    p = placements[x]
+    bounds = _slice_bounds(node)
+    if not isinstance(p, Shard) or bounds is None or bounds[0] != p.dim or padded_of(x):
+        return None
+    dim, start, end, step = bounds
+    full = shape_of(x)[dim]
+    width = end - start
+    siblings = [u for u in x.users if _packet(u.target) is aten.slice]
+    spans = [_slice_bounds(u) for u in siblings]
+    if step != 1 or width <= 0 or width == full or full % width or start % width or width % tp:
+        return None
+    if any(b is None or b[0] != dim or b[2] - b[1] != width or b[1] % width or b[3] != 1
+           for b in spans):
+        return None  # unequal pieces (GQA q|k|v): a per-piece shard layout is not supported
+
+    def rewrite(node, tp_=tp, start=start, width=width):
+        local = width // tp_
+        node.args = (node.args[0], dim, start // tp_, start // tp_ + local, *node.args[4:])
+
+    return Decision(Shard(p.dim), note=f"blocks={full // width}", rewrite=rewrite)
+
+
 def split_rule(node, placements, tp):
     """split/chunk/unbind: each piece keeps the shard; equal splits of the shard dim are blocked."""
     x = node.args[0]
@@ -459,6 +498,8 @@ def reduction_rule(node, placements, tp):
 def layer_norm_rule(node, placements, tp):
     x = node.args[0]
     p = placements[x]
+    if isinstance(p, Partial):  # a row-parallel or vocab-parallel sum feeding a norm: reduce first
+        return Decision(R, {n: R for n in tensor_inputs(node)})
     if not isinstance(p, Shard):
         return None
     nd = x.meta["val"].dim()
@@ -675,7 +716,8 @@ RULES: dict[object, Callable] = {
     aten.unsqueeze: _dim_map_rule(_unsqueeze_map),
     aten.squeeze: _dim_map_rule(_squeeze_map),
     aten.select: _dim_map_rule(_select_map),
-    aten.slice: _dim_map_rule(_slice_map),
+    aten.slice: lambda node, placements, tp: (
+        slice_block_rule(node, placements, tp) or _dim_map_rule(_slice_map)(node, placements, tp)),
     aten.softmax: _dim_map_rule(_same_dim_unless(1), linear=False),
     aten._softmax: _dim_map_rule(_same_dim_unless(1), linear=False),
     aten.log_softmax: _dim_map_rule(_same_dim_unless(1), linear=False),
@@ -728,5 +770,11 @@ def handles_padding(target) -> bool:
 
 
 def rule_for(target):
-    """The rule of an op (by overload packet), or None."""
-    return RULES.get(_packet(target))
+    """The rule of an op (by overload packet), or None; in-place ops (`add_`) follow their
+    out-of-place op, whose result they equal."""
+    packet = _packet(target)
+    rule = RULES.get(packet)
+    name = getattr(packet, "__name__", "")
+    if rule is None and name.endswith("_") and not name.startswith("_"):
+        rule = RULES.get(getattr(aten, name[:-1], None))
+    return rule

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -14,7 +15,7 @@ from torch.utils import _pytree as pytree
 from .capture import CapturedProgram, _default_kwargs, capture, input_signature, meta_shadow
 from .collectives import axis_groups
 from .errors import DivisibilityError, PlanError
-from .graph_passes import drop_assertions, retarget_device, run_pass, split_bias
+from .graph_passes import drop_assertions, linear_from_matmul, retarget_device, run_pass, split_bias
 from .mesh import Mesh, MeshGroups, build_groups
 from .history import History, count_ops, record_pass
 from .partition import partition, shard_tensor
@@ -145,6 +146,7 @@ class ShardedModule(torch.nn.Module):
         history = program.history
         record_pass(history, "capture", program.gm, 0, started)
         program.gm = run_pass(history, drop_assertions, program.gm)
+        program.gm = run_pass(history, linear_from_matmul, program.gm)
         program.gm = run_pass(history, split_bias, program.gm)
         before, started = count_ops(program.gm), time.perf_counter()
         result = self._decide(program)
@@ -204,7 +206,7 @@ class ShardedModule(torch.nn.Module):
         first = not self.placements
         styles = dict(self._styles)
         veto: set[str] = set()
-        for _ in range(8):
+        for _ in range(16):
             result = propagate_placements(
                 program, self.tp, styles=styles, fixed=self.placements, auto=self._auto and first, veto=veto,
                 padded=self.padded,
@@ -218,7 +220,7 @@ class ShardedModule(torch.nn.Module):
             if not failed or not first:
                 break
             self._check_divisibility(result, failed)
-            veto |= set(failed)
+            veto |= _root_failures(failed)
             styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
         for line in result.fallbacks:
             warnings.warn(f"nxd-autoshard: gathered to replicate (no sharding rule): {line}", stacklevel=3)
@@ -588,6 +590,24 @@ class ShardedModule(torch.nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters gathered back to full shape, by original name."""
         return {name: self._gather_full(name, p.detach()) for name, p in self.named_parameters()}
+
+
+def _root_failures(failed: dict[str, str]) -> set[str]:
+    """Failures to undo now: sizes that do not split, and the first other failure of each layer.
+
+    Later failures in a layer are often caused by the first (a replicated attention makes the
+    output projection's choice fail too): they are retried once it is undone.
+    """
+    roots, seen_layers = set(), set()
+    for module, why in failed.items():  # in graph order
+        layer = re.match(r"^(.*?\.\d+)(\.|$)", module)
+        key = layer.group(1) if layer else ""
+        if "not divisible" in why:
+            roots.add(module)
+        elif key not in seen_layers:
+            seen_layers.add(key)
+            roots.add(module)
+    return roots
 
 
 def _join(outs: list) -> list:
