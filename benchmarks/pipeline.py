@@ -82,9 +82,10 @@ def balance_rows(name: str, shape: dict, seq: int) -> tuple[list[str], str]:
             rows.append(f"| {name} | {pp} | {label} | {'/'.join(map(str, layers))} | {f_imb:.3f} | "
                         f"{m_imb:.3f} | {max(per) / 1e12:.2f} |")
     note = (f"{name}: planned at tp 8 x pp 4 on meta in {planned:.1f} s (capture, propagate, "
-            f"partition, split), {len(flops)} blocks; first block + embedding "
-            f"{flops[0] / 1e12:.3f} TFLOP, middle block {flops[len(flops) // 2] / 1e12:.3f}, "
-            f"last block + norm + LM head + loss {flops[-1] / 1e12:.3f}")
+            f"partition, split); {len(blocks)} layers cut into {len(flops)} units, of which "
+            f"{sum(sharded.units.cut_ok)} may start a stage; first layer + embedding "
+            f"{blocks[0] / 1e12:.3f} TFLOP, middle layer {blocks[len(blocks) // 2] / 1e12:.3f}, "
+            f"last layer + norm + LM head + loss {blocks[-1] / 1e12:.3f}")
     return rows, note
 
 
@@ -179,8 +180,10 @@ def main(argv=None) -> int:
         "",
         *[f"- {n}" for n in notes],
         f"- Peak RSS of the planning process (both shapes): {rss:.0f} MB",
-        "- Stages are whole blocks, so a stage can be off the mean by up to one layer's cost; "
-        "the embedding and the LM head + loss are counted in the first and last block.",
+        "- A stage may start at a layer or after a layer's attention + residual add (where only "
+        "the hidden state crosses, as between layers); stages are therefore off the mean by up to "
+        "an MLP's cost. The embedding and the LM head + loss are counted in the first and last "
+        "layer. 'layers per stage' counts a layer cut in two on both stages.",
         "",
         "### Bubble (gloo, 2 processes, 1 thread each; small Llama: hidden 256, 4 layers, "
         "vocab 512, microbatch 2 x 128)",

@@ -33,7 +33,8 @@ def test_example_notebook_runs_and_shows_the_views(tmp_path):
     overview = by_source["sharded"]["text/html"]
     assert "nxd-autoshard plan: LlamaForCausalLM" in overview and "<svg" in overview
     assert "Pipeline stages" in overview and "all_reduce[tp]" in overview
-    assert "<table>" in by_source["report.stages[0]"]["text/html"]
+    stages = by_source["piped_report.stages"]["text/html"]
+    assert "<table>" in stages and "model.layers.3" in stages and "receives" in stages
     assert by_source["report.svg()"]["image/svg+xml"].lstrip().startswith("<svg")
     assert "x 1 more identical blocks" in by_source["report.svg()"]["image/svg+xml"]
     assert "captured (global)" in by_source["report.before_after()"]["text/html"]

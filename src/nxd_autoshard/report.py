@@ -38,6 +38,7 @@ __all__ = [
     "Picture",
     "Report",
     "StageReport",
+    "Stages",
     "build_report",
     "explain",
 ]
@@ -147,6 +148,15 @@ class StageReport:
         from .report_render import _stage_html
 
         return _stage_html([self])
+
+
+class Stages(list):
+    """The report's stages; shows as one table in a notebook."""
+
+    def _repr_html_(self) -> str:
+        from .report_render import _stage_html
+
+        return _stage_html(list(self))
 
 
 @dataclass
@@ -464,7 +474,7 @@ def build_report(sharded, *, program: int = 0) -> Report:
         model=sharded._model_name, tp=tp, pp=sharded.pipeline.pp, sequence_parallel=False,
         program=program, programs=len(programs), mode="train" if prog.training else "eval",
         inputs=list(prog.user_input_names), sizes=sizes, parameters=params,
-        collectives=collectives, blocks=blocks, stages=stages,
+        collectives=collectives, blocks=blocks, stages=Stages(stages),
         history=[{k: v for k, v in r.items()} for r in _history_rows(prog)])
     report.totals = _totals(report)
     _attach_views(report, prog)
