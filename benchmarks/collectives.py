@@ -45,6 +45,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from _results import write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -223,17 +224,6 @@ def verdict(per_layer: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- report
-
-
-def write_results_md(section_text: str) -> None:
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^" + re.escape(SECTION) + r"[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    block = section_text.rstrip() + "\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: block + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    RESULTS_MD.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -415,7 +405,7 @@ def main(argv=None) -> int:
         ]
         md += [f"- note: {n}" for n in notes]
         md += [f"- FAILED {name}: {why}" for name, why in failures]
-        write_results_md("\n".join(md))
+        write_section(md[0], "\n".join(md[1:]))
         print(f"wrote {os.path.relpath(RESULTS_MD, Path.cwd())}")
     return 0 if ok else 1
 

@@ -52,6 +52,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from _results import write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -322,21 +323,6 @@ def machine_line() -> str:
     return f"{os.cpu_count()} CPU cores ({model}), {platform.system()} {platform.release()}"
 
 
-def write_results_md(section_text: str) -> None:
-    if RESULTS_MD.exists():
-        text = RESULTS_MD.read_text()
-    else:
-        text = "# Benchmark results\n"
-    pattern = re.compile(r"^" + re.escape(SECTION) + r"[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    block = section_text.rstrip() + "\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: block + "\n", text, count=1)
-        text = text.rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    RESULTS_MD.write_text(text)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
@@ -484,7 +470,7 @@ def main(argv=None) -> int:
             "o_proj/down RowwiseParallel, lm_head ColwiseParallel(output_layouts=Replicate()) "
             "so HF's loss sees full logits; `.full_tensor()` only for the grad-norm check.",
         ]
-        write_results_md("\n".join(md))
+        write_section(md[0], "\n".join(md[1:]))
         print(f"wrote {os.path.relpath(RESULTS_MD, Path.cwd())}")
 
     if not (ref and dt):

@@ -203,34 +203,20 @@ def llama3():
     return model, random_batch(model, batch=4)
 
 
-def test_pp_larger_than_blocks(llama3):
+@pytest.mark.parametrize("options, error, message", [
+    (dict(pp=4), PlanError, r"pp=4 stages need at least 4 blocks.*has 3"),
+    (dict(pp=2, microbatches=3, schedule="gpipe"), ValueError, r"batch of 4 cannot be split into 3"),
+    (dict(pp=2, microbatches=1), ValueError,
+     r"'1f1b' needs at least as many microbatches.*microbatches=1 < pp=2"),
+    (dict(pp=2, microbatches=2, schedule="interleaved"), PlanError,
+     r"pp=4 stages need at least 4 blocks.*2 stages per pp rank"),
+    (dict(pp=2, schedule="zb"), ValueError, r"unknown pipeline schedule 'zb'.*1f1b"),
+    (dict(pp=2, balance="speed"), ValueError, r"balance must be one of flops, memory, even"),
+])
+def test_bad_pipeline_arguments(llama3, options, error, message):
     model, (args, _) = llama3
-    with pytest.raises(PlanError, match=r"pp=4 stages need at least 4 blocks.*has 3"):
-        autoshard(model, 1, pp=4, example_inputs=args)
-
-
-def test_microbatches_must_divide_the_batch(llama3):
-    model, (args, _) = llama3
-    with pytest.raises(ValueError, match=r"batch of 4 cannot be split into 3"):
-        autoshard(model, 1, pp=2, microbatches=3, schedule="gpipe", example_inputs=args)
-
-
-def test_1f1b_needs_microbatches_at_least_stages(llama3):
-    model, (args, _) = llama3
-    with pytest.raises(ValueError, match=r"'1f1b' needs at least as many microbatches.*microbatches=1 < pp=2"):
-        autoshard(model, 1, pp=2, microbatches=1, example_inputs=args)
-
-
-def test_interleaved_needs_enough_blocks(llama3):
-    model, (args, _) = llama3
-    with pytest.raises(PlanError, match=r"pp=4 stages need at least 4 blocks"):
-        autoshard(model, 1, pp=2, microbatches=2, schedule="interleaved", example_inputs=args)
-
-
-def test_unknown_schedule(llama3):
-    model, (args, _) = llama3
-    with pytest.raises(ValueError, match=r"unknown pipeline schedule 'zb'.*1f1b"):
-        autoshard(model, 1, pp=2, schedule="zb", example_inputs=args)
+    with pytest.raises(error, match=message):
+        autoshard(model, 1, example_inputs=args, **options)
 
 
 def test_cut_name_matching_nothing(llama3):
