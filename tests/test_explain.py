@@ -139,7 +139,8 @@ def test_json_text_and_html_forms_carry_the_same_report():
 def test_history_lists_each_pass_and_diffs_two_steps():
     _, sharded, _, _ = sharded_family("llama", 2)
     history = sharded.history
-    assert [r.name for r in history] == ["capture", "drop_assertions", "linear_from_matmul", "split_bias", "propagate",
+    assert [r.name for r in history] == ["capture", "drop_assertions", "linear_from_matmul",
+                                         "expert_linear_from_grouped_mm", "split_bias", "propagate",
                                          "partition", "retarget_device"]
     partition = history.step("partition")
     inserted = sum(_graph_collectives(sharded).values())

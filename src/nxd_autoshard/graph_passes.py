@@ -9,7 +9,8 @@ import torch.fx
 
 from .history import count_ops, record_pass
 
-__all__ = ["drop_assertions", "linear_from_matmul", "split_bias", "retarget_device", "run_pass"]
+__all__ = ["drop_assertions", "linear_from_matmul", "expert_linear_from_grouped_mm", "split_bias",
+           "retarget_device", "run_pass"]
 
 aten = torch.ops.aten
 
@@ -63,6 +64,27 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if weight is not None:
             node.target = aten.linear.default
             node.args = (node.args[0], weight)
+    return _finish(gm)
+
+
+def expert_linear_from_grouped_mm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite HF's fused-expert product `grouped_mm_fallback(x, W.transpose(-2, -1), offsets)`
+    (Mixtral, Qwen-MoE: W [experts, out, in]) as `expert_linear(x, W, offsets)`, so the experts
+    get column/row choices like any linear layer."""
+    from .ops import expert_linear
+
+    for node in list(gm.graph.nodes):
+        packet = getattr(node.target, "overloadpacket", None)
+        if getattr(packet, "__name__", "") != "grouped_mm_fallback" or len(node.args) != 3:
+            continue
+        t = node.args[1]
+        if not (isinstance(t, torch.fx.Node) and getattr(t.target, "overloadpacket", None) is aten.transpose
+                and sorted(a % 3 for a in t.args[1:3]) == [1, 2]):
+            continue
+        w = t.args[0]
+        if w.meta.get("nxd_kind") == "parameter" and w.meta["val"].dim() == 3:
+            node.target = expert_linear
+            node.args = (node.args[0], w, node.args[2])
     return _finish(gm)
 
 

@@ -20,13 +20,14 @@ import torch
 import torch.fx
 
 from .capture import CapturedProgram, module_path
+from .ops import expert_linear
 from .placements import Partial, Placement, Replicate, Shard, padded_size
 from .rules import Decision, R, handles_padding, padded_of, rule_for, shape_of, tensor_inputs
 
 __all__ = ["PropagationResult", "propagate_placements", "LINEAR_OPS", "weight_role"]
 
 aten = torch.ops.aten
-LINEAR_OPS = {aten.linear, aten.addmm, aten.mm, aten.matmul}
+LINEAR_OPS = {aten.linear, aten.addmm, aten.mm, aten.matmul, expert_linear}
 
 
 @dataclass
@@ -54,12 +55,19 @@ def weight_role(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | Non
         return node.args[2], node.args[0], 1, node.args[1]
     if packet in (aten.mm, aten.matmul):
         return node.args[1], split_off, 1, node.args[0]
+    if node.target is expert_linear:  # weight [experts, out, in]
+        return node.args[1], None, 1, node.args[0]
     return None
 
 
-def _style_placements(style: str, out_dim: int) -> tuple[Placement, Placement]:
+def _in_dim(out_dim: int, ndim: int) -> int:
+    """The in-feature dim of a weight (2-D [out, in] or [in, out]; 3-D experts [E, out, in])."""
+    return ndim - 1 if out_dim == ndim - 2 else ndim - 2
+
+
+def _style_placements(style: str, out_dim: int, ndim: int = 2) -> tuple[Placement, Placement]:
     """(weight placement, bias placement) of a linear style, given the weight's out-feature dim."""
-    in_dim = 1 - out_dim
+    in_dim = _in_dim(out_dim, ndim)
     if style == "column":
         return Shard(out_dim), Shard(0)
     if style == "row":
@@ -250,13 +258,14 @@ def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, par
     name = param_of.get(weight)
     if name is None or name in chosen:
         return
-    if len(shape_of(weight)) != 2:
+    ndim = len(shape_of(weight))
+    if ndim != (3 if node.target is expert_linear else 2):
         return
     mod = name.rsplit(".", 1)[0]
     style = styles.get(name)
     if style is None and auto and mod not in veto:
         px = placements.get(x)
-        in_features = shape_of(weight)[1 - out_dim]
+        in_features = shape_of(weight)[_in_dim(out_dim, ndim)]
         out_features = shape_of(weight)[out_dim]
         vocab_head = out_features in vocab_sizes  # padded when tp does not divide it
         if isinstance(px, (Replicate, Partial)) and (out_features % tp == 0 or vocab_head):
@@ -271,7 +280,7 @@ def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, par
     vocab_head = style == "vocab_parallel" or out_features in vocab_sizes
     if style == "vocab_parallel":
         style = "column"
-    w_pl, b_pl = _style_placements(style, out_dim)
+    w_pl, b_pl = _style_placements(style, out_dim, ndim)
     pad = None
     if style == "column" and out_features % tp:
         if vocab_head:  # the LM head: padded like NxD's ColumnParallelLinear(pad=True)

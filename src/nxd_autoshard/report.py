@@ -370,7 +370,7 @@ def _param_rows(sharded) -> list[ParamRow]:
 def _weight_and_activation(node: torch.fx.Node):
     from .propagate import LINEAR_OPS, weight_role
 
-    if getattr(node.target, "overloadpacket", None) not in LINEAR_OPS:
+    if getattr(node.target, "overloadpacket", node.target) not in LINEAR_OPS:
         return None
     role = weight_role(node)
     if role is None or not isinstance(role[0], torch.fx.Node):

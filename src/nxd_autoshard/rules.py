@@ -22,6 +22,7 @@ import torch
 import torch.fx
 from torch.fx.experimental import symbolic_shapes as _symbolic
 
+from .ops import expert_linear
 from .placements import Partial, Placement, Replicate, Shard
 
 
@@ -596,6 +597,20 @@ def linear_rule(node, placements, tp):
     return None
 
 
+def expert_linear_rule(node, placements, tp):
+    """expert_linear(x, W, offsets), W [experts, out, in]: column (W S(1)) or row (W S(2))."""
+    x, w, offsets = node.args[:3]
+    px, pw = placements[x], placements[w]
+    keep_offsets = {offsets: R} if not isinstance(placements.get(offsets), Replicate) else {}
+    if pw == Shard(1):
+        return Decision(Shard(1), {**keep_offsets, **({x: R} if px != R else {})})
+    if pw == Shard(2):
+        return Decision(P, {**keep_offsets, **({x: Shard(1)} if px != Shard(1) else {})})
+    if isinstance(pw, Replicate):
+        return Decision(P, keep_offsets) if isinstance(px, Partial) else Decision(R, {**keep_offsets, x: R})
+    return None
+
+
 def baddbmm_rule(node, placements, tp):
     bias, a, b = node.args[0], node.args[1], node.args[2]
     d = _matmul_decision(a, b, placements[a], placements[b], node.meta["val"].dim())
@@ -739,6 +754,7 @@ RULES: dict[object, Callable] = {
     aten.layer_norm: layer_norm_rule,
     aten.rms_norm: rms_norm_rule,
     aten.linear: linear_rule,
+    expert_linear: expert_linear_rule,
     aten.matmul: matmul_rule,
     aten.bmm: matmul_rule,
     aten.mm: matmul_rule,

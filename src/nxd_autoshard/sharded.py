@@ -15,7 +15,8 @@ from torch.utils import _pytree as pytree
 from .capture import CapturedProgram, _default_kwargs, capture, input_signature, meta_shadow
 from .collectives import axis_groups
 from .errors import DivisibilityError, PlanError
-from .graph_passes import drop_assertions, linear_from_matmul, retarget_device, run_pass, split_bias
+from .graph_passes import (drop_assertions, expert_linear_from_grouped_mm, linear_from_matmul,
+                           retarget_device, run_pass, split_bias)
 from .mesh import Mesh, MeshGroups, build_groups
 from .history import History, count_ops, record_pass
 from .partition import partition, shard_tensor
@@ -147,6 +148,7 @@ class ShardedModule(torch.nn.Module):
         record_pass(history, "capture", program.gm, 0, started)
         program.gm = run_pass(history, drop_assertions, program.gm)
         program.gm = run_pass(history, linear_from_matmul, program.gm)
+        program.gm = run_pass(history, expert_linear_from_grouped_mm, program.gm)
         program.gm = run_pass(history, split_bias, program.gm)
         before, started = count_ops(program.gm), time.perf_counter()
         result = self._decide(program)
