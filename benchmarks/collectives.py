@@ -61,6 +61,7 @@ LAYERS = (2, 4)  # per-layer = difference / 2; totals from the larger one
 
 _LLAMA_LIKE = dict(hidden_size=HIDDEN, num_attention_heads=8, num_key_value_heads=8,
                    intermediate_size=256)
+_IDS = dict(max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # (row name, config file, overrides). Dropout is set to 0 so that train mode is deterministic.
 CASES = [
     ("llama", "llama", _LLAMA_LIKE),
@@ -73,6 +74,13 @@ CASES = [
     ("bert", "bert", dict(hidden_size=HIDDEN, num_attention_heads=8, intermediate_size=256,
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
     ("llama GQA (8 q / 2 kv heads)", "llama", dict(_LLAMA_LIKE, num_key_value_heads=2)),
+    # architectures with no plan file (auto plan); file None: the overrides are the whole config
+    ("phi3 (fused qkv, gate_up; auto)", None, dict(_LLAMA_LIKE, model_type="phi3", **_IDS)),
+    ("falcon (x @ W.T, parallel attn+MLP; auto)", None,
+     dict(model_type="falcon", hidden_size=HIDDEN, num_attention_heads=8, multi_query=False,
+          new_decoder_architecture=False, **_IDS)),
+    ("mixtral (4 experts, top 2; auto)", None,
+     dict(_LLAMA_LIKE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, **_IDS)),
 ]
 
 MEGATRON_FWD = Counter({"all_reduce": 2})
@@ -83,7 +91,7 @@ MEGATRON_BWD = Counter({"all_reduce": 2})
 
 
 def make_config(file: str, overrides: dict, layers: int) -> dict:
-    cfg = json.loads((CONFIGS / f"{file}.json").read_text())
+    cfg = json.loads((CONFIGS / f"{file}.json").read_text()) if file else {}
     cfg.update(overrides)
     cfg["vocab_size"] = VOCAB
     cfg["n_layer" if cfg["model_type"] == "gpt2" else "num_hidden_layers"] = layers
