@@ -28,6 +28,19 @@ def test_llama_tp8_matches_golden(assert_golden):
     assert_golden(sharded, "llama_tp8")
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_pipeline_stages_match_golden(family, assert_golden):
+    # tp 2 x pp 2 over 3 layers: each stage's program, what it receives and sends, is pinned
+    from conftest import config_dict
+
+    config = config_dict(family, **{"n_layer" if family == "gpt2" else "num_hidden_layers": 3})
+    model = build_model(config)
+    args, kwargs = random_batch(model, batch=4)
+    sharded = autoshard(model, 2, pp=2, example_inputs=args, example_kwargs=kwargs)
+    text = assert_golden(sharded, f"{family}_tp2_pp2")
+    assert "| stage 0 of 2" in text and "| stage 1 of 2" in text and "# receives: " in text
+
+
 def test_golden_text_names_what_it_pins():
     text = golden_text(sharded_family("llama", 2)[1])
     assert "model.layers.0.self_attn.q_proj.weight: S(0) [32, 64] f32 (parameter)" in text

@@ -277,8 +277,19 @@ def _program_section(program, index: int, count: int, *, model: str | None, tp: 
     ]
     if stage is not None:
         head.append(f"# units: {', '.join(stage.units)}")
-        head.append(f"# receives: {', '.join(stage.inputs) or '-'}; sends: {', '.join(stage.outputs) or '-'}")
+        head.append(f"# receives: {_crossing(stage, stage.inputs)}; sends: {_crossing(stage, stage.outputs)}")
     return "\n".join(head) + "\n" + graph_text(program.gm if stage is None else stage.gm)
+
+
+def _crossing(stage, names: list[str]) -> str:
+    """Values crossing a stage boundary without fx's run-dependent names: user inputs by name,
+    the rest counted."""
+    by_name = {n.name: n for n in stage.gm.graph.nodes}
+    named = [by_name[n].meta.get("nxd_name") for n in names if n in by_name]
+    named = [n for n in named if n] if len(named) == len(names) else []
+    rest = len(names) - len(named)
+    parts = named + ([f"{rest} activation{'s' if rest != 1 else ''}"] if rest else [])
+    return " + ".join(parts) or "-"
 
 
 def unified_diff(expected: str, actual: str, path: str) -> str:
