@@ -122,6 +122,7 @@ class ShardedModule(torch.nn.Module):
         self._auto = auto
         self._shadow = [meta_shadow(model)]  # in a list: not a registered submodule
         self._model_name = type(model).__name__
+        self._config = getattr(model, "config", None) if hasattr(getattr(model, "config", None), "to_json_file") else None
         self._full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         self._full = dict(model.named_parameters(remove_duplicate=False))
         self._buffers_full = dict(model.named_buffers(remove_duplicate=False))
@@ -592,6 +593,50 @@ class ShardedModule(torch.nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters gathered back to full shape, by original name."""
         return {name: self._gather_full(name, p.detach()) for name, p in self.named_parameters()}
+
+    def save_checkpoint(self, directory) -> None:
+        """Write the full, unsharded weights as a transformers-style safetensors checkpoint.
+
+        Call it on every rank. Each pipeline stage's first rank (dp 0, tp 0) writes that stage's
+        tensors to model-0000k-of-0000n.safetensors (model.safetensors without pipelining);
+        global rank 0 writes model.safetensors.index.json and the model's config.json, so
+        `AutoModel*.from_pretrained(directory)` and `safetensors.torch.load_file` read it.
+        """
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        tensors = self.full_state_dict()  # a tp collective: every rank takes part
+        tensors.update({n: b.detach().clone() for n, b in self.named_buffers() if n in self._persistent})
+        on_mesh = self._groups is not None
+        where = self._groups.mesh.coords(self._groups.rank) if on_mesh else {"dp": 0, "pp": 0, "tp": 0}
+        writer = where["dp"] == 0 and where["tp"] == 0
+        mine = (where["pp"], sorted(tensors) if writer else [])
+        everyone = [None] * dist.get_world_size() if on_mesh else [mine]
+        if on_mesh:
+            dist.all_gather_object(everyone, mine)
+        owner: dict[str, int] = {}  # a tied weight held by two stages is written once, by the first
+        for stage, names in sorted(everyone):
+            for name in names:
+                owner.setdefault(name, stage)
+        n_files = self.mesh.pp if on_mesh else 1
+        file_of = {s: ("model.safetensors" if n_files == 1 else f"model-{s + 1:05d}-of-{n_files:05d}.safetensors")
+                   for s in range(n_files)}
+        if writer:
+            directory.mkdir(parents=True, exist_ok=True)
+            own = {n: t.contiguous() for n, t in tensors.items() if owner[n] == where["pp"]}
+            save_file(own, directory / file_of[where["pp"]], metadata={"format": "pt"})
+        if (not on_mesh or self._groups.rank == 0):
+            directory.mkdir(parents=True, exist_ok=True)
+            if n_files > 1:
+                index = {"metadata": {}, "weight_map": {n: file_of[s] for n, s in sorted(owner.items())}}
+                (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+            if self._config is not None:
+                self._config.to_json_file(str(directory / "config.json"))
+        if on_mesh:
+            dist.barrier()
 
 
 def _root_failures(failed: dict[str, str]) -> set[str]:
