@@ -21,6 +21,7 @@ __all__ = ["TrainingMixin"]
 
 class TrainingMixin:
     """train_step / eval_step / optimizer / sync_grads / save_checkpoint of a ShardedModule."""
+
     def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
         """Forward and backward of one batch; returns the loss. Gradients end up in `.grad`, summed
         across pipeline stages for tied weights and averaged across data-parallel replicas.
