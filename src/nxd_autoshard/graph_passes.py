@@ -32,20 +32,21 @@ def drop_assertions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return _finish(gm)
 
 
-def _transposed_weight(node) -> torch.fx.Node | None:
-    """W when `node` is W.T (t, numpy_T, transpose(0, 1), permute(1, 0)) of a 2-D parameter."""
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+def _transposed_param(node, ndim: int) -> torch.fx.Node | None:
+    """W when `node` swaps the last two dims of an `ndim`-D parameter W (W.T, W.transpose(-2, -1))."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    w = node.args[0]
+    if not (isinstance(w, torch.fx.Node) and w.meta.get("nxd_kind") == "parameter"
+            and isinstance(w.meta.get("val"), torch.Tensor) and w.meta["val"].dim() == ndim):
         return None
     packet = getattr(node.target, "overloadpacket", None)
-    w = node.args[0] if node.args else None
-    if not (isinstance(w, torch.fx.Node) and w.meta.get("nxd_kind") == "parameter"
-            and isinstance(w.meta.get("val"), torch.Tensor) and w.meta["val"].dim() == 2):
-        return None
-    if packet in (aten.t, aten.numpy_T):
+    last_two = [ndim - 2, ndim - 1]
+    if packet in (aten.t, aten.numpy_T) and ndim == 2:
         return w
-    if packet is aten.transpose and sorted(a % 2 for a in node.args[1:3]) == [0, 1]:
+    if packet is aten.transpose and sorted(a % ndim for a in node.args[1:3]) == last_two:
         return w
-    if packet is aten.permute and [a % 2 for a in node.args[1]] == [1, 0]:
+    if packet is aten.permute and [a % ndim for a in node.args[1]] == [*range(ndim - 2), *last_two[::-1]]:
         return w
     return None
 
@@ -60,7 +61,7 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         packet = getattr(node.target, "overloadpacket", None)
         if packet not in (aten.matmul, aten.mm) or len(node.args) != 2 or node.kwargs:
             continue
-        weight = _transposed_weight(node.args[1])
+        weight = _transposed_param(node.args[1], 2)
         if weight is not None:
             node.target = aten.linear.default
             node.args = (node.args[0], weight)
@@ -77,14 +78,10 @@ def expert_linear_from_grouped_mm(gm: torch.fx.GraphModule) -> torch.fx.GraphMod
         packet = getattr(node.target, "overloadpacket", None)
         if getattr(packet, "__name__", "") != "grouped_mm_fallback" or len(node.args) != 3:
             continue
-        t = node.args[1]
-        if not (isinstance(t, torch.fx.Node) and getattr(t.target, "overloadpacket", None) is aten.transpose
-                and sorted(a % 3 for a in t.args[1:3]) == [1, 2]):
-            continue
-        w = t.args[0]
-        if w.meta.get("nxd_kind") == "parameter" and w.meta["val"].dim() == 3:
+        weight = _transposed_param(node.args[1], 3)
+        if weight is not None:
             node.target = expert_linear
-            node.args = (node.args[0], w, node.args[2])
+            node.args = (node.args[0], weight, node.args[2])
     return _finish(gm)
 
 

@@ -9,6 +9,7 @@ stage outputs/inputs; parameters go to every stage that reads them (tied weights
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 
@@ -135,13 +136,15 @@ def segment_blocks(program: CapturedProgram, block_of: dict[torch.fx.Node, int],
     from .partition import requires_grad_nodes
 
     gm = program.gm
+    by_block: list[list[torch.fx.Node]] = [[] for _ in blocks]
+    for node in gm.graph.nodes:  # one pass; each block's nodes stay in graph order
+        if node.op == "call_function" and node in block_of:
+            by_block[block_of[node]].append(node)
     of_node: dict[torch.fx.Node, int] = {}
     names, block = [], []
-    for b, prefix in enumerate(blocks):
+    for b, (prefix, nodes) in enumerate(zip(blocks, by_block)):
         key = None
-        for node in gm.graph.nodes:
-            if block_of.get(node) != b or node.op != "call_function":
-                continue
+        for node in nodes:
             if node.target is operator.getitem:
                 of_node[node] = of_node[node.args[0]]
                 continue
@@ -154,19 +157,23 @@ def segment_blocks(program: CapturedProgram, block_of: dict[torch.fx.Node, int],
         if key is None:  # a block the graph never runs still gets a unit
             names.append(prefix)
             block.append(b)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             of_node[node] = 0
     n = len(names)
     grad = requires_grad_nodes(gm, program)
-    state = set(list(n_ for n_ in gm.graph.nodes if n_.op == "placeholder")[: program.num_state])
-    crossing = [0] * (n + 1)
+    state = set(placeholders[: program.num_state])
+    # a value defined in unit lo and last read in unit hi crosses every cut lo+1..hi
+    delta = [0] * (n + 2)
     for node, lo in of_node.items():
         if node not in grad or node in state:
             continue
         hi = max((n if u.op == "output" else of_node[u] for u in node.users), default=lo)
-        for k in range(lo + 1, hi + 1):
-            crossing[k] += 1
+        if hi > lo:
+            delta[lo + 1] += 1
+            delta[hi + 1] -= 1
+    crossing = list(itertools.accumulate(delta))
     starts = [k for k in range(1, n) if block[k] != block[k - 1]]
     floor = min((crossing[k] for k in starts), default=0)
     cut_ok = [True] + [crossing[k] <= floor for k in range(1, n)]
