@@ -8,7 +8,6 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -25,14 +24,12 @@ __all__ = ["run_ranks", "RankError"]
 _PG_TIMEOUT_SLACK_S = 60.0
 # How long a terminated child may take to die before it is killed.
 _TERMINATE_GRACE_S = 2.0
-# Retries when the rendezvous port was taken between picking it and binding it.
-_PORT_RETRIES = 3
 # After a rank reports an error, how long to wait for a peer's death to show (it may be the cause).
 _DEATH_GRACE_S = 0.5
 
+_JOINED = "joined"  # a rank is in the process group; its result follows
 _OK = "ok"
 _ERR = "error"
-_INIT_ERR = "init_error"
 
 
 class RankError(RuntimeError):
@@ -46,11 +43,21 @@ class RankError(RuntimeError):
         self.ranks: list[int] = list(ranks or [])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _parent_store(world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store, owned by the parent and bound to a port the OS picks.
+
+    Binding port 0 in the parent is atomic: no other launch can take the port between picking
+    and binding it, and no rank of another launch can join this one's store (picking a free
+    port and letting rank 0 bind it later allowed both).
+    """
+    return dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size,
+        is_master=True,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
 
 
 def _worker(
@@ -81,24 +88,22 @@ def _worker(
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if env:
         os.environ.update({str(k): str(v) for k, v in env.items()})
-    phase = _INIT_ERR
     initialised = False
     try:
         torch.set_num_threads(1)
+        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
         dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=pg_timeout_s),
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
         initialised = True
-        phase = _ERR
+        conn.send((_JOINED, None))
         result = fn(rank, world_size, *args)
         buf = io.BytesIO()
         torch.save(result, buf)
         payload: tuple[str, Any] = (_OK, buf.getvalue())
     except BaseException:  # noqa: BLE001 - everything is reported to the parent
-        payload = (phase, traceback.format_exc())
+        payload = (_ERR, traceback.format_exc())
     try:
         conn.send(payload)
         conn.close()
@@ -147,8 +152,8 @@ class _Attempt:
     def __init__(self) -> None:
         self.results: dict[int, Any] = {}
         self.errors: dict[int, str] = {}  # rank -> message (traceback or exit description)
-        self.init_only = True  # all errors happened while initialising the process group
         self.timed_out: list[int] = []
+        self.joined: set[int] = set()  # ranks that are in the process group
 
 
 def _launch_once(
@@ -161,8 +166,9 @@ def _launch_once(
     env: dict[str, str] | None,
 ) -> _Attempt:
     ctx = mp.get_context(start_method)
-    port = _free_port()
     pg_timeout_s = timeout_s + _PG_TIMEOUT_SLACK_S
+    store = _parent_store(world_size, pg_timeout_s)
+    port = store.port
     attempt = _Attempt()
     procs: list[Any] = []
     readers: dict[Any, int] = {}  # readers still expected to deliver, -> rank
@@ -190,12 +196,21 @@ def _launch_once(
 
         pending = set(range(world_size))
         sentinels = {p.sentinel: rank for rank, p in enumerate(procs)}
-        deadline = time.monotonic() + timeout_s
+        # joining is bounded by the process group's own timeout; timeout_s counts from when
+        # every rank has joined, so a slow start on a loaded machine is not a hang
+        deadline = time.monotonic() + pg_timeout_s
 
         def receive(reader: Any, rank: int) -> None:
+            nonlocal deadline
             try:
                 kind, data = reader.recv()
             except (EOFError, OSError):
+                readers.pop(reader, None)  # the rank closed its end: nothing more will come
+                return
+            if kind == _JOINED:
+                attempt.joined.add(rank)
+                if len(attempt.joined) == world_size:
+                    deadline = time.monotonic() + timeout_s
                 return
             pending.discard(rank)
             readers.pop(reader, None)
@@ -206,11 +221,8 @@ def _launch_once(
                     attempt.errors[rank] = (
                         "result could not be deserialised in the parent:\n" + traceback.format_exc()
                     )
-                    attempt.init_only = False
             else:
                 attempt.errors[rank] = data
-                if kind != _INIT_ERR:
-                    attempt.init_only = False
 
         while pending and not attempt.errors:
             remaining = deadline - time.monotonic()
@@ -229,9 +241,7 @@ def _launch_once(
                 if rank is None or rank not in pending:
                     continue
                 # The child is gone; drain anything it sent just before exiting.
-                reader = next((r for r, rk in readers.items() if rk == rank), None)
-                if reader is not None and reader.poll():
-                    receive(reader, rank)
+                _drain(readers, rank, receive)
                 if rank in pending:
                     pending.discard(rank)
                     _record_death(attempt, procs, rank)
@@ -245,9 +255,7 @@ def _launch_once(
             # at once, later torch blocks until terminated): name it too, it is the cause
             gone = mp_connection.wait([procs[r].sentinel for r in pending], timeout=_DEATH_GRACE_S)
             for rank in sorted(r for r in pending if procs[r].sentinel in gone):
-                reader = next((r for r, rk in readers.items() if rk == rank), None)
-                if reader is not None and reader.poll():
-                    receive(reader, rank)
+                _drain(readers, rank, receive)
                 if rank in pending:
                     _record_death(attempt, procs, rank)
         clean = not attempt.errors and not attempt.timed_out
@@ -265,20 +273,20 @@ def _launch_once(
                 p.close()
             except Exception:  # noqa: BLE001
                 pass
+        del store  # closes the rendezvous port
     return attempt
+
+
+def _drain(readers: dict, rank: int, receive: Callable[[Any, int], None]) -> None:
+    """Read every message a rank sent before it exited (its join, then its result)."""
+    reader = next((r for r, rk in readers.items() if rk == rank), None)
+    while reader is not None and reader in readers and reader.poll():
+        receive(reader, rank)
 
 
 def _record_death(attempt: _Attempt, procs: list[Any], rank: int) -> None:
     procs[rank].join(1.0)
     attempt.errors[rank] = f"process {_describe_exit(procs[rank].exitcode)} without reporting a result"
-    attempt.init_only = False
-
-
-def _is_port_clash(attempt: _Attempt) -> bool:
-    if not attempt.errors or not attempt.init_only:
-        return False
-    text = "\n".join(attempt.errors.values()).lower()
-    return "address already in use" in text or "eaddrinuse" in text
 
 
 def run_ranks(
@@ -299,7 +307,9 @@ def run_ranks(
     ``env`` overrides, and a process group from ``init_process_group(backend, ...)``. Results
     travel back serialised with ``torch.save`` (so CPU tensors are safe). If any rank raises,
     dies without reporting, or the ranks do not all finish within ``timeout_s`` seconds, all
-    children are terminated and :class:`RankError` is raised. With ``start_method="spawn"``,
+    children are terminated and :class:`RankError` is raised. ``timeout_s`` counts from when
+    every rank has joined the process group (the rendezvous store is the parent's, on a port
+    the OS assigns, so concurrent launches cannot meet). With ``start_method="spawn"``,
     ``fn`` and ``args`` must be picklable (``fn`` defined at module level).
     """
     if world_size < 1:
@@ -311,11 +321,7 @@ def run_ranks(
             f"start method {start_method!r} is not available here "
             f"(choose from {mp.get_all_start_methods()})"
         )
-    args = tuple(args)
-    for try_no in range(_PORT_RETRIES + 1):
-        attempt = _launch_once(fn, world_size, args, backend, timeout_s, start_method, env)
-        if not (_is_port_clash(attempt) and try_no < _PORT_RETRIES):
-            break
+    attempt = _launch_once(fn, world_size, tuple(args), backend, timeout_s, start_method, env)
 
     if attempt.errors:
         failed = sorted(attempt.errors)
@@ -325,6 +331,13 @@ def run_ranks(
         raise RankError("\n".join(parts), failed)
     if attempt.timed_out:
         finished = sorted(attempt.results)
+        if len(attempt.joined) < world_size:
+            missing = sorted(set(range(world_size)) - attempt.joined)
+            raise RankError(
+                f"run_ranks: rank(s) {missing} of {world_size} did not join the process group "
+                f"within {timeout_s + _PG_TIMEOUT_SLACK_S:g}s",
+                missing,
+            )
         raise RankError(
             f"run_ranks: timed out after {timeout_s:g}s; rank(s) {attempt.timed_out} of "
             f"{world_size} did not finish (finished: {finished})",
