@@ -101,14 +101,14 @@ def make_config(file: str, overrides: dict, layers: int) -> dict:
 def trace_step(cfg: dict) -> dict:
     """One simulated tp-8 training step; returns the collective log and correctness numbers."""
     from nxd_autoshard import autoshard
-    from nxd_autoshard.hf import build_model
-    from nxd_autoshard.simulate import trace_collectives
+    from nxd_autoshard.tools.hf import build_model
+    from nxd_autoshard.runtime.simulator import trace_collectives
 
     model = build_model(cfg, seed=0)
     model.train()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=gen)
-    # nxd_autoshard.hf.random_batch returns no labels for transformers-5 models (their
+    # nxd_autoshard.tools.hf.random_batch returns no labels for transformers-5 models (their
     # forward is wrapped, so forward.__code__ has no 'labels'); make them here.
     labels = torch.randint(3, VOCAB, (BATCH, SEQ), generator=gen)
 

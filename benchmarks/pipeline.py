@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO / "src"))
 from _results import machine, write_section  # noqa: E402
 
 from nxd_autoshard import autoshard  # noqa: E402
-from nxd_autoshard.launch import run_ranks  # noqa: E402
-from nxd_autoshard.split import balance, even_split  # noqa: E402
+from nxd_autoshard.tools.launch import run_ranks  # noqa: E402
+from nxd_autoshard.compiler.split import balance, even_split  # noqa: E402
 
 SECTION = "## Pipeline: stage balance and bubble"
 SHAPES = {
@@ -92,7 +92,7 @@ def balance_rows(name: str, shape: dict, seq: int) -> tuple[list[str], str]:
 def _bubble_worker(rank, world, schedule, microbatches, steps):
     import torch.distributed as dist
 
-    from nxd_autoshard.hf import build_model, random_batch
+    from nxd_autoshard.tools.hf import build_model, random_batch
 
     torch.manual_seed(0)
     model = build_model(dict(model_type="llama", vocab_size=512, hidden_size=256,

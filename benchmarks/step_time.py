@@ -9,7 +9,7 @@ Compares, for one forward+backward step (no optimizer):
   (3) ours       - nxd_autoshard.autoshard(model, tp=2, ...) in 2 gloo processes
                    (a separate launch, after the DTensor one).
 
-Each setup is one ``nxd_autoshard.launch.run_ranks`` launch (1 process for the
+Each setup is one ``nxd_autoshard.tools.launch.run_ranks`` launch (1 process for the
 reference, 2 for each tp setup), so the launcher never does torch compute before
 forking; run_ranks returns each rank's result, reports exceptions with their
 tracebacks, kills the peers of a failed rank and enforces a deadline (--timeout), so
@@ -71,7 +71,7 @@ except ImportError:
         sys.path.insert(0, str(REPO / "src"))
 
 # The project's one local launcher (torch-only; spawns ranks with a gloo process group).
-from nxd_autoshard.launch import RankError, run_ranks  # noqa: E402
+from nxd_autoshard.tools.launch import RankError, run_ranks  # noqa: E402
 
 VOCAB = 1024
 BATCH = 4
@@ -234,7 +234,7 @@ def build_ours_step(input_ids, labels, tp):
 
 
 # ------------------------------------------------------------------------ workers
-# Each phase is one nxd_autoshard.launch.run_ranks launch: fn(rank, world, *args) runs in
+# Each phase is one nxd_autoshard.tools.launch.run_ranks launch: fn(rank, world, *args) runs in
 # a fresh gloo process group and returns its result; run_ranks reports exceptions with
 # tracebacks, kills the peers of a failed rank, and enforces a deadline.
 

@@ -10,8 +10,8 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from nxd_autoshard import autoshard
-from nxd_autoshard.launch import run_ranks
-from nxd_autoshard.verify import compare
+from nxd_autoshard.tools.launch import run_ranks
+from nxd_autoshard.tools.verify import compare
 
 TP = 2
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,

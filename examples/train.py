@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from nxd_autoshard import autoshard
-from nxd_autoshard.hf import build_model, random_batch
-from nxd_autoshard.mesh import Mesh
-from nxd_autoshard.pipeline import chunk_batch
+from nxd_autoshard.tools.hf import build_model, random_batch
+from nxd_autoshard.ir.mesh import Mesh
+from nxd_autoshard.runtime.pipeline import chunk_batch
 
 
 def tiny_llama(layers: int) -> dict:

@@ -6,7 +6,7 @@ import warnings
 from conftest import CONFIGS, wide_heads
 
 from nxd_autoshard import autoshard
-from nxd_autoshard.hf import build_model, random_batch
+from nxd_autoshard.tools.hf import build_model, random_batch
 
 
 @functools.cache

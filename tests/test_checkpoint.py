@@ -8,8 +8,8 @@ from conftest import config_dict
 from safetensors.torch import load_file
 
 from nxd_autoshard import autoshard
-from nxd_autoshard.hf import build_model, random_batch
-from nxd_autoshard.launch import run_ranks
+from nxd_autoshard.tools.hf import build_model, random_batch
+from nxd_autoshard.tools.launch import run_ranks
 
 
 def _layers(family: str, n: int, **extra) -> dict:

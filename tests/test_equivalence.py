@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import CONFIGS, FAMILIES, config_dict, wide_heads
-from nxd_autoshard.verify import verify_config
+from nxd_autoshard.tools.verify import verify_config
 
 
 def _assert_all_ok(checks):
@@ -79,7 +79,7 @@ def test_auto_plan_shards_the_layers_of_architectures_without_plan_files(name):
     import warnings
 
     from nxd_autoshard import autoshard
-    from nxd_autoshard.hf import build_model, random_batch
+    from nxd_autoshard.tools.hf import build_model, random_batch
 
     model = build_model(UNSEEN[name], seed=0)
     args, kwargs = random_batch(model, batch=2, seed=1)

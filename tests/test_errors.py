@@ -5,7 +5,7 @@ import torch
 
 from conftest import CONFIGS
 from nxd_autoshard import CaptureError, DivisibilityError, PlanError, autoshard
-from nxd_autoshard.hf import build_model, random_batch
+from nxd_autoshard.tools.hf import build_model, random_batch
 
 
 @pytest.fixture(scope="module")

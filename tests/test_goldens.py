@@ -10,8 +10,8 @@ from conftest import CONFIGS, FAMILIES
 from sharded_cache import sharded_family
 
 from nxd_autoshard import autoshard
-from nxd_autoshard.golden import GoldenMismatch, assert_golden, golden_text
-from nxd_autoshard.hf import build_model, random_batch
+from nxd_autoshard.inspect.golden import GoldenMismatch, assert_golden, golden_text
+from nxd_autoshard.tools.hf import build_model, random_batch
 
 GOLDENS = Path(__file__).parent / "goldens"
 ROOT = Path(__file__).parent.parent
@@ -56,8 +56,8 @@ _SEPARATE = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import CONFIGS
     from nxd_autoshard import autoshard
-    from nxd_autoshard.golden import golden_text
-    from nxd_autoshard.hf import build_model, random_batch
+    from nxd_autoshard.inspect.golden import golden_text
+    from nxd_autoshard.tools.hf import build_model, random_batch
     model = build_model(CONFIGS / "llama.json")
     args, kwargs = random_batch(model)
     sys.stdout.write(golden_text(autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)))

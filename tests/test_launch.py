@@ -1,4 +1,4 @@
-"""Tests for nxd_autoshard.launch.run_ranks."""
+"""Tests for nxd_autoshard.tools.launch.run_ranks."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 try:
-    from nxd_autoshard.launch import RankError, run_ranks
+    from nxd_autoshard.tools.launch import RankError, run_ranks
 except ImportError:  # package not installed: use the src layout directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from nxd_autoshard.launch import RankError, run_ranks
+    from nxd_autoshard.tools.launch import RankError, run_ranks
 
 
 # Functions run in the children must live at module level.

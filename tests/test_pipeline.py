@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import config_dict
-from nxd_autoshard import PlanError, autoshard, pipeline
-from nxd_autoshard.hf import build_model, random_batch
-from nxd_autoshard.mesh import Mesh
-from nxd_autoshard.split import balance, even_split
-from nxd_autoshard.verify import compare, verify_config
+from nxd_autoshard import PlanError, autoshard
+from nxd_autoshard.runtime import pipeline
+from nxd_autoshard.tools.hf import build_model, random_batch
+from nxd_autoshard.ir.mesh import Mesh
+from nxd_autoshard.compiler.split import balance, even_split
+from nxd_autoshard.tools.verify import compare, verify_config
 
 
 def layers(family: str, n: int, **extra) -> dict:
@@ -242,7 +243,7 @@ def test_train_step_without_a_loss_says_what_to_pass(llama3):
 
 
 def _zero1_worker(rank, world, cfg):
-    from nxd_autoshard.pipeline import chunk_batch
+    from nxd_autoshard.runtime.pipeline import chunk_batch
 
     model = build_model(cfg, seed=0)
     args, kwargs = random_batch(model, batch=4, seed=1)
@@ -260,7 +261,7 @@ def _zero1_worker(rank, world, cfg):
 
 
 def test_gloo_zero1_dp2_pp2_tracks_adamw():
-    from nxd_autoshard.launch import run_ranks
+    from nxd_autoshard.tools.launch import run_ranks
 
     cfg = layers("gpt2", 3)
     results = run_ranks(_zero1_worker, 4, args=(cfg,))

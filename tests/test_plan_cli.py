@@ -7,9 +7,9 @@ import pytest
 from conftest import CONFIGS
 from sharded_cache import sharded_family
 
-from nxd_autoshard.cli import main
-from nxd_autoshard.golden import golden_text
-from nxd_autoshard.plan_meta import PASSES, plan_on_meta
+from nxd_autoshard.tools.cli import main
+from nxd_autoshard.inspect.golden import golden_text
+from nxd_autoshard.tools.plan_meta import PASSES, plan_on_meta
 
 GOLDENS = Path(__file__).parent / "goldens"
 

@@ -7,8 +7,8 @@ import torch
 
 from conftest import CONFIGS, config_dict
 from nxd_autoshard import Replicate, Shard, autoshard
-from nxd_autoshard.hf import build_model, random_batch
-from nxd_autoshard.launch import run_ranks
+from nxd_autoshard.tools.hf import build_model, random_batch
+from nxd_autoshard.tools.launch import run_ranks
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nxd_autoshard.hf import build_model, random_batch
+from nxd_autoshard.tools.hf import build_model, random_batch
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "examples"))

@@ -8,10 +8,10 @@ import torch
 from conftest import config_dict
 
 from nxd_autoshard import Shard, autoshard
-from nxd_autoshard.collectives import local_vocab_embedding
-from nxd_autoshard.hf import build_model, random_batch
-from nxd_autoshard.launch import run_ranks
-from nxd_autoshard.verify import compare, verify_config
+from nxd_autoshard.runtime.collectives import local_vocab_embedding
+from nxd_autoshard.tools.hf import build_model, random_batch
+from nxd_autoshard.tools.launch import run_ranks
+from nxd_autoshard.tools.verify import compare, verify_config
 
 # (family, overrides, tp): odd and even vocabs, untied (Llama) and tied (GPT-2, tied Llama) heads
 PADDED = [

@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from nxd_autoshard.tools.cli import main
 
 sys.exit(main())

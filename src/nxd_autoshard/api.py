@@ -1,0 +1,103 @@
+"""`autoshard()` and the ShardedModule it returns: capture, plan, propagate, partition, run."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+from nxd_autoshard.compiler.plans import load_plan, resolve_styles
+from nxd_autoshard.compiler.split import (
+    BALANCE,
+    find_blocks,
+)
+from nxd_autoshard.ir.errors import PlanError
+from nxd_autoshard.ir.mesh import Mesh
+from nxd_autoshard.module import PipelineConfig, ShardedModule
+from nxd_autoshard.runtime.groups import build_groups
+from nxd_autoshard.runtime.pipeline import (
+    check_schedule,
+    chunk_batch,
+)
+
+__all__ = ["autoshard"]
+
+
+def autoshard(
+    model: torch.nn.Module,
+    tp: int = 1,
+    *,
+    example_inputs: tuple = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    plan: str | Mapping[str, str] = "auto",
+    auto: bool | None = None,
+    group=None,
+    pp: int = 1,
+    dp: int | None = None,
+    microbatches: int | None = None,
+    schedule: str = "1f1b",
+    pipeline_cuts: list[str] | None = None,
+    balance: str = "flops",
+    loss_fn=None,
+) -> ShardedModule:
+    """Shard an unmodified model over a (dp, pp, tp) mesh; see the README for the contract.
+
+    plan: "auto" (infer), a dict {module pattern: style}, a YAML path, or a family name
+    ("llama", "gpt2", ...); rules win over inference, which fills in the rest unless auto=False.
+    pp: pipeline stages, cut between repeated blocks and balanced by forward FLOPs (balance=
+    "memory": by parameter bytes; "even": blocks dealt out evenly, as NxD does; pipeline_cuts
+    names the first block of each later stage).
+    schedule: "gpipe", "1f1b", "interleaved" or "looped_bfs" (2 stages per rank) from
+    torch.distributed.pipelining. dp: data-parallel replicas (default: the rest of the world).
+    example_inputs: one step's batch as `train_step` will get it (this replica's, on a mesh).
+    """
+    for name, value in (("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not example_inputs and not example_kwargs:
+        raise ValueError("autoshard needs example inputs to capture the model: "
+                         "autoshard(model, tp, example_inputs=(input_ids,))")
+    if balance not in BALANCE:
+        raise ValueError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
+    microbatches = microbatches or (pp if pp > 1 else 1)
+    virtual = check_schedule(schedule, pp, microbatches) if pp > 1 else 1
+    on_mesh = dist.is_available() and dist.is_initialized()
+    if group is not None or not on_mesh or (pp == 1 and dp is None and dist.get_world_size() % tp):
+        dp = dp or 1
+    else:
+        world = dist.get_world_size()
+        dp = dp or max(1, world // (tp * pp))
+    if group is not None and (pp > 1 or dp > 1):
+        raise ValueError("group= gives the tp group only; for pp/dp let autoshard build the mesh "
+                         "from the world (dp x pp x tp ranks)")
+    pipeline = PipelineConfig(pp=pp, dp=dp, microbatches=microbatches, schedule=schedule,
+                              virtual=virtual, cuts=pipeline_cuts, balance=balance)
+    if pipeline.n_stages > 1:  # fail before the (slow) capture
+        n_blocks = len(find_blocks(model))
+        if n_blocks and pipeline.n_stages > n_blocks:
+            raise PlanError(f"pp={pipeline.n_stages} stages need at least {pipeline.n_stages} blocks, "
+                            f"but {type(model).__name__} has {n_blocks}; use pp <= {n_blocks}"
+                            + (f" (schedule '{schedule}' runs {virtual} stages per pp rank)"
+                               if virtual > 1 else ""))
+    rules = {} if plan == "auto" else load_plan(plan)
+    styles = resolve_styles(model, rules)
+    auto = (plan == "auto" or isinstance(plan, Mapping)) if auto is None else auto
+    groups = None
+    if group is None and on_mesh:
+        groups = build_groups(Mesh(dp, pp, tp), _device_type(model))
+    sharded = ShardedModule(model, tp=tp, styles=styles, auto=auto, group=group, groups=groups,
+                            pipeline=pipeline, loss_fn=loss_fn)
+    example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    if pipeline.n_stages > 1:
+        chunks = microbatches * (1 if groups is not None else dp)
+        example_inputs, example_kwargs = chunk_batch(example_inputs, example_kwargs, chunks)[0]
+    sharded._program_for(example_inputs, example_kwargs)
+    return sharded
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    for t in model.parameters():
+        return t.device.type
+    return "cpu"
+

@@ -1,0 +1,224 @@
+"""Capture an unmodified nn.Module into an FX graph with torch.export (non-strict) on fake tensors."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import Dim, ShapesCollection
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from nxd_autoshard.ir.errors import CaptureError
+from nxd_autoshard.ir.program import CapturedProgram
+
+__all__ = ["capture", "fake_shadow", "meta_shadow"]
+
+
+def meta_shadow(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters and buffers live on the meta device (no weight is copied)."""
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in memo:
+            continue
+        empty = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, torch.nn.Parameter):
+            empty = torch.nn.Parameter(empty, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = empty
+    return copy.deepcopy(model, memo)
+
+
+def fake_shadow(model: torch.nn.Module, mode, device: torch.device | None = None) -> torch.nn.Module:
+    """A copy of `model` whose tensors are fake tensors of `mode` on their real device (no storage).
+
+    Fake tensors keep the device, so model code that branches on `x.device.type` (HF's MoE
+    routing does) is captured as it runs there; meta tensors would take the other branch.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in memo:
+            continue
+        with mode:
+            fake = torch.empty(tensor.shape, dtype=tensor.dtype, device=device or tensor.device)
+        if isinstance(tensor, torch.nn.Parameter):
+            fake = torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = fake
+    return copy.deepcopy(model, memo)
+
+
+def _default_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
+    # A cache object in the output cannot be exported (and is not wanted in training).
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+    shapes = ShapesCollection()
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            shapes[leaf] = {d: Dim.AUTO for d in range(leaf.dim())}
+    return shapes.dynamic_shapes(model, args, kwargs)
+
+
+class _ModuleTracker:
+    """Forward pre/post hooks that remember which module was running when capture failed."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.stack: list[str] = []
+        self.deepest: list[str] = []
+        self.handles = []
+        for name, mod in model.named_modules():
+            self.handles.append(mod.register_forward_pre_hook(self._enter(name or type(model).__name__)))
+            self.handles.append(mod.register_forward_hook(self._leave))
+
+    def _enter(self, name):
+        def hook(mod, args):
+            self.stack.append(name)
+            self.deepest = list(self.stack)
+
+        return hook
+
+    def _leave(self, mod, args, out):
+        if self.stack:
+            self.stack.pop()
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    training: bool | None = None,
+    dynamic: bool = True,
+    device: torch.device | None = None,
+) -> CapturedProgram:
+    """Export `model` with fake tensors into a flat CapturedProgram; weights are never touched.
+
+    `device`: where the model's tensors live when it runs (default: where they are now).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    kwargs = _default_kwargs(model, dict(kwargs or {}))
+    training = model.training if training is None else training
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    shadow = fake_shadow(model, mode, device)
+    shadow.train(training)
+
+    def to_fake(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        with mode:
+            fake = torch.empty(value.shape, dtype=value.dtype, device=device or value.device)
+        return fake
+
+    meta_args = pytree.tree_map(to_fake, args)
+    meta_kwargs = pytree.tree_map(to_fake, kwargs)
+    tracker = _ModuleTracker(shadow)
+    try:
+        try:
+            dyn = _dynamic_shapes(shadow, meta_args, meta_kwargs) if dynamic else None
+            ep = torch.export.export(shadow, meta_args, meta_kwargs, dynamic_shapes=dyn, strict=False)
+        except CaptureError:
+            raise
+        except Exception:
+            if not dynamic:
+                raise
+            # some models specialise a size; a static capture still works (recaptured per shape)
+            tracker.deepest = []
+            ep = torch.export.export(shadow, meta_args, meta_kwargs, strict=False)
+    except Exception as err:
+        where = tracker.deepest[-1] if tracker.deepest else type(model).__name__
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: the failure happened inside "
+            f"module '{where}': {type(err).__name__}: {first}\n"
+            "What to do: make that module's forward traceable (no data-dependent Python control "
+            "flow, no .item()/.tolist() on tensors, no unsupported objects in inputs or outputs), "
+            "or pass different example inputs; torch.export's own report is chained below."
+        ) from err
+    finally:
+        tracker.close()
+    return _flatten_exported(ep, model, training)
+
+
+def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedProgram:
+    sig = ep.graph_signature
+    for spec in sig.output_specs:
+        if spec.kind not in (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT):
+            raise CaptureError(
+                f"{type(model).__name__} mutates state during forward ({spec.kind.name} of "
+                f"'{spec.target}'); stateful layers such as BatchNorm running stats are not supported yet."
+            )
+    buffer_names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    state_names, state_kinds, user_names = [], [], []
+    constants: dict[str, torch.Tensor] = {}
+    for spec in sig.input_specs:
+        if spec.kind == InputKind.PARAMETER:
+            state_names.append(spec.target)
+            state_kinds.append("parameter")
+        elif spec.kind == InputKind.BUFFER:
+            state_names.append(spec.target)
+            state_kinds.append("buffer")
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            state_names.append(spec.target)
+            if spec.target in buffer_names:
+                state_kinds.append("buffer")
+                continue
+            value = _real_constant(ep.constants.get(spec.target))
+            if value is None:
+                raise CaptureError(
+                    f"{type(model).__name__}.forward creates a tensor constant '{spec.target}' from "
+                    "data while tracing, and its value could not be recovered; register it as a buffer."
+                )
+            state_kinds.append("constant")
+            constants[spec.target] = value
+        elif spec.kind == InputKind.USER_INPUT:
+            user_names.append(spec.arg.name)
+        else:
+            raise CaptureError(f"unsupported exported input kind {spec.kind.name} for '{spec.target}'")
+    gm = ep.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # printers (goldens, history) name inputs by what they are, not by export's node names
+    kinds = state_kinds + ["input"] * len(user_names)
+    for node, name, kind in zip(placeholders, state_names + user_names, kinds):
+        node.meta["nxd_name"], node.meta["nxd_kind"] = name, kind
+    static_dims = []
+    for node in placeholders[len(state_names):]:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            static_dims.append(tuple(int(s) if isinstance(s, int) else -1 for s in val.shape))
+        else:
+            static_dims.append(None)
+    return CapturedProgram(
+        gm=gm,
+        state_names=state_names,
+        state_kinds=state_kinds,
+        user_input_names=user_names,
+        in_spec=ep.call_spec.in_spec,
+        out_spec=ep.call_spec.out_spec,
+        training=training,
+        static_dims=static_dims,
+        constants=constants,
+    )
+
+
+def _real_constant(value) -> torch.Tensor | None:
+    """The data of a lifted constant: fake tensors made from Python data keep it in `.constant`."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, FakeTensor):
+        value = getattr(value, "constant", None)
+    if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        return value.detach().clone()
+    return None
+

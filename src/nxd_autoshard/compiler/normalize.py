@@ -1,0 +1,128 @@
+"""Small graph-to-graph passes run around propagation: cleanup, bias splitting, device retargeting."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+__all__ = ["drop_assertions", "linear_from_matmul", "expert_linear_from_grouped_mm", "split_bias",
+           "retarget_device"]
+
+
+aten = torch.ops.aten
+
+
+def _finish(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def drop_assertions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove export's metadata assertions (`_assert_tensor_metadata`): they only check dtype/device."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in (
+            aten._assert_tensor_metadata,
+        ):
+            gm.graph.erase_node(node)
+    return _finish(gm)
+
+
+def _transposed_param(node, ndim: int) -> torch.fx.Node | None:
+    """W when `node` swaps the last two dims of an `ndim`-D parameter W (W.T, W.transpose(-2, -1))."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    w = node.args[0]
+    if not (isinstance(w, torch.fx.Node) and w.meta.get("nxd_kind") == "parameter"
+            and isinstance(w.meta.get("val"), torch.Tensor) and w.meta["val"].dim() == ndim):
+        return None
+    packet = getattr(node.target, "overloadpacket", None)
+    last_two = [ndim - 2, ndim - 1]
+    if packet in (aten.t, aten.numpy_T) and ndim == 2:
+        return w
+    if packet is aten.transpose and sorted(a % ndim for a in node.args[1:3]) == last_two:
+        return w
+    if packet is aten.permute and [a % ndim for a in node.args[1]] == [*range(ndim - 2), *last_two[::-1]]:
+        return w
+    return None
+
+
+def linear_from_matmul(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite `x @ W.T` (matmul/mm with a transposed 2-D parameter) as `linear(x, W)`.
+
+    Models that skip nn.Linear (Falcon's `hidden @ self.weight.T`) then get the same
+    column/row choices as any linear layer.
+    """
+    for node in list(gm.graph.nodes):
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet not in (aten.matmul, aten.mm) or len(node.args) != 2 or node.kwargs:
+            continue
+        weight = _transposed_param(node.args[1], 2)
+        if weight is not None:
+            node.target = aten.linear.default
+            node.args = (node.args[0], weight)
+    return _finish(gm)
+
+
+def expert_linear_from_grouped_mm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite HF's fused-expert product `grouped_mm_fallback(x, W.transpose(-2, -1), offsets)`
+    (Mixtral, Qwen-MoE: W [experts, out, in]) as `expert_linear(x, W, offsets)`, so the experts
+    get column/row choices like any linear layer."""
+    from nxd_autoshard.ir.ops import expert_linear
+
+    for node in list(gm.graph.nodes):
+        packet = getattr(node.target, "overloadpacket", None)
+        if getattr(packet, "__name__", "") != "grouped_mm_fallback" or len(node.args) != 3:
+            continue
+        weight = _transposed_param(node.args[1], 3)
+        if weight is not None:
+            node.target = expert_linear
+            node.args = (node.args[0], weight, node.args[2])
+    return _finish(gm)
+
+
+def split_bias(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite `linear(x, W, b)` and `addmm(b, x, W)` as a bias-free product plus `add(., b)`.
+
+    A row-parallel product is a Partial sum; its bias must be added once, after the reduction,
+    which a separate add node gets for free from the placement rules.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet is aten.linear and len(node.args) > 2 and node.args[2] is not None:
+            bias = node.args[2]
+            node.args = node.args[:2]
+        elif packet is aten.addmm and not node.kwargs:
+            bias = node.args[0]
+            node.target = aten.mm.default
+            node.args = (node.args[1], node.args[2])
+        else:
+            continue
+        with graph.inserting_after(node):
+            add = graph.call_function(aten.add.Tensor, (node, bias))
+        node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+        add.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}
+        node.meta["nxd_bias"] = bias
+    return _finish(gm)
+
+
+def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+    """Replace the meta device baked in at capture (arange(..., device=meta)) by the run-time device."""
+    meta = torch.device("meta")
+    device = torch.device(device)
+
+    def swap(value):
+        if isinstance(value, torch.device) and value == meta:
+            return device
+        if isinstance(value, (list, tuple)):
+            return type(value)(swap(v) for v in value)
+        return value
+
+    for node in gm.graph.nodes:
+        node.args = swap(node.args)
+        node.kwargs = {k: swap(v) for k, v in node.kwargs.items()}
+    gm.recompile()
+    return gm
+

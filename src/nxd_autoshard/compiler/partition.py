@@ -1,0 +1,185 @@
+"""Partition pass: turn a propagated global graph into the one local program every TP rank runs."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from nxd_autoshard.compiler.propagate import PropagationResult
+from nxd_autoshard.ir import ops as C
+from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
+from nxd_autoshard.ir.program import CapturedProgram, module_path
+from nxd_autoshard.rules import tensor_inputs
+
+__all__ = ["partition", "redistribute_ops", "requires_grad_nodes"]
+
+
+AXIS = "tp"
+
+
+def redistribute_ops(
+    src: Placement, dst: Placement, *, size: int | None = None, pad: list[int] | None = None
+) -> list[tuple]:
+    """Collective calls (function, extra args) that turn `src` into `dst`.
+
+    Vocab padding, whose backward gives the padding a zero gradient: size, the real size of a
+    padded source shard dim, whose gathered padding is sliced off; pad, the `constant_pad_nd`
+    widths that zero-pad a replicated value before it is sharded over a padded dim.
+    """
+    if src == dst:
+        return []
+    if isinstance(src, Replicate) and isinstance(dst, Shard) and pad is not None:
+        return [(torch.ops.aten.constant_pad_nd.default, (pad,)), (C.shard, (dst.dim, AXIS))]
+    if isinstance(src, Partial):
+        if isinstance(dst, Replicate):
+            return [(C.all_reduce, (AXIS,))]
+        if isinstance(dst, Shard):
+            return [(C.reduce_scatter, (dst.dim, AXIS))]
+    if isinstance(src, Shard):
+        gather = [(C.all_gather, (src.dim, AXIS))]
+        if size is not None:
+            gather.append((torch.ops.aten.slice.Tensor, (src.dim, 0, size)))
+        if isinstance(dst, Replicate):
+            return gather
+        if isinstance(dst, Shard):
+            return gather + [(C.shard, (dst.dim, AXIS))]
+    if isinstance(src, Replicate) and isinstance(dst, Shard):
+        return [(C.shard, (dst.dim, AXIS))]
+    raise ValueError(f"no redistribution from {src} to {dst}")
+
+
+def requires_grad_nodes(gm: torch.fx.GraphModule, program: CapturedProgram) -> set[torch.fx.Node]:
+    """Values that carry a gradient: parameters, floating user inputs and what they feed."""
+    grad: set[torch.fx.Node] = set()
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+            continue
+        if i >= program.num_state or program.state_kinds[i] == "parameter":
+            grad.add(node)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        val = node.meta.get("val")
+        floating = isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+        floating = floating or isinstance(val, (list, tuple))
+        if floating and any(n in grad for n in tensor_inputs(node)):
+            grad.add(node)
+    return grad
+
+
+def _is_replicated(p) -> bool:
+    if isinstance(p, tuple):
+        return all(_is_replicated(x) for x in p)
+    return p is None or isinstance(p, Replicate)
+
+
+def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> CapturedProgram:
+    """Insert collectives where a consumer needs another placement and localise shape constants."""
+    gm = program.gm
+    graph = gm.graph
+    grad = requires_grad_nodes(gm, program)
+    cache: dict[tuple, torch.fx.Node] = {}
+
+    def convert(value: torch.fx.Node, src: Placement, dst: Placement, padded: int | None = None):
+        key = (value, dst, padded)
+        if key in cache:
+            return cache[key]
+        current = anchor = value if value.op != "placeholder" else _last_placeholder(graph)
+        current = value
+        size, pad = _real_size_if_padded(value, src), _pad_widths(value, dst, padded)
+        for fn, extra in redistribute_ops(src, dst, size=size, pad=pad):
+            with graph.inserting_after(anchor):
+                current = graph.call_function(fn, (current, *extra))
+            current.meta["nxd_placement"] = dst
+            current.meta["nn_module_stack"] = value.meta.get("nn_module_stack", {})
+            current.meta["val"] = value.meta.get("val")
+            anchor = current
+        if value in grad:
+            grad.add(current)
+        cache[key] = current
+        return current
+
+    def grad_reduce(value: torch.fx.Node) -> torch.fx.Node:
+        key = (value, "grad")
+        if key not in cache:
+            anchor = value if value.op != "placeholder" else _last_placeholder(graph)
+            with graph.inserting_after(anchor):
+                node = graph.call_function(C.grad_all_reduce, (value, AXIS))
+            node.meta.update(nxd_placement=Replicate(), val=value.meta.get("val"),
+                             nn_module_stack=value.meta.get("nn_module_stack", {}))
+            cache[key] = node
+        return cache[key]
+
+    for node in list(graph.nodes):
+        if node.op == "output":
+            _localise_outputs(node, convert)
+            continue
+        decision = result.decisions.get(node)
+        if decision is None:
+            continue
+        _check_size_queries(node)
+        replace: dict[torch.fx.Node, torch.fx.Node] = {}
+        for value, need in decision.needs.items():
+            have = value.meta.get("nxd_placement")
+            if have != need:
+                padded = decision.padded if isinstance(need, Shard) else None
+                replace[value] = convert(value, have, need, padded)
+        if not _is_replicated(decision.out):
+            for value in tensor_inputs(node):
+                src = replace.get(value, value)
+                placed = src.meta.get("nxd_placement")
+                if isinstance(placed, Replicate) and src in grad:
+                    replace[value] = grad_reduce(src)
+        if replace:
+            node.args = torch.fx.node.map_arg(node.args, lambda a: replace.get(a, a))
+            node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: replace.get(a, a))
+        if decision.rewrite is not None:
+            decision.rewrite(node, tp)
+    gm.meta["nxd_tp"] = tp  # the graph is now one rank's: printers divide sharded dims by tp
+    graph.lint()
+    gm.recompile()
+    return program
+
+
+def _real_size_if_padded(value: torch.fx.Node, placed: Placement) -> int | None:
+    """The unpadded size of a value's shard dim when propagation marked it padded, else None."""
+    if not isinstance(placed, Shard) or value.meta.get("nxd_padded") is None:
+        return None
+    return value.meta["val"].shape[placed.dim]
+
+
+def _pad_widths(value: torch.fx.Node, dst: Placement, padded: int | None) -> list[int] | None:
+    """`constant_pad_nd` widths that zero-pad a value's `dst` shard dim up to `padded`, or None."""
+    if padded is None or not isinstance(dst, Shard):
+        return None
+    shape = value.meta["val"].shape
+    return [0, 0] * (len(shape) - 1 - dst.dim) + [0, padded - int(shape[dst.dim])]
+
+
+def _last_placeholder(graph: torch.fx.Graph) -> torch.fx.Node:
+    return [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+
+def _check_size_queries(node: torch.fx.Node) -> None:
+    if getattr(node.target, "overloadpacket", None) is not torch.ops.aten.sym_size:
+        return
+    placed = node.args[0].meta.get("nxd_placement")
+    if isinstance(placed, Shard) and placed.dim == node.args[1]:
+        mod = module_path(node)
+        raise NotImplementedError(
+            f"node '{node.name}'{f' in module {mod!r}' if mod else ''} reads the size of a "
+            f"dimension sharded across tp; mark that module 'replicate' in the plan"
+        )
+
+
+def _localise_outputs(node: torch.fx.Node, convert) -> None:
+    def fix(arg):
+        if isinstance(arg, torch.fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor):
+            have = arg.meta.get("nxd_placement")
+            if have is not None and not isinstance(have, Replicate):
+                return convert(arg, have, Replicate())
+        return arg
+
+    node.args = torch.fx.node.map_arg(node.args, fix)
+

@@ -1,0 +1,369 @@
+"""Propagation pass: a placement for every value of the captured graph, from parameter seeds.
+
+Parameter seeds come from the plan as styles (`column`, `row`, `vocab_parallel`,
+`replicate`); in auto mode a linear without a style becomes `column` when its input is
+replicated and `row` when its input is sharded on the feature dim. Values whose placement
+no rule can derive are gathered to Replicate with a warning naming the node and module.
+
+Vocab padding (as NxD's ParallelEmbedding / ColumnParallelLinear pad): a vocab-parallel
+embedding, and a column linear whose outputs are the vocab (the LM head, tied or not), are
+sharded even when tp does not divide the vocab, over a zero-padded size; `blocks`-like, the
+padded size of each such parameter is recorded in `PropagationResult.padded`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from nxd_autoshard.ir.ops import expert_linear
+from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard, padded_size
+from nxd_autoshard.ir.program import CapturedProgram, module_path
+from nxd_autoshard.rules import (
+    Decision,
+    R,
+    handles_padding,
+    padded_of,
+    rule_for,
+    shape_of,
+    tensor_inputs,
+)
+
+__all__ = ["PropagationResult", "propagate_placements", "LINEAR_OPS", "weight_role"]
+
+
+aten = torch.ops.aten
+
+
+LINEAR_OPS = {aten.linear, aten.addmm, aten.mm, aten.matmul, expert_linear}
+
+
+@dataclass
+class PropagationResult:
+    """Decisions of one propagation run over a program's graph."""
+
+    decisions: dict[torch.fx.Node, Decision]
+    param_placements: dict[str, Placement]
+    auto_styles: dict[str, str]  # module path -> style chosen by auto
+    failed_columns: dict[str, str] = field(default_factory=dict)  # module -> reason
+    fallbacks: list[str] = field(default_factory=list)
+    blocks: dict[str, int] = field(default_factory=dict)  # param -> equal blocks of its shard dim
+    column_inputs: dict[str, str] = field(default_factory=dict)  # column module -> its input node
+    padded: dict[str, int] = field(default_factory=dict)  # param -> padded size of its shard dim
+
+
+def weight_role(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None, int, torch.fx.Node] | None:
+    """For a linear-like node: (weight, bias, out-feature dim of the weight, activation)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    split_off = node.meta.get("nxd_bias")  # set by split_bias
+    if packet is aten.linear:
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return node.args[1], bias if bias is not None else split_off, 0, node.args[0]
+    if packet is aten.addmm:
+        return node.args[2], node.args[0], 1, node.args[1]
+    if packet in (aten.mm, aten.matmul):
+        return node.args[1], split_off, 1, node.args[0]
+    if node.target is expert_linear:  # weight [experts, out, in]
+        return node.args[1], None, 1, node.args[0]
+    return None
+
+
+def _in_dim(out_dim: int, ndim: int) -> int:
+    """The in-feature dim of a weight (2-D [out, in] or [in, out]; 3-D experts [E, out, in])."""
+    return ndim - 1 if out_dim == ndim - 2 else ndim - 2
+
+
+def _style_placements(style: str, out_dim: int, ndim: int = 2) -> tuple[Placement, Placement]:
+    """(weight placement, bias placement) of a linear style, given the weight's out-feature dim."""
+    in_dim = _in_dim(out_dim, ndim)
+    if style == "column":
+        return Shard(out_dim), Shard(0)
+    if style == "row":
+        return Shard(in_dim), R
+    return R, R
+
+
+def _is_param(node, program: CapturedProgram) -> str | None:
+    if node.op != "placeholder":
+        return None
+    index = _placeholder_index(node)
+    if index < program.num_state and program.state_kinds[index] == "parameter":
+        return program.state_names[index]
+    return None
+
+
+def _placeholder_index(node) -> int:
+    return node.meta["nxd_index"]
+
+
+def _reads_user_input(node, program: CapturedProgram) -> bool:
+    """An index tensor that is a user input (token ids), possibly through views."""
+    while node.op == "call_function" and len(tensor_inputs(node)) == 1:
+        node = tensor_inputs(node)[0]
+    return node.op == "placeholder" and _placeholder_index(node) >= program.num_state
+
+
+def propagate_placements(
+    program: CapturedProgram,
+    tp: int,
+    *,
+    styles: dict[str, str],
+    fixed: dict[str, Placement] | None = None,
+    auto: bool = True,
+    veto: set[str] = frozenset(),
+    padded: dict[str, int] | None = None,
+) -> PropagationResult:
+    """Derive a placement for every node; styles map parameter names to plan styles.
+
+    fixed / padded: placements and vocab paddings of parameters decided by an earlier capture.
+    """
+    gm = program.gm
+    fixed = dict(fixed or {})
+    placements: dict[torch.fx.Node, Placement | tuple | None] = {}
+    decisions: dict[torch.fx.Node, Decision] = {}
+    param_of: dict[torch.fx.Node, str] = {}
+    origins: dict[torch.fx.Node, frozenset] = {}
+    auto_styles: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    fallbacks: list[str] = []
+    blocks: dict[str, int] = {}
+    chosen: dict[str, Placement] = dict(fixed)
+    column_module: dict[str, str] = {}  # weight param -> module path of its column linear
+    column_inputs: dict[str, str] = {}  # column module -> name of its input node
+    padded = dict(padded or {})
+
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        node.meta["nxd_index"] = i
+    vocab_sizes = _vocab_sizes(program)
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            name = _is_param(node, program)
+            if name is not None:
+                param_of[node] = name
+            placements[node] = chosen.get(name, R) if name else (R if _is_tensor(node) else None)
+            node.meta["nxd_padded"] = padded.get(name)
+            continue
+        if node.op == "output":
+            continue
+        if node.op != "call_function":
+            placements[node] = R
+            continue
+        ins = tensor_inputs(node)
+        # seed linear / embedding weights from styles (or auto) on first use
+        _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, param_of,
+                      auto_styles, column_module, column_inputs, padded, vocab_sizes)
+        pls = {n: placements[n] for n in ins}
+        decision = _decide_node(node, pls, tp)
+        # gathers break the column shards flowing in: remember which ones
+        for n, need in decision.needs.items():
+            have = pls.get(n)
+            if isinstance(have, Shard) and not isinstance(need, Shard):
+                for origin in origins.get(n, ()):
+                    failed.setdefault(origin, decision.note or f"gathered at {_where(node)}")
+            if isinstance(have, Shard) and isinstance(need, Shard) and need != have:
+                for origin in origins.get(n, ()):
+                    failed.setdefault(origin, f"resharded at {_where(node)}")
+        if decision.note and decision.note.startswith("no sharding rule"):
+            fallbacks.append(f"{_where(node)}: {node.target} on "
+                             + ", ".join(f"{n.name}={_placed_str(pls[n], n)}" for n in ins))
+        if decision.note and decision.note.startswith("blocks="):
+            _mark_blocks(node, int(decision.note.split("=")[1]), param_of, blocks)
+        decisions[node] = decision
+        placements[node] = decision.out
+        node.meta["nxd_placement"] = decision.out
+        node.meta["nxd_padded"] = decision.padded
+        # provenance of sharded values: which auto/plan column produced them
+        if not _all_replicate(decision.out):
+            src = frozenset().union(*(origins.get(n, frozenset()) for n in ins))
+            role = weight_role(node) if _packet(node) in LINEAR_OPS else None
+            if role is not None and role[0] in param_of and param_of[role[0]] in column_module:
+                src = src | {column_module[param_of[role[0]]]}
+            if src:
+                origins[node] = src
+
+    for node, p in placements.items():
+        node.meta["nxd_placement"] = p
+    params = {param_of[n]: placements[n] for n in param_of}
+    padded = {name: size for name, size in padded.items() if isinstance(chosen.get(name), Shard)}
+    return PropagationResult(decisions, params, auto_styles, failed, fallbacks, blocks, column_inputs,
+                             padded)
+
+
+def _decide_node(node, pls: dict, tp: int) -> Decision:
+    """The rule's decision; inputs it cannot take (no rule, or padding it does not know) are gathered."""
+    unpadded = {} if handles_padding(node.target) else {
+        n: R for n, p in pls.items() if isinstance(p, Shard) and padded_of(n)
+    }
+    seen = {**pls, **unpadded}
+    if all(isinstance(p, Replicate) or p is None for p in seen.values()):
+        decision = Decision(_replicated_like(node))
+    else:
+        rule = rule_for(node.target)
+        decision = rule(node, seen, tp) if rule else None
+        if decision is None:
+            return Decision(_replicated_like(node), {n: R for n in pls},
+                            note="no sharding rule for these placements")
+    if unpadded:
+        decision.needs = {**unpadded, **decision.needs}
+        decision.note = "no sharding rule for a padded vocab dim"
+    return decision
+
+
+def _vocab_sizes(program: CapturedProgram) -> set[int]:
+    """Row counts of embedding tables read by user token ids: the dims that may be padded."""
+    sizes = set()
+    for node in program.gm.graph.nodes:
+        if (_packet(node) is aten.embedding and _is_param(node.args[0], program)
+                and _reads_user_input(node.args[1], program)):
+            sizes.add(shape_of(node.args[0])[0])
+    return sizes
+
+
+def _packet(node):
+    return getattr(node.target, "overloadpacket", node.target)
+
+
+def _placed_str(placement, node) -> str:
+    padded = padded_of(node) if isinstance(placement, Shard) else None
+    return f"{placement}" + (f" padded to {padded}" if padded else "")
+
+
+def _where(node) -> str:
+    mod = module_path(node)
+    return f"node '{node.name}'" + (f" in module '{mod}'" if mod else "")
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _replicated_like(node):
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        return tuple(R for _ in val)
+    return R if isinstance(val, torch.Tensor) else None
+
+
+def _all_replicate(p) -> bool:
+    if isinstance(p, tuple):
+        return all(_all_replicate(x) for x in p)
+    return p is None or isinstance(p, Replicate)
+
+
+def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, param_of,
+                  auto_styles, column_module, column_inputs, padded, vocab_sizes):
+    """Give a linear's or embedding's parameters their placements the first time they are used."""
+    packet = _packet(node)
+    if packet is aten.embedding:
+        _seed_embedding(node, program, tp, styles, auto, veto, chosen, placements, param_of,
+                        auto_styles, padded)
+        return
+    if packet not in LINEAR_OPS:
+        return
+    role = weight_role(node)
+    weight, bias, out_dim, x = role
+    name = param_of.get(weight)
+    if name is None or name in chosen:
+        return
+    ndim = len(shape_of(weight))
+    if ndim != (3 if node.target is expert_linear else 2):
+        return
+    mod = name.rsplit(".", 1)[0]
+    style = styles.get(name)
+    if style is None and auto and mod not in veto:
+        px = placements.get(x)
+        in_features = shape_of(weight)[_in_dim(out_dim, ndim)]
+        out_features = shape_of(weight)[out_dim]
+        vocab_head = out_features in vocab_sizes  # padded when tp does not divide it
+        if isinstance(px, (Replicate, Partial)) and (out_features % tp == 0 or vocab_head):
+            style = "column"
+        elif isinstance(px, Shard) and px.dim == x.meta["val"].dim() - 1 and in_features % tp == 0:
+            style = "row"
+        if style:
+            auto_styles[mod] = style
+    if style is None:
+        style = "replicate"
+    out_features = shape_of(weight)[out_dim]
+    vocab_head = style == "vocab_parallel" or out_features in vocab_sizes
+    if style == "vocab_parallel":
+        style = "column"
+    w_pl, b_pl = _style_placements(style, out_dim, ndim)
+    pad = None
+    if style == "column" and out_features % tp:
+        if vocab_head:  # the LM head: padded like NxD's ColumnParallelLinear(pad=True)
+            pad = padded_size(out_features, tp)
+        else:
+            w_pl, b_pl = R, R
+    chosen[name] = w_pl
+    placements[weight] = w_pl
+    _mark_padded(weight, name, pad, padded)
+    if style == "column":
+        column_module[name] = mod
+        column_inputs[mod] = x.name
+    if bias is not None and bias in param_of:
+        bname = param_of[bias]
+        if bname not in chosen:
+            chosen[bname] = b_pl
+            placements[bias] = b_pl
+            _mark_padded(bias, bname, pad, padded)
+
+
+def _seed_embedding(node, program, tp, styles, auto, veto, chosen, placements, param_of,
+                    auto_styles, padded):
+    """An embedding table read by token ids is vocab-parallel; a vocab tp does not divide is padded."""
+    weight = node.args[0]
+    name = param_of.get(weight)
+    if name is None or name in chosen:
+        return
+    mod = name.rsplit(".", 1)[0]
+    style = styles.get(name)
+    if style is None and auto and mod not in veto and _reads_user_input(node.args[1], program):
+        style = "vocab_parallel"
+        auto_styles[mod] = style
+    rows, width = shape_of(weight)
+    placement, pad = R, None
+    if style == "vocab_parallel":
+        placement = Shard(0)
+        pad = padded_size(rows, tp) if rows % tp else None
+    elif style == "column" and width % tp:
+        warnings.warn(
+            f"nxd-autoshard: embedding '{name}' has {width} columns, which tp={tp} does not divide; "
+            "it is replicated (only a vocab dim is padded: use 'vocab_parallel' to shard its rows)",
+            stacklevel=5,
+        )
+    elif style == "column":
+        placement = Shard(1)
+    chosen[name] = placement
+    placements[weight] = placement
+    _mark_padded(weight, name, pad, padded)
+
+
+def _mark_padded(param: torch.fx.Node, name: str, pad: int | None, padded: dict[str, int]) -> None:
+    """Record a parameter's padded shard size (or that it has none) for the rules and the module."""
+    if pad is None:
+        padded.pop(name, None)
+    else:
+        padded[name] = pad
+    param.meta["nxd_padded"] = pad
+
+
+def _mark_blocks(split_node, count, param_of, blocks):
+    """An equal split of a column-sharded dim: the weight must be sliced block by block."""
+    node = split_node.args[0]
+    while node.op == "call_function":
+        role = weight_role(node) if _packet(node) in LINEAR_OPS else None
+        if role is not None:
+            weight, bias = role[0], role[1]
+            for p in (weight, bias):
+                if p is not None and p in param_of:
+                    blocks[param_of[p]] = count
+            return
+        sharded = [n for n in tensor_inputs(node) if isinstance(n.meta.get("nxd_placement"), Shard)]
+        if not sharded:
+            return
+        node = sharded[0]
+

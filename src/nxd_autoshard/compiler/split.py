@@ -1,0 +1,330 @@
+"""Split pass: cut a local program into pipeline stages between repeated blocks, balanced by cost.
+
+A *block* is a child of a ModuleList whose children share one class (decoder layers).
+Every node belongs to one unit (one block; code before the first block joins the first,
+code after the last joins the last), and each stage is a contiguous run of units. Values
+used across a cut (hidden states, rotary cos/sin, masks, labels) are passed along as
+stage outputs/inputs; parameters go to every stage that reads them (tied weights).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from nxd_autoshard.ir.cost import node_flops
+from nxd_autoshard.ir.errors import PlanError
+from nxd_autoshard.ir.program import BlockCost, CapturedProgram, StageProgram, module_path
+
+__all__ = [
+    "BALANCE", "find_blocks", "assign_units", "unit_costs",
+    "balance", "even_split", "split_program", "stage_of_units", "segment_blocks", "Units",
+]
+
+
+def find_blocks(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the repeated blocks: children of ModuleLists whose children share a class."""
+    blocks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) >= 2:
+            kinds = {type(child) for child in mod}
+            if len(kinds) == 1 and not isinstance(mod[0], (torch.nn.Linear, torch.nn.Embedding)):
+                blocks += [f"{name}.{i}" if name else str(i) for i in range(len(mod))]
+    # nested lists (a block holding its own list of experts) are not blocks themselves
+    return [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]
+
+
+def _block_index(path: str, index: dict[str, int]) -> int | None:
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        hit = index.get(".".join(parts[:end]))
+        if hit is not None:
+            return hit
+    return None
+
+
+def assign_units(gm: torch.fx.GraphModule, blocks: list[str]) -> dict[torch.fx.Node, int]:
+    """Unit (block index) of every node, never before the units of its inputs."""
+    index = {b: i for i, b in enumerate(blocks)}
+    unit: dict[torch.fx.Node, int] = {}
+    pending: list[torch.fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            unit[node] = 0
+            continue
+        if node.op == "output":
+            continue
+        own = _block_index(module_path(node), index) if node.op == "call_function" else None
+        floor = max((unit[n] for n in node.all_input_nodes if n in unit), default=0)
+        if node.target is operator.getitem:
+            unit[node] = unit[node.args[0]]
+            continue
+        if own is None:
+            pending.append(node)
+            continue
+        here = max(own, floor)
+        for p in pending:  # code between blocks runs with the block that follows it
+            unit[p] = max(here, max((unit[n] for n in p.all_input_nodes if n in unit), default=0))
+        pending = []
+        unit[node] = here
+    last = len(blocks) - 1
+    for p in pending:
+        unit[p] = max(last, max((unit[n] for n in p.all_input_nodes if n in unit), default=0))
+    for node in gm.graph.nodes:  # getitems follow their (possibly moved) tuple
+        if node.target is operator.getitem and node in unit:
+            unit[node] = unit[node.args[0]]
+    return unit
+
+
+@dataclass
+class Units:
+    """Pipeline units: each block cut at its child modules (attention | MLP ...), in run order.
+
+    `cut_ok[k]`: a stage may start at unit k, i.e. no more activations that carry a gradient
+    cross there than cross between two blocks (in a decoder layer: after the attention's
+    residual add, but not between a norm and the module it feeds).
+    """
+
+    of_node: dict[torch.fx.Node, int]
+    names: list[str]
+    block: list[int]
+    cut_ok: list[bool]
+
+    def first_of_block(self, b: int) -> int:
+        return self.block.index(b)
+
+
+def _unit_name(path: str, block: str) -> str:
+    """The child module of `block` that `path` is in; '' for the block's own code (residual adds)."""
+    if path == block or not path or block.startswith(path + "."):
+        return ""  # the block's own code, or the model's code around it
+    if path.startswith(block + "."):
+        return f"{block}.{path[len(block) + 1:].split('.')[0]}"
+    return path  # code run with this block but outside it (embedding, final norm, LM head)
+
+
+def segment_blocks(program: CapturedProgram, block_of: dict[torch.fx.Node, int],
+                   blocks: list[str]) -> Units:
+    """Cut every block into units at its child modules and mark where a stage may start."""
+    from nxd_autoshard.compiler.partition import requires_grad_nodes
+
+    gm = program.gm
+    by_block: list[list[torch.fx.Node]] = [[] for _ in blocks]
+    for node in gm.graph.nodes:  # one pass; each block's nodes stay in graph order
+        if node.op == "call_function" and node in block_of:
+            by_block[block_of[node]].append(node)
+    of_node: dict[torch.fx.Node, int] = {}
+    names, block = [], []
+    for b, (prefix, nodes) in enumerate(zip(blocks, by_block)):
+        key = None
+        for node in nodes:
+            if node.target is operator.getitem:
+                of_node[node] = of_node[node.args[0]]
+                continue
+            here = _unit_name(module_path(node), prefix)
+            if key is None or (here and here != key):
+                key = here
+                names.append(here or prefix)
+                block.append(b)
+            of_node[node] = len(names) - 1
+        if key is None:  # a block the graph never runs still gets a unit
+            names.append(prefix)
+            block.append(b)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            of_node[node] = 0
+    n = len(names)
+    grad = requires_grad_nodes(gm, program)
+    state = set(placeholders[: program.num_state])
+    # a value defined in unit lo and last read in unit hi crosses every cut lo+1..hi
+    delta = [0] * (n + 2)
+    for node, lo in of_node.items():
+        if node not in grad or node in state:
+            continue
+        hi = max((n if u.op == "output" else of_node[u] for u in node.users), default=lo)
+        if hi > lo:
+            delta[lo + 1] += 1
+            delta[hi + 1] -= 1
+    crossing = list(itertools.accumulate(delta))
+    starts = [k for k in range(1, n) if block[k] != block[k - 1]]
+    floor = min((crossing[k] for k in starts), default=0)
+    cut_ok = [True] + [crossing[k] <= floor for k in range(1, n)]
+    return Units(of_node, names, block, cut_ok)
+
+
+_MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"}
+
+
+def unit_costs(program: CapturedProgram, unit: dict[torch.fx.Node, int], names: list[str],
+               local_numel: dict[str, int]) -> list[BlockCost]:
+    """Cost of each unit: FLOPs of its nodes and the (per-rank) parameters first read there."""
+    costs = [BlockCost(b) for b in names]
+    for node in program.gm.graph.nodes:
+        if node.op == "call_function" and node in unit:
+            costs[unit[node]].flops += node_flops(node)
+    placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+    seen: set[str] = set()
+    for node, name, kind in zip(placeholders, program.state_names, program.state_kinds):
+        if kind != "parameter" or name in seen or not node.users:
+            continue
+        seen.add(name)
+        first = min(unit[u] for u in node.users if u in unit)
+        val = node.meta.get("val")
+        numel = local_numel.get(name, val.numel() if isinstance(val, torch.Tensor) else 0)
+        costs[first].params += numel
+        costs[first].param_bytes += numel * (val.element_size() if isinstance(val, torch.Tensor) else 4)
+    return costs
+
+
+def balance(costs: list[float], stages: int, cut_ok: list[bool] | None = None) -> list[int]:
+    """Stage index of each unit: contiguous runs minimising the largest stage cost (linear partition
+    DP); a stage may only start at a unit k with cut_ok[k]."""
+    n = len(costs)
+    cut_ok = cut_ok or [True] * n
+    if stages > sum(cut_ok):
+        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has "
+                        f"{sum(cut_ok)}; use pp <= {sum(cut_ok)}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: smallest max cost of the first i units in k stages; cut[k][i]: start of the last stage
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                if not cut_ok[j] and j > 0:
+                    continue
+                worst = max(best[k - 1][j], prefix[i] - prefix[j])
+                if worst < best[k][i] - 1e-9 * max(1.0, worst):
+                    best[k][i], cut[k][i] = worst, j
+    bounds, i = [], n
+    for k in range(stages, 0, -1):
+        bounds.append(cut[k][i])
+        i = cut[k][i]
+    starts = sorted(bounds)
+    return [sum(1 for s in starts if s <= u) - 1 for u in range(n)]
+
+
+def even_split(n: int, stages: int) -> list[int]:
+    """Stage of each unit when the blocks are dealt out evenly (NxD's default), extra blocks first."""
+    if stages > n:
+        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has {n}")
+    base, extra = divmod(n, stages)
+    out = []
+    for s in range(stages):
+        out += [s] * (base + (1 if s < extra else 0))
+    return out
+
+
+BALANCE = ("flops", "memory", "even")
+
+
+def stage_of_units(blocks: list[str], units: Units, stages: int, costs: list[BlockCost],
+                   cuts: list[str] | None, by: str = "flops") -> list[int]:
+    """Stage of each unit: from the user's cut names (block starts), else balanced by FLOPs or
+    parameter bytes (cuts inside blocks allowed), else whole blocks dealt out evenly."""
+    if stages > len(blocks):
+        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has "
+                        f"{len(blocks)}; use pp <= {len(blocks)}")
+    if by != "even" and not cuts:
+        return balance([c.flops if by == "flops" else c.param_bytes for c in costs], stages, units.cut_ok)
+    per_block = _block_stages(blocks, stages, cuts)
+    return [per_block[b] for b in units.block]
+
+
+def _block_stages(blocks: list[str], stages: int, cuts: list[str] | None) -> list[int]:
+    if cuts:
+        starts = [0]
+        for name in cuts:
+            if name not in blocks:
+                near = [b for b in blocks if name.split(".")[-1] == b.split(".")[-1]][:3] or blocks[:3]
+                raise PlanError(f"pipeline cut '{name}' matches no block; blocks are named like "
+                                f"{', '.join(near)}")
+            starts.append(blocks.index(name))
+        starts = sorted(set(starts))
+        if len(starts) != stages:
+            raise PlanError(f"{len(cuts)} pipeline cuts make {len(starts)} stages, not {stages}; "
+                            f"give {stages - 1} cut names (the first block of each later stage)")
+        return [sum(1 for s in starts if s <= u) - 1 for u in range(len(blocks))]
+    return even_split(len(blocks), stages)
+
+
+def split_program(program: CapturedProgram, units: Units, stage_of_unit: list[int],
+                  blocks: list[str]) -> list[StageProgram]:
+    """Cut the local program into one GraphModule per stage; crossing values become stage I/O."""
+    gm = program.gm
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    state = dict(zip(placeholders, program.state_names))
+    user_inputs = [n for n in placeholders[program.num_state:]]
+    n_stages = max(stage_of_unit) + 1
+    stage: dict[torch.fx.Node, int] = {}
+    for node in nodes:
+        if node.op == "output":
+            stage[node] = n_stages - 1
+        elif node in state:
+            continue
+        elif node.op == "placeholder":
+            if node.users and not isinstance(node.meta.get("val"), torch.Tensor):
+                raise PlanError(f"input '{node.name}' is not a tensor but the graph reads it; "
+                                "pipeline stages can only pass tensors")
+            stage[node] = 0
+        else:
+            stage[node] = stage_of_unit[units.of_node[node]]
+
+    def last_use(node: torch.fx.Node) -> int:
+        return max((stage[u] for u in node.users), default=stage[node])
+
+    stages = []
+    carried: list[torch.fx.Node] = [n for n in user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
+    for s in range(n_stages):
+        graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        state_used = [p for p in placeholders[: program.num_state]
+                      if any(stage.get(u) == s for u in p.users)]
+        for p in state_used:
+            env[p] = graph.placeholder(_safe(state[p]))
+            env[p].meta = dict(p.meta)
+        for v in carried:
+            env[v] = graph.placeholder(v.name)
+            env[v].meta = dict(v.meta)
+        for node in nodes:
+            if stage.get(node) != s or node.op == "placeholder":
+                continue
+            if node.op == "output":
+                graph.output(torch.fx.node.map_arg(node.args[0], lambda a: env[a]))
+                continue
+            env[node] = graph.node_copy(node, lambda a: env[a])
+        if s < n_stages - 1:
+            live = [v for v in list(carried) + [n for n in nodes if stage.get(n) == s and n.op != "placeholder"]
+                    if v in env and last_use(v) > s]
+            out = list(dict.fromkeys(live))
+            for v in out:
+                if not isinstance(v.meta.get("val"), torch.Tensor):
+                    raise PlanError(f"value '{v.name}' (module '{module_path(v)}') crosses the pipeline "
+                                    "cut but is not a tensor; choose other cut points")
+            graph.output(tuple(env[v] for v in out))
+        else:
+            out = []
+        stage_gm = torch.fx.GraphModule(gm, graph)
+        stages.append(StageProgram(
+            index=s, gm=stage_gm, state_names=[state[p] for p in state_used],
+            inputs=[v.name for v in carried], outputs=[v.name for v in out],
+            blocks=list(dict.fromkeys(blocks[b] for b, st in zip(units.block, stage_of_unit) if st == s)),
+            units=[u for u, st in zip(units.names, stage_of_unit) if st == s], is_last=s == n_stages - 1,
+        ))
+        carried = out
+    return stages
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "_")
+

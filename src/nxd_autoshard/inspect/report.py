@@ -1,0 +1,599 @@
+"""The plan report behind `sharded.explain()`: parameters, collectives, blocks, stages, totals.
+
+All numbers are read from the rewritten program itself (its collective nodes, their
+placements and per-rank shapes), not from the plan, so the report cannot disagree with
+what runs. Bytes are per rank and per step at the sizes of the example inputs the program
+was captured with (`sizes`, e.g. s0 = batch 2, s1 = sequence 16). A collective's bytes are
+those of the tensor each rank contributes, the convention of `simulate.trace_collectives`
+(all_reduce: the full activation; all_gather: the local shard).
+
+Stages: `stages` is a list with one entry per pipeline stage. Until pipeline parallelism
+lands there is exactly one stage holding every block; the fields are those a stage will
+keep (blocks, parameters, memory, cost).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from nxd_autoshard.compiler.partition import requires_grad_nodes
+from nxd_autoshard.ir import ops as C
+from nxd_autoshard.ir.placements import Shard, placement_str
+from nxd_autoshard.ir.printer import (
+    display_module,
+    dtype_str,
+    local_shape,
+    node_label,
+    target_name,
+    value_names,
+)
+from nxd_autoshard.ir.program import block_of
+
+__all__ = [
+    "COMMUNICATION",
+    "BlockRow",
+    "CollectiveRow",
+    "CommEvent",
+    "ParamRow",
+    "Picture",
+    "Report",
+    "StageReport",
+    "Stages",
+    "build_report",
+    "explain",
+]
+
+
+# what each inserted op sends: (forward kind, backward kind); which tensor: see _events
+COMMUNICATION = {
+    "all_reduce": ("all_reduce", None),
+    "all_gather": ("all_gather", None),
+    "reduce_scatter": ("reduce_scatter", "all_gather"),
+    "shard": (None, "all_gather"),
+    "grad_all_reduce": (None, "all_reduce"),
+    "vocab_parallel_cross_entropy": ("all_reduce(max), all_reduce, all_reduce", None),
+}
+
+
+# what the report counts as communication (the embedding's Partial is reduced by a later all_reduce)
+_COLLECTIVE_FNS = set(C.COLLECTIVES) | {C.vocab_parallel_cross_entropy}
+
+
+# collectives that finish the op producing their input; the others prepare their consumers' input
+_REDUCING = {"all_reduce", "all_gather", "reduce_scatter"}
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+_MATMULS = {"aten.linear", "aten.mm", "aten.bmm", "aten.matmul", "aten.addmm", "aten.baddbmm"}
+
+
+@dataclass
+class ParamRow:
+    """A parameter: placement, full and per-rank shape, bytes per rank, its block."""
+
+    name: str
+    placement: str
+    full_shape: list[int]
+    local_shape: list[int]
+    dtype: str
+    bytes_per_rank: int
+    block: str | None
+    tied_to: str | None = None
+
+
+@dataclass
+class CommEvent:
+    """One communication of a step: kind, phase (forward/backward), per-rank shape and bytes."""
+
+    kind: str
+    phase: str
+    shape: list[int]
+    bytes: int
+
+
+@dataclass
+class CollectiveRow:
+    """An inserted collective node and what it sends forward and backward."""
+
+    node: str
+    op: str
+    axis: str
+    call: str
+    module: str
+    block: str | None
+    shape: str
+    forward: list[CommEvent]
+    backward: list[CommEvent]
+
+    def bytes(self, phase: str) -> int:
+        return sum(e.bytes for e in (self.forward if phase == "forward" else self.backward))
+
+
+@dataclass
+class BlockRow:
+    """A repeated block (a transformer layer): its parameters, collectives and the optimum."""
+
+    name: str
+    params: int
+    param_bytes: int
+    forward: dict[str, int]
+    backward: dict[str, int]
+    optimum_forward: int
+    optimum_backward: int
+    same_as: str | None = None
+    matmuls: int = 0
+    sharded_matmuls: int = 0
+
+    @property
+    def replicated(self) -> bool:
+        """No matmul of the block is sharded: it runs whole on every rank (no saving, no traffic)."""
+        return self.matmuls > 0 and self.sharded_matmuls == 0
+
+    @property
+    def extra(self) -> int:
+        """Collectives beyond the optimum (Megatron: one per row-parallel output and column input)."""
+        return (sum(self.forward.values()) - self.optimum_forward
+                + sum(self.backward.values()) - self.optimum_backward)
+
+
+@dataclass
+class StageReport:
+    """One pipeline stage (pp = 1: the whole program): blocks, parameters, memory and cost."""
+
+    index: int
+    blocks: list[str]
+    params: int
+    param_bytes: int
+    comm_bytes_forward: int
+    comm_bytes_backward: int
+    matmul_flops: int
+    units: list[str] = field(default_factory=list)
+    received: list[str] = field(default_factory=list)
+    cost_flops: int = 0
+
+    def _repr_html_(self) -> str:
+        from nxd_autoshard.inspect.render import _stage_html
+
+        return _stage_html([self])
+
+
+class Stages(list):
+    """The report's stages; shows as one table in a notebook."""
+
+    def _repr_html_(self) -> str:
+        from nxd_autoshard.inspect.render import _stage_html
+
+        return _stage_html(list(self))
+
+
+@dataclass
+class Report:
+    """What `sharded.explain()` returns; prints as rich tables, shows as HTML in a notebook."""
+
+    model: str
+    tp: int
+    pp: int
+    sequence_parallel: bool
+    program: int
+    programs: int
+    mode: str
+    inputs: list[str]
+    sizes: dict[str, int]
+    parameters: list[ParamRow]
+    collectives: list[CollectiveRow]
+    blocks: list[BlockRow]
+    stages: list[StageReport]
+    totals: dict[str, Any] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The report as plain data (what `explain(format="json")` returns)."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def events(self) -> list[CommEvent]:
+        """Every communication of one step, forward then backward, in program order."""
+        return [e for c in self.collectives for e in c.forward + c.backward]
+
+    def to_text(self, *, width: int = 140, full: bool = False) -> str:
+        from nxd_autoshard.inspect.render import render_text
+
+        return render_text(self, width=width, full=full)
+
+    def to_html(self, *, full: bool = False, graph: bool = True) -> str:
+        from nxd_autoshard.inspect.render import render_html
+
+        return render_html(self, full=full, graph=graph)
+
+    def svg(self) -> Picture:
+        """The rewritten program as an SVG picture (shows itself in a notebook)."""
+        return Picture(getattr(self, "_svg", ""), "svg")
+
+    def before_after(self) -> Picture:
+        """The first block as captured and as rewritten, side by side (HTML)."""
+        from nxd_autoshard.inspect.render import _STYLE
+
+        body = getattr(self, "_before_after", "")
+        return Picture(f"{_STYLE}<div class='nxd-report'>{body}</div>", "html")
+
+    def __rich_console__(self, console, options):
+        from nxd_autoshard.inspect.render import rich_renderables
+
+        yield from rich_renderables(self, full=False)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        return self.to_text()
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+
+class Picture:
+    """An SVG or HTML view for notebooks (`_repr_svg_` / `_repr_html_`); `str()` is the markup."""
+
+    def __init__(self, markup: str, kind: str):
+        self.markup, self.kind = markup, kind
+
+    def __str__(self) -> str:
+        return self.markup
+
+    def _repr_svg_(self) -> str | None:
+        return self.markup if self.kind == "svg" else None
+
+    def _repr_html_(self) -> str | None:
+        return self.markup if self.kind == "html" else None
+
+
+def explain(sharded, format: str | None = None, *, program: int = 0):
+    """Report of a sharded module's plan: a Report, or its "text", "html" or "json" form."""
+    report = build_report(sharded, program=program)
+    if format is None:
+        return report
+    if format == "json":
+        return report.to_dict()
+    if format == "text":
+        return report.to_text()
+    if format == "html":
+        return report.to_html(full=True)
+    raise ValueError(f"explain(format={format!r}): use None (a Report), 'text', 'html' or 'json'")
+
+
+def concrete(size) -> int:
+    """An int for a size: itself, or a dynamic size's value at the example inputs."""
+    if isinstance(size, int):
+        return size
+    node = size.node
+    hint = getattr(node, "hint", None)
+    if hint is None:
+        hint = node.shape_env.size_hint(node.expr)
+    return int(hint)
+
+
+def _local(node: torch.fx.Node, tp: int) -> tuple[list, torch.dtype]:
+    val = node.meta.get("val")
+    return local_shape(val, node.meta.get("nxd_placement"), tp), val.dtype
+
+
+def _event(kind: str, phase: str, shape: list, itemsize: int) -> CommEvent:
+    ints = [concrete(s) for s in shape]
+    return CommEvent(kind, phase, ints, math.prod(ints) * itemsize)
+
+
+def _events(node: torch.fx.Node, tp: int, grad: set) -> tuple[list[CommEvent], list[CommEvent]]:
+    """What a collective node sends, in the shapes the simulator's tracer records.
+
+    A backward communication happens only when a gradient reaches the node: `grad` holds the
+    values that carry one (partition's own analysis).
+    """
+    name = target_name(node.target)
+    if name == "vocab_parallel_cross_entropy":
+        target = node.args[1]
+        shape, _ = _local(target, tp)
+        # the three reductions (max, sum of exp, target logit) are fp32, one value per token
+        kinds = ("all_reduce(max)", "all_reduce", "all_reduce")
+        return [_event(k, "forward", shape, 4) for k in kinds], []
+    source = node.args[0]
+    in_shape, dtype = _local(source, tp)
+    out_shape, _ = _local(node, tp)
+    size = torch.empty((), dtype=dtype).element_size()
+    fwd, bwd = COMMUNICATION[name]
+    bwd = bwd if source in grad else None
+    forward = [_event(fwd, "forward", in_shape, size)] if fwd else []
+    # backward sends the gradient of the output: the local chunk for the gather kinds
+    backward = [_event(bwd, "backward", out_shape if bwd == "all_gather" else in_shape, size)] if bwd else []
+    return forward, backward
+
+
+def _serves(node: torch.fx.Node) -> str:
+    """The module a collective works for: the producer it completes, or the consumers it feeds."""
+    name = target_name(node.target)
+    if name in _REDUCING:
+        return display_module(node.args[0])
+    if name == "vocab_parallel_cross_entropy":
+        return display_module(node)
+    users = sorted({display_module(u) for u in node.users})
+    if not users:
+        return display_module(node)
+    prefix = users[0].split(".")
+    for other in users[1:]:
+        parts = other.split(".")
+        n = 0
+        while n < min(len(prefix), len(parts)) and prefix[n] == parts[n]:
+            n += 1
+        prefix = prefix[:n]
+    return ".".join(prefix) if len(users) == 1 or prefix else ", ".join(users)
+
+
+def collective_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The nodes of a program that communicate (the collectives partition inserted)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _COLLECTIVE_FNS]
+
+
+def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
+    rows = []
+    for node in collective_nodes(gm):
+        forward, backward = _events(node, tp, grad)
+        module = _serves(node)
+        source = node.args[0]
+        shape, _ = _local(source, tp)
+        rows.append(CollectiveRow(
+            node=names.value(node), op=target_name(node.target),
+            axis=str(node.args[-1]), call=node_label(node, names), module=module,
+            block=block_of(module), shape="[" + ", ".join(names.sym(s.node.expr)
+                                                        if isinstance(s, torch.SymInt) else str(s)
+                                                        for s in shape) + "]",
+            forward=forward, backward=backward))
+    return rows
+
+
+def _param_rows(sharded) -> list[ParamRow]:
+    first_name: dict[int, str] = {}
+    rows = []
+    for name, param in sharded.named_parameters(remove_duplicate=False):
+        tied = first_name.setdefault(id(param), name)
+        local = list(sharded.local_shape(name))
+        rows.append(ParamRow(
+            name=name, placement=placement_str(sharded.placements.get(name)),
+            full_shape=list(sharded.full_shape(name)), local_shape=local,
+            dtype=dtype_str(param.dtype), bytes_per_rank=math.prod(local) * param.element_size(),
+            block=block_of(name), tied_to=None if tied == name else tied))
+    return rows
+
+
+def _weight_and_activation(node: torch.fx.Node):
+    from nxd_autoshard.compiler.propagate import LINEAR_OPS, weight_role
+
+    if getattr(node.target, "overloadpacket", node.target) not in LINEAR_OPS:
+        return None
+    role = weight_role(node)
+    if role is None or not isinstance(role[0], torch.fx.Node):
+        return None
+    weight, _, out_dim, act = role
+    while isinstance(act, torch.fx.Node) and act.target in _COLLECTIVE_FNS:
+        act = act.args[0]
+    return weight.meta.get("nxd_placement"), out_dim, act
+
+
+def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int, int, int]:
+    """Megatron's count for a block: an all-reduce per row-parallel output forward and per
+    distinct column-parallel input backward (2 + 2 for attention + MLP); then the block's
+    matmuls with a weight, and how many of them are sharded."""
+    rows, column_inputs, matmuls, sharded = 0, set(), 0, 0
+    for node in nodes:
+        found = _weight_and_activation(node)
+        if found is None:
+            continue
+        placement, out_dim, act = found
+        matmuls += 1
+        sharded += isinstance(placement, Shard)
+        if isinstance(placement, Shard) and placement.dim == out_dim:
+            column_inputs.add(act)
+        elif isinstance(placement, Shard):
+            rows += 1
+    return rows, len(column_inputs), matmuls, sharded
+
+
+def _signature(block: str, nodes: list[torch.fx.Node], tp: int) -> tuple:
+    """What makes two blocks identical: ops, placements, shapes, and where their inputs come from."""
+    # collectives are compared through the rows of the block they serve (see _block_rows):
+    # a grad all-reduce for layer 1 sits after layer 0's last op in the graph
+    nodes = [n for n in nodes if n.target not in _COLLECTIVE_FNS]
+    index = {n: i for i, n in enumerate(nodes)}
+    out = []
+    for node in nodes:
+        refs = []
+        for arg in node.all_input_nodes:
+            if arg in index:
+                refs.append(index[arg])
+            elif arg.op == "placeholder":
+                refs.append(str(arg.meta.get("nxd_name", arg.name)).replace(block + ".", "<block>.", 1))
+            else:
+                refs.append("outside")
+        val = node.meta.get("val")
+        shape = str(local_shape(val, node.meta.get("nxd_placement"), tp)) if isinstance(val, torch.Tensor) else ""
+        out.append((target_name(node.target), placement_str(node.meta.get("nxd_placement")),
+                    shape, tuple(refs), display_module(node).replace(block, "<block>", 1)))
+    return tuple(out)
+
+
+def _flops(node: torch.fx.Node, tp: int) -> int:
+    name = target_name(node.target)
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return 0
+    out = [concrete(s) for s in local_shape(val, node.meta.get("nxd_placement"), tp)]
+    if name in _MATMULS:
+        first = node.args[1] if name in ("aten.addmm", "aten.baddbmm") else node.args[0]
+        if not isinstance(first, torch.fx.Node) or not isinstance(first.meta.get("val"), torch.Tensor):
+            return 0
+        k = concrete(_local(first, tp)[0][-1])
+        return 2 * math.prod(out) * k
+    if name == "aten.scaled_dot_product_attention":
+        q, key = (_local(a, tp)[0] for a in node.args[:2])
+        q, key = [concrete(s) for s in q], [concrete(s) for s in key]
+        return 4 * math.prod(q[:-1]) * key[-2] * q[-1]
+    return 0
+
+
+def build_report(sharded, *, program: int = 0) -> Report:
+    """Read the plan report off one captured program of a ShardedModule."""
+    programs = sharded.programs()
+    prog = programs[program]
+    gm, tp = prog.gm, sharded.tp
+    names = value_names(gm)
+    sizes = _sizes(gm, names)  # first: it numbers the dynamic sizes in graph order, as goldens do
+    params = _param_rows(sharded)
+    collectives = _collective_rows(gm, tp, names, requires_grad_nodes(gm, prog))
+
+    by_block: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            block = block_of(display_module(node))
+            if block is not None:
+                by_block.setdefault(block, []).append(node)
+    blocks = _block_rows(by_block, params, collectives, tp)
+    stage_programs = sharded.stages(program)
+    if stage_programs:
+        stages = _stage_rows(sharded, gm, stage_programs, params, collectives, tp)
+    else:
+        stages = [StageReport(
+            index=0, blocks=[b.name for b in blocks],
+            params=sum(1 for p in params if p.tied_to is None),
+            param_bytes=sum(p.bytes_per_rank for p in params if p.tied_to is None),
+            comm_bytes_forward=sum(c.bytes("forward") for c in collectives),
+            comm_bytes_backward=sum(c.bytes("backward") for c in collectives),
+            matmul_flops=sum(_flops(n, tp) for n in gm.graph.nodes if n.op == "call_function"))]
+    report = Report(
+        model=sharded._model_name, tp=tp, pp=sharded.pipeline.pp, sequence_parallel=False,
+        program=program, programs=len(programs), mode="train" if prog.training else "eval",
+        inputs=list(prog.user_input_names), sizes=sizes, parameters=params,
+        collectives=collectives, blocks=blocks, stages=Stages(stages),
+        history=[{k: v for k, v in r.items()} for r in _history_rows(prog)])
+    report.totals = _totals(report)
+    _attach_views(report, prog)
+    return report
+
+
+def _stage_rows(sharded, gm, stage_programs, params: list[ParamRow], collectives: list[CollectiveRow],
+                tp: int) -> list[StageReport]:
+    """One row per pipeline stage: what it holds, receives, sends over tp, and costs."""
+    fx_name = {row.node: node.name for row, node in zip(collectives, collective_nodes(gm))}
+    by_name = {p.name: p for p in params}
+    cost = {}
+    for c, st in zip(sharded.unit_costs, sharded.stage_of_unit or []):
+        cost[st] = cost.get(st, 0) + c.flops
+    rows = []
+    for stage in stage_programs:
+        here = {n.name for n in stage.gm.graph.nodes}
+        mine = [c for c in collectives if fx_name[c.node] in here]
+        held = [by_name[n] for n in stage.state_names if n in by_name]
+        rows.append(StageReport(
+            index=stage.index, blocks=list(stage.blocks), params=len(held),
+            param_bytes=sum(p.bytes_per_rank for p in held),
+            comm_bytes_forward=sum(c.bytes("forward") for c in mine),
+            comm_bytes_backward=sum(c.bytes("backward") for c in mine),
+            matmul_flops=sum(_flops(n, tp) for n in stage.gm.graph.nodes if n.op == "call_function"),
+            units=list(stage.units), received=list(stage.inputs), cost_flops=cost.get(stage.index, 0)))
+    return rows
+
+
+def _attach_views(report: Report, prog) -> None:
+    """The SVG picture and a before/after of the first block (HTML views only, not in the data)."""
+    from nxd_autoshard.inspect.graph_view import before_after_html, graph_svg
+    from nxd_autoshard.inspect.history import History
+
+    report._svg = graph_svg(report, prog.gm)
+    history = History(prog.history)
+    first = report.blocks[0].name if report.blocks else None
+    names = {r.name for r in history}
+    report._before_after = (before_after_html(history, first)
+                            if first and "partition" in names and names & {"split_bias", "propagate"} else "")
+
+
+def _sizes(gm, names) -> dict[str, int]:
+    """{s0: 2, s1: 16}: each dynamic size the printer names, at the example inputs."""
+    out = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        vals = val if isinstance(val, (list, tuple)) else [val]
+        for v in vals:
+            dims = list(v.shape) if isinstance(v, torch.Tensor) else [v] if isinstance(v, torch.SymInt) else []
+            for d in dims:
+                if isinstance(d, torch.SymInt) and len(d.node.expr.free_symbols) == 1 and d.node.expr.is_Symbol:
+                    alias = names.sym(d.node.expr)
+                    out.setdefault(alias, concrete(d))
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0][1:])))
+
+
+def _history_rows(prog) -> list[dict]:
+    from nxd_autoshard.inspect.history import History
+
+    return History(prog.history).rows()
+
+
+def _block_rows(by_block, params, collectives, tp) -> list[BlockRow]:
+    rows = []
+    seen: dict[tuple, str] = {}
+    for name, nodes in by_block.items():
+        mine = [p for p in params if p.block == name and p.tied_to is None]
+        fwd, bwd = Counter(), Counter()
+        for c in collectives:
+            if c.block == name:
+                fwd.update(e.kind for e in c.forward)
+                bwd.update(e.kind for e in c.backward)
+        opt_f, opt_b, matmuls, sharded = _optimum(nodes)
+        served = tuple((c.op, c.module.replace(name, "<block>", 1), c.shape,
+                        tuple((e.kind, e.phase, tuple(e.shape)) for e in c.forward + c.backward))
+                       for c in collectives if c.block == name)
+        sig = (_signature(name, nodes, tp), served)
+        rows.append(BlockRow(name, len(mine), sum(p.bytes_per_rank for p in mine), dict(fwd),
+                             dict(bwd), opt_f, opt_b, seen.get(sig), matmuls, sharded))
+        seen.setdefault(sig, name)
+    return rows
+
+
+def _totals(report: Report) -> dict:
+    fwd = Counter(e.kind for e in report.events() if e.phase == "forward")
+    bwd = Counter(e.kind for e in report.events() if e.phase == "backward")
+    unique = [p for p in report.parameters if p.tied_to is None]
+    per_block = [(sum(b.forward.values()), sum(b.backward.values())) for b in report.blocks]
+    outside = [c for c in report.collectives if c.block is None]
+    return {
+        "parameters": len(unique),
+        "param_bytes_per_rank": sum(p.bytes_per_rank for p in unique),
+        "param_bytes_full": sum(math.prod(p.full_shape) * (p.bytes_per_rank // max(1, math.prod(p.local_shape)))
+                                for p in unique),
+        "collective_nodes": len(report.collectives),
+        "forward": dict(fwd),
+        "backward": dict(bwd),
+        "bytes_forward": sum(c.bytes("forward") for c in report.collectives),
+        "bytes_backward": sum(c.bytes("backward") for c in report.collectives),
+        "blocks": len(report.blocks),
+        "block_collectives": [list(x) for x in sorted(set(per_block))],
+        "block_optimum": [list(x) for x in sorted({(b.optimum_forward, b.optimum_backward) for b in report.blocks})],
+        "extra_over_optimum": sum(b.extra for b in report.blocks),
+        "replicated_blocks": sum(b.replicated for b in report.blocks),
+        "outside_blocks": len(outside),
+        "stage_imbalance": _imbalance([s.cost_flops or s.matmul_flops for s in report.stages]),
+    }
+
+
+def _imbalance(costs: list[int]) -> float:
+    """Largest stage cost over the mean (1.0: perfectly balanced)."""
+    return max(costs) / (sum(costs) / len(costs)) if costs and sum(costs) else 1.0
+

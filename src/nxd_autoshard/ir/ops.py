@@ -1,0 +1,115 @@
+"""Ops that compiled programs call beyond ATen: collectives over a mesh axis, vocab-parallel
+embedding and loss, and the normalised ops that graph passes put in place of model code.
+
+A program names a mesh axis ("tp"), never a rank or a group object, so every rank runs the
+same program. What a collective does is bound by a runtime (`bind`): the process-group
+runtime talks to its groups, the simulator reads the targets and emulates them, a compiler
+backend traces them. The compiler itself imports no runtime.
+
+| op | forward | backward |
+|---|---|---|
+| all_reduce | Partial -> Replicate (sum) | identity |
+| all_gather | Shard(dim) -> Replicate | local chunk |
+| reduce_scatter | Partial -> Shard(dim) | all-gather |
+| shard | Replicate -> Shard(dim) (local chunk) | all-gather |
+| grad_all_reduce | identity (Replicate input of a sharded op) | all-reduce |
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "COLLECTIVES",
+    "PARALLEL_OPS",
+    "all_gather",
+    "all_reduce",
+    "bind",
+    "expert_linear",
+    "grad_all_reduce",
+    "reduce_scatter",
+    "shard",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_embedding",
+]
+
+_IMPLEMENTATIONS: dict[str, Callable] = {}
+
+
+def bind(implementations: dict[str, Callable]) -> None:
+    """Make the ops below run `implementations[name]` (a runtime calls this once, at import)."""
+    _IMPLEMENTATIONS.update(implementations)
+
+
+def _run(name: str, *args):
+    try:
+        fn = _IMPLEMENTATIONS[name]
+    except KeyError:
+        raise RuntimeError(
+            f"no runtime implements '{name}': run the program through a ShardedModule, or import "
+            "nxd_autoshard.runtime.collectives (it binds the eager torch.distributed ones)"
+        ) from None
+    return fn(*args)
+
+
+def all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Partial -> Replicate: sum over the axis; backward is the identity."""
+    return _run("all_reduce", x, axis)
+
+
+def all_gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Shard(dim) -> Replicate: concatenate the chunks; backward keeps the local chunk."""
+    return _run("all_gather", x, dim, axis)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Partial -> Shard(dim): sum, keep the local chunk; backward all-gathers."""
+    return _run("reduce_scatter", x, dim, axis)
+
+
+def shard(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Replicate -> Shard(dim): keep the local chunk (no communication); backward all-gathers."""
+    return _run("shard", x, dim, axis)
+
+
+def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Identity forward; all-reduce of the gradient backward (Megatron's `f`)."""
+    return _run("grad_all_reduce", x, axis)
+
+
+def vocab_parallel_embedding(
+    weight: torch.Tensor, ids: torch.Tensor, padding_idx: int, vocab_size: int, axis: str
+) -> torch.Tensor:
+    """Embedding lookup in this rank's vocab rows; the Partial result is summed by a later all_reduce.
+
+    `weight` may be padded past `vocab_size` rows (to a multiple of tp); padding rows are never read.
+    """
+    return _run("vocab_parallel_embedding", weight, ids, padding_idx, vocab_size, axis)
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    reduction: int,
+    ignore_index: int,
+    vocab_size: int,
+    axis: str,
+) -> torch.Tensor:
+    """Cross-entropy over vocab-sharded logits [N, V/tp] (Megatron's): three small all-reduces, no gather."""
+    return _run("vocab_parallel_cross_entropy", logits, target, reduction, ignore_index, vocab_size, axis)
+
+
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` grouped by expert (group e ends at offsets[e]) times weight[e].T, weight [E, out, in].
+
+    It is transformers' `grouped_mm_fallback(x, weight.transpose(-2, -1), offsets)` with the
+    weight itself as an argument, so a column (out) or row (in) shard of the experts is visible.
+    """
+    return torch.ops.transformers.grouped_mm_fallback(x, weight.transpose(-2, -1), offsets)
+
+
+# the ops that move data between ranks, and those with any rank-dependent behaviour
+COLLECTIVES = (all_reduce, all_gather, reduce_scatter, shard, grad_all_reduce)
+PARALLEL_OPS = COLLECTIVES + (vocab_parallel_embedding, vocab_parallel_cross_entropy)

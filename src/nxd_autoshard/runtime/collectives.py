@@ -1,0 +1,272 @@
+"""Eager torch.distributed implementations of the ops in `ir.ops`, as Megatron conjugate pairs
+with autograd; importing this module binds them.
+
+Gradient convention: the gradient of a Replicate value is the full gradient on every rank,
+of a Shard value the rank's chunk of it, of a Partial value the full gradient on every rank.
+Each op below keeps that convention in its backward, so autograd of the rewritten forward
+gives the right gradients without user code.
+
+| op | forward | backward |
+|---|---|---|
+| all_reduce | Partial -> Replicate (sum) | identity |
+| all_gather | Shard(dim) -> Replicate | local chunk |
+| reduce_scatter | Partial -> Shard(dim) | all-gather |
+| shard | Replicate -> Shard(dim) (local chunk) | all-gather |
+| grad_all_reduce | identity (Replicate input of a sharded op) | all-reduce |
+
+The graph names a mesh axis ("tp"), never a rank or a group object, so every rank runs the
+same program; `axis_groups` binds axes to process groups at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from nxd_autoshard.ir import ops
+
+__all__ = [
+    "all_gather",
+    "all_reduce",
+    "axis_groups",
+    "grad_all_reduce",
+    "reduce_scatter",
+    "shard",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_embedding",
+]
+
+
+_GROUPS: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def axis_groups(groups: dict[str, object]) -> Iterator[None]:
+    """Bind mesh axes (e.g. {"tp": group}) to process groups while the block runs."""
+    saved = dict(_GROUPS)
+    _GROUPS.update(groups)
+    try:
+        yield
+    finally:
+        _GROUPS.clear()
+        _GROUPS.update(saved)
+
+
+def _group(axis: str):
+    try:
+        return _GROUPS[axis]
+    except KeyError:
+        raise RuntimeError(
+            f"no process group is bound to mesh axis '{axis}'; run the sharded module's forward "
+            "(it binds its groups), or wrap the call in nxd_autoshard.runtime.collectives.axis_groups(...)"
+        ) from None
+
+
+def _size_rank(group) -> tuple[int, int]:
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size, _ = _size_rank(group)
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    size, rank = _size_rank(group)
+    return x.chunk(size, dim=dim)[rank].contiguous()
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _chunk(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _chunk(_reduce(x, group), dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.dim, ctx.group), None, None
+
+
+class _Shard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _chunk(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.dim, ctx.group), None, None
+
+
+class _GradAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce(grad, ctx.group), None
+
+
+def all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Partial -> Replicate: sum over the axis; backward is the identity."""
+    return _AllReduce.apply(x, _group(axis))
+
+
+def all_gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Shard(dim) -> Replicate: concatenate the chunks; backward keeps the local chunk."""
+    return _AllGather.apply(x, dim, _group(axis))
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Partial -> Shard(dim): sum, keep the local chunk; backward all-gathers."""
+    return _ReduceScatter.apply(x, dim, _group(axis))
+
+
+def shard(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Replicate -> Shard(dim): keep the local chunk (no communication); backward all-gathers."""
+    return _Shard.apply(x, dim, _group(axis))
+
+
+def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
+    """Identity forward; all-reduce of the gradient backward (Megatron's `f`)."""
+    return _GradAllReduce.apply(x, _group(axis))
+
+
+def _embedding_mask(ids: torch.Tensor, start: int, local_vocab: int):
+    local = ids - start
+    outside = (local < 0) | (local >= local_vocab)
+    return local.masked_fill(outside, 0), outside
+
+
+def vocab_parallel_embedding(
+    weight: torch.Tensor, ids: torch.Tensor, padding_idx: int, vocab_size: int, axis: str
+) -> torch.Tensor:
+    """Embedding lookup in this rank's vocab rows; the Partial result is summed by a later all_reduce.
+
+    `weight` may be padded past `vocab_size` rows (to a multiple of tp); padding rows are never read.
+    """
+    _, rank = _size_rank(_group(axis))
+    return local_vocab_embedding(weight, ids, padding_idx, rank, vocab_size)
+
+
+def local_vocab_embedding(weight, ids, padding_idx: int, rank: int, vocab_size: int) -> torch.Tensor:
+    """Lookup of `ids` among rows [rank*V_local, (rank+1)*V_local) of the full table; zeros elsewhere."""
+    local_vocab = weight.shape[0]
+    start = rank * local_vocab
+    local_ids, outside = _embedding_mask(ids, start, local_vocab)
+    if start + local_vocab > vocab_size:  # the last shards hold padding rows: ids there are no token
+        outside = outside | (ids >= vocab_size)
+        local_ids = local_ids.masked_fill(outside, 0)
+    local_pad = padding_idx - start if 0 <= padding_idx - start < local_vocab else None
+    out = torch.nn.functional.embedding(local_ids, weight, padding_idx=local_pad)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, vocab_size, group):
+        _, rank = _size_rank(group)
+        local_vocab = logits.shape[-1]
+        start = rank * local_vocab
+        logits = logits.float()
+        logits = _mask_vocab_padding(logits, start, vocab_size)
+        global_max = _reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
+        shifted = logits - global_max.unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = _reduce(exp.sum(dim=-1), group)
+        local_target, outside = _embedding_mask(target, start, local_vocab)
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+        target_logit = _reduce(target_logit.masked_fill(outside, 0.0), group)
+        loss = sum_exp.log() - target_logit
+        ignored = target == ignore_index
+        loss = loss.masked_fill(ignored, 0.0)
+        softmax = exp / sum_exp.unsqueeze(-1)
+        ctx.save_for_backward(softmax, local_target, outside, ignored)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local_target, outside, ignored = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        onehot = torch.zeros_like(grad_logits).scatter_(-1, local_target.unsqueeze(-1), 1.0)
+        grad_logits -= onehot * (~outside).unsqueeze(-1)
+        grad_logits *= (grad * (~ignored)).unsqueeze(-1)
+        return grad_logits, None, None, None, None
+
+
+def _mask_vocab_padding(logits: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor:
+    local_vocab = logits.shape[-1]
+    if start + local_vocab <= vocab_size:
+        return logits
+    columns = torch.arange(start, start + local_vocab, device=logits.device)
+    return logits.masked_fill(columns >= vocab_size, float("-inf"))
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    reduction: int,
+    ignore_index: int,
+    vocab_size: int,
+    axis: str,
+) -> torch.Tensor:
+    """Cross-entropy over vocab-sharded logits [N, V/tp] (Megatron's): three small all-reduces, no gather."""
+    loss = _VocabParallelCrossEntropy.apply(logits, target, ignore_index, vocab_size, _group(axis))
+    return reduce_loss(loss, target, reduction, ignore_index)
+
+
+def reduce_loss(loss: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int):
+    """Apply torch's cross_entropy reduction code (0 none, 1 mean over non-ignored, 2 sum)."""
+    if reduction == 0:
+        return loss
+    if reduction == 2:
+        return loss.sum()
+    count = (target != ignore_index).sum()
+    return loss.sum() / count.to(loss.dtype)
+
+
+
+
+ops.bind({
+    "all_reduce": all_reduce,
+    "all_gather": all_gather,
+    "reduce_scatter": reduce_scatter,
+    "shard": shard,
+    "grad_all_reduce": grad_all_reduce,
+    "vocab_parallel_embedding": vocab_parallel_embedding,
+    "vocab_parallel_cross_entropy": vocab_parallel_cross_entropy,
+})

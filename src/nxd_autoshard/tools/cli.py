@@ -1,0 +1,124 @@
+"""Command line.
+
+    nxd-autoshard verify --config cfg.json --tp 4 [--pp 2 --dp 2 --schedule 1f1b] [--world gloo|sim]
+    nxd-autoshard plan --config cfg.json --tp 8 [--format text|json|html] [-o FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nxd_autoshard.compiler.split import BALANCE
+from nxd_autoshard.ir.errors import AutoshardError
+from nxd_autoshard.runtime.pipeline import SCHEDULES
+
+__all__ = ["main"]
+
+
+def _verify(ns: argparse.Namespace) -> int:
+    from nxd_autoshard.tools.verify import verify_config
+
+    checks = verify_config(ns.config, ns.tp, pp=ns.pp, dp=ns.dp, microbatches=ns.microbatches,
+                           schedule=ns.schedule, world=ns.world, plan=ns.plan, batch=ns.batch,
+                           seq=ns.seq, seed=ns.seed, rtol=ns.rtol, atol=ns.atol)
+    for check in checks:
+        print(check.line())
+    bad = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(bad)} passed, {len(bad)} failed")
+    return 1 if bad else 0
+
+
+def _fail(message: str) -> int:
+    print(f"nxd-autoshard: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    if ns.sequence_parallel:
+        return _fail("--sequence-parallel is not implemented yet; plan without it")
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from nxd_autoshard.tools.plan_meta import PASSES, plan_on_meta
+
+    steps = ["build model on meta", *PASSES, *(["split"] if ns.pp > 1 else []), "report"]
+    err = Console(stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err, transient=not ns.keep_progress, disable=ns.quiet) as bar:
+        task = bar.add_task(steps[0], total=len(steps))
+
+        def step(name: str, seconds: float) -> None:
+            done = bar.tasks[0].completed + 1
+            if not ns.quiet:
+                bar.console.print(f"  {name}: {seconds:.2f} s")
+            bar.update(task, completed=done, description=steps[min(done, len(steps) - 1)])
+
+        try:
+            sharded = plan_on_meta(ns.config, ns.tp, plan=ns.plan, batch=ns.batch, seq=ns.seq, step=step,
+                                   pp=ns.pp, microbatches=ns.microbatches, schedule=ns.schedule,
+                                   balance=ns.balance)
+        except (ValueError, AutoshardError) as err:
+            return _fail(str(err))
+        report = sharded.explain()
+        bar.update(task, completed=len(steps), description="done")
+    if ns.format == "json":
+        text = json.dumps(report.to_dict(), indent=1)
+    elif ns.format == "html":
+        text = ("<!doctype html><html><head><meta charset='utf-8'><title>nxd-autoshard plan: "
+                f"{report.model}</title></head><body>{report.to_html()}</body></html>")
+    else:
+        text = report.to_text(full=ns.full)
+    if ns.output:
+        with open(ns.output, "w") as f:
+            f.write(text)
+        print(f"wrote {ns.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nxd-autoshard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="compare a sharded HF model with the unsharded one")
+    v.add_argument("--config", required=True, help="config.json, or a folder holding one")
+    v.add_argument("--tp", type=int, required=True, help="tensor-parallel degree")
+    v.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    v.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    v.add_argument("--microbatches", type=int, default=None, help="per step (default: pp)")
+    v.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b",
+                   help="torch.distributed.pipelining schedule")
+    v.add_argument("--world", choices=("gloo", "sim"), default="gloo",
+                   help="gloo: dp x pp x tp local processes; sim: one process, emulated collectives")
+    v.add_argument("--plan", default="auto", help="auto, a family name (llama, gpt2, ...) or a YAML file")
+    v.add_argument("--batch", type=int, default=None, help="default: max(2, dp x microbatches)")
+    v.add_argument("--seq", type=int, default=16)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--rtol", type=float, default=1e-4)
+    v.add_argument("--atol", type=float, default=1e-5)
+    v.set_defaults(func=_verify)
+    p = sub.add_parser("plan", help="plan a model from its config on the meta device and report it")
+    p.add_argument("--config", required=True, help="config.json, or a folder holding one")
+    p.add_argument("--tp", type=int, required=True, help="tensor-parallel degree")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--microbatches", type=int, default=None, help="per step (default: pp); the "
+                   "example batch is one microbatch")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b")
+    p.add_argument("--balance", choices=BALANCE, default="flops", help="how stages are balanced")
+    p.add_argument("--sequence-parallel", action="store_true", help="not implemented yet")
+    p.add_argument("--plan", default="auto", help="auto, a family name (llama, gpt2, ...) or a YAML file")
+    p.add_argument("--format", choices=("text", "json", "html"), default="text")
+    p.add_argument("-o", "--output", help="write the report here instead of stdout")
+    p.add_argument("--batch", type=int, default=2, help="example batch (bytes are reported at it)")
+    p.add_argument("--seq", type=int, default=128, help="example sequence length")
+    p.add_argument("--full", action="store_true", help="text: list identical blocks too")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--keep-progress", action="store_true", help="leave the progress bar on screen")
+    p.set_defaults(func=_plan)
+    ns = parser.parse_args(argv)
+    return ns.func(ns)
+
