@@ -1,8 +1,8 @@
 """Loss, outputs and every gradient of sharded models equal the unsharded model's."""
 
 import pytest
-
 from conftest import CONFIGS, FAMILIES, config_dict, wide_heads
+
 from nxd_autoshard.tools.verify import verify_config
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import CONFIGS
+
 from nxd_autoshard import CaptureError, DivisibilityError, PlanError, autoshard
 from nxd_autoshard.tools.hf import build_model, random_batch
 

@@ -9,8 +9,8 @@ from sharded_cache import sharded_family
 
 from nxd_autoshard import autoshard
 from nxd_autoshard.ir import ops as C
-from nxd_autoshard.tools.hf import build_model, random_batch
 from nxd_autoshard.runtime.simulator import trace_collectives
+from nxd_autoshard.tools.hf import build_model, random_batch
 
 COMMUNICATING = {C.all_reduce: "all_reduce", C.all_gather: "all_gather",
                  C.reduce_scatter: "reduce_scatter", C.shard: "shard",

@@ -6,13 +6,13 @@ import random
 
 import pytest
 import torch
-
 from conftest import config_dict
+
 from nxd_autoshard import PlanError, autoshard
+from nxd_autoshard.compiler.split import balance, even_split
+from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.runtime import pipeline
 from nxd_autoshard.tools.hf import build_model, random_batch
-from nxd_autoshard.ir.mesh import Mesh
-from nxd_autoshard.compiler.split import balance, even_split
 from nxd_autoshard.tools.verify import compare, verify_config
 
 

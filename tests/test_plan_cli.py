@@ -7,9 +7,10 @@ import pytest
 from conftest import CONFIGS
 from sharded_cache import sharded_family
 
-from nxd_autoshard.tools.cli import main
+from nxd_autoshard.compiler.driver import pass_names
 from nxd_autoshard.inspect.golden import golden_text
-from nxd_autoshard.tools.plan_meta import PASSES, plan_on_meta
+from nxd_autoshard.tools.cli import main
+from nxd_autoshard.tools.plan_meta import plan_on_meta
 
 GOLDENS = Path(__file__).parent / "goldens"
 
@@ -24,7 +25,7 @@ def meta_plan():
 
 def test_meta_plan_holds_no_weights_and_reports_every_step(meta_plan):
     sharded, steps = meta_plan
-    assert steps == ["build model on meta", *PASSES]
+    assert steps == ["build model on meta", *pass_names()]
     assert all(p.device.type == "meta" for p in sharded.parameters())
 
 

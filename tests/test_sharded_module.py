@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import CONFIGS, config_dict
+
 from nxd_autoshard import Replicate, Shard, autoshard
 from nxd_autoshard.tools.hf import build_model, random_batch
 from nxd_autoshard.tools.launch import run_ranks

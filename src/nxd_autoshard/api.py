@@ -10,9 +10,9 @@ import torch.distributed as dist
 from nxd_autoshard.compiler.plans import load_plan, resolve_styles
 from nxd_autoshard.compiler.split import (
     BALANCE,
+    check_stage_count,
     find_blocks,
 )
-from nxd_autoshard.ir.errors import PlanError
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.module import PipelineConfig, ShardedModule
 from nxd_autoshard.runtime.groups import build_groups
@@ -75,11 +75,10 @@ def autoshard(
                               virtual=virtual, cuts=pipeline_cuts, balance=balance)
     if pipeline.n_stages > 1:  # fail before the (slow) capture
         n_blocks = len(find_blocks(model))
-        if n_blocks and pipeline.n_stages > n_blocks:
-            raise PlanError(f"pp={pipeline.n_stages} stages need at least {pipeline.n_stages} blocks, "
-                            f"but {type(model).__name__} has {n_blocks}; use pp <= {n_blocks}"
-                            + (f" (schedule '{schedule}' runs {virtual} stages per pp rank)"
-                               if virtual > 1 else ""))
+        if n_blocks:
+            check_stage_count(pipeline.n_stages, n_blocks, type(model).__name__,
+                              f" (schedule '{schedule}' runs {virtual} stages per pp rank)"
+                              if virtual > 1 else "")
     rules = {} if plan == "auto" else load_plan(plan)
     styles = resolve_styles(model, rules)
     auto = (plan == "auto" or isinstance(plan, Mapping)) if auto is None else auto

@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import re
-import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from nxd_autoshard.compiler.capture import _default_kwargs, capture, meta_shadow
-from nxd_autoshard.compiler.driver import LocalProgram, count_ops, record_pass, run_pass
-from nxd_autoshard.compiler.normalize import (
-    drop_assertions,
-    expert_linear_from_grouped_mm,
-    linear_from_matmul,
-    retarget_device,
-    split_bias,
-)
-from nxd_autoshard.compiler.partition import partition
-from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
-from nxd_autoshard.compiler.split import (
-    Units,
-    assign_units,
-    find_blocks,
-    segment_blocks,
-    split_program,
-    stage_of_units,
-    unit_costs,
-)
+from nxd_autoshard.compiler.capture import _default_kwargs, meta_shadow
+from nxd_autoshard.compiler.driver import LocalProgram, compile_call
+from nxd_autoshard.compiler.plan import CompileSettings, Plan
 from nxd_autoshard.inspect.history import History
-from nxd_autoshard.ir.errors import DivisibilityError, PlanError
 from nxd_autoshard.ir.mesh import Mesh
-from nxd_autoshard.ir.placements import Placement, Replicate, Shard, shard_tensor
-from nxd_autoshard.ir.program import BlockCost, CapturedProgram, StageProgram, input_signature
+from nxd_autoshard.ir.placements import Replicate, Shard, shard_tensor
+from nxd_autoshard.ir.program import CapturedProgram, StageProgram, input_signature
 from nxd_autoshard.runtime.collectives import axis_groups
 from nxd_autoshard.runtime.groups import MeshGroups
 from nxd_autoshard.runtime.pipeline import (
@@ -66,10 +45,6 @@ class PipelineConfig:
     @property
     def n_stages(self) -> int:
         return self.pp * self.virtual
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class _ReplicaJoin(torch.autograd.Function):
@@ -104,15 +79,8 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
         self.group = groups.tp if groups is not None else group
         self.rank = dist.get_rank(self.group) if self.group is not None else None
         self.loss_fn = loss_fn
-        self.stage_of_block: list[int] | None = None  # stage where each block starts
-        self.stage_of_unit: list[int] | None = None
-        self.block_costs: list[BlockCost] = []
-        self.unit_costs: list[BlockCost] = []
-        self.units: Units | None = None  # pipeline units of the first capture
         self._tied: list[tuple[object, list[str]]] = []  # (group, params) summed across stages
         self._installed = False
-        self._styles = styles
-        self._auto = auto
         self._shadow = [meta_shadow(model)]  # in a list: not a registered submodule
         self._model_name = type(model).__name__
         self._config = getattr(model, "config", None) if hasattr(getattr(model, "config", None), "to_json_file") else None
@@ -125,142 +93,41 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
             for b in mod._buffers
             if b not in mod._non_persistent_buffers_set
         }
-        self.placements: dict[str, Placement] = {}
-        self.blocks: dict[str, int] = {}
-        self.padded: dict[str, int] = {}  # vocab padding: param -> padded size of its shard dim
-        self.plan_styles: dict[str, str] = {}
+        aliases: dict[int, list[str]] = {}
+        for name, full in self._full.items():
+            aliases.setdefault(id(full), []).append(name)
+        self.plan = Plan()  # decided by the first capture
+        self._settings = CompileSettings(
+            tp=tp, styles=dict(styles), auto=auto, model_name=self._model_name,
+            full_shapes=dict(self._full_shapes), device=self._device(),
+            aliases=tuple(tuple(names) for names in aliases.values() if len(names) > 1),
+            n_stages=self.pipeline.n_stages, cuts=self.pipeline.cuts, balance=self.pipeline.balance)
         self._programs: dict[tuple, list[LocalProgram]] = {}
         self.train(model.training)
 
     # ------------------------------------------------------------------ building
     def _capture(self, args: tuple, kwargs: dict) -> LocalProgram:
-        # stage programs are static per microbatch shape: values crossing a cut must be tensors
-        started = time.perf_counter()
-        program = capture(self._shadow[0], args, kwargs, training=self.training, device=self._device(),
-                          dynamic=self.pipeline.n_stages == 1)
-        history = program.history
-        record_pass(history, "capture", program.gm, 0, started)
-        program.gm = run_pass(history, drop_assertions, program.gm)
-        program.gm = run_pass(history, linear_from_matmul, program.gm)
-        program.gm = run_pass(history, expert_linear_from_grouped_mm, program.gm)
-        program.gm = run_pass(history, split_bias, program.gm)
-        before, started = count_ops(program.gm), time.perf_counter()
-        result = self._decide(program)
-        record_pass(history, "propagate", program.gm, before, started)
-        before, started = count_ops(program.gm), time.perf_counter()
-        partition(program, result, self.tp)
-        record_pass(history, "partition", program.gm, before, started)
-        device = self._device()
-        program.gm = run_pass(history, retarget_device, program.gm, device)
-        kwarg_order = list(_default_kwargs(self._shadow[0], dict(kwargs)).keys())
-        entry = LocalProgram(program, result, kwarg_order)
-        if self.pipeline.n_stages > 1:
-            before, started = count_ops(program.gm), time.perf_counter()
-            entry.stages = self._split(program)
-            record_pass(history, "split", [st.gm for st in entry.stages], before, started)
+        entry = compile_call(self._shadow[0], args, kwargs, training=self.training,
+                             settings=self._settings, plan=self.plan)
         if not self._installed:
             self._install_state(entry)
         return entry
 
-    def _split(self, program: CapturedProgram) -> list[StageProgram]:
-        """Cut the local program into stages; the first capture fixes which units each stage holds."""
-        blocks = find_blocks(self._shadow[0])
-        if len(blocks) < 2:
-            raise PlanError(f"{self._model_name} has no repeated blocks (a ModuleList of layers of one "
-                            "class) to cut between, so it cannot be pipelined; use pp=1")
-        units = segment_blocks(program, assign_units(program.gm, blocks), blocks)
-        local = {n: int(torch.Size(self.local_shape(n)).numel()) for n in self._full_shapes}
-        costs = unit_costs(program, units.of_node, units.names, local)
-        if self.stage_of_unit is None:
-            self.units, self.unit_costs = units, costs
-            self.block_costs = [BlockCost(b) for b in blocks]
-            for cost, b in zip(costs, units.block):
-                for key in ("flops", "params", "param_bytes"):
-                    setattr(self.block_costs[b], key, getattr(self.block_costs[b], key) + getattr(cost, key))
-            self.stage_of_unit = stage_of_units(blocks, units, self.pipeline.n_stages, costs,
-                                                self.pipeline.cuts, self.pipeline.balance)
-            self.stage_of_block = [self.stage_of_unit[units.first_of_block(b)] for b in range(len(blocks))]
-            return split_program(program, units, self.stage_of_unit, blocks)
-        return split_program(program, units, self._same_stages(units), blocks)
-
-    def _same_stages(self, units: Units) -> list[int]:
-        """Stages for a later capture's units (eval mode drops dropout-only units): by unit name."""
-        first = dict(zip(self.units.names, self.stage_of_unit))
-        stages, current = [], 0
-        for name in units.names:
-            current = max(current, first.get(name, current))
-            stages.append(current)
-        return stages
+    # the plan's decisions, by the names the report, goldens and runtime read
+    placements = property(lambda self: self.plan.placements)
+    blocks = property(lambda self: self.plan.blocks)
+    padded = property(lambda self: self.plan.padded)
+    plan_styles = property(lambda self: self.plan.auto_styles)
+    units = property(lambda self: self.plan.units)
+    stage_of_unit = property(lambda self: self.plan.stage_of_unit)
+    stage_of_block = property(lambda self: self.plan.stage_of_block)
+    unit_costs = property(lambda self: self.plan.unit_costs)
+    block_costs = property(lambda self: self.plan.block_costs)
 
     def _device(self) -> torch.device:
         for t in list(self._full.values()) + list(self._buffers_full.values()):
             return t.device
         return torch.device("cpu")
-
-    def _decide(self, program: CapturedProgram) -> PropagationResult:
-        """Propagate, dropping auto/plan column choices that a later op would have to gather."""
-        first = not self.placements
-        styles = dict(self._styles)
-        veto: set[str] = set()
-        for _ in range(16):
-            result = propagate_placements(
-                program, self.tp, styles=styles, fixed=self.placements, auto=self._auto and first, veto=veto,
-                padded=self.padded,
-            )
-            # auto choices that end in a gather are undone; a rule the user wrote is kept
-            # (and its gather warned about) unless the size simply does not split
-            failed = {
-                m: why for m, why in result.failed_columns.items()
-                if m not in veto and (m in result.auto_styles or "not divisible" in why)
-            }
-            if not failed or not first:
-                break
-            self._check_divisibility(result, failed)
-            veto |= _root_failures(failed)
-            styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
-        for line in result.fallbacks:
-            warnings.warn(f"nxd-autoshard: gathered to replicate (no sharding rule): {line}", stacklevel=3)
-        if first:
-            self._commit_placements(result)
-        return result
-
-    def _check_divisibility(self, result: PropagationResult, failed: dict[str, str]) -> None:
-        """KV projections that cannot be split are replicated; a layer with no split at all is an error."""
-        by_input: dict[str, list[str]] = {}
-        for mod, x in result.column_inputs.items():
-            by_input.setdefault(x, []).append(mod)
-        for mod, why in failed.items():
-            if "not divisible" not in why:
-                continue
-            siblings = by_input.get(result.column_inputs.get(mod, ""), [])
-            if any(s not in failed for s in siblings):
-                continue  # e.g. k/v with fewer heads than tp beside a sharded q
-            size = int(why.split("size ")[1].split(" ")[0])
-            raise DivisibilityError(
-                f"module '{mod}' of {self._model_name} cannot be split across tp={self.tp}: {why} "
-                f"(e.g. the number of attention heads). tp values that divide it: "
-                f"{', '.join(map(str, _divisors(size)))}."
-            )
-
-    def _commit_placements(self, result: PropagationResult) -> None:
-        self.placements = dict(result.param_placements)
-        self.blocks = dict(result.blocks)
-        self.padded = dict(result.padded)
-        self.plan_styles = dict(result.auto_styles)
-        for name, full in self._full.items():
-            self.placements.setdefault(name, Replicate())
-        # tied parameters: one placement for every alias
-        by_id: dict[int, Placement] = {}
-        padded_by_id: dict[int, int] = {}
-        for name, full in self._full.items():
-            if not isinstance(self.placements[name], Replicate):
-                by_id[id(full)] = self.placements[name]
-            if name in self.padded:
-                padded_by_id[id(full)] = self.padded[name]
-        for name, full in self._full.items():
-            self.placements[name] = by_id.get(id(full), self.placements[name])
-            if id(full) in padded_by_id:
-                self.padded[name] = padded_by_id[id(full)]
 
     def _stage_ranks(self) -> list[int]:
         """The pp rank that runs each stage."""
@@ -402,11 +269,7 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
         return explain(self).to_html(full=True)
 
     def local_shape(self, name: str) -> tuple[int, ...]:
-        shape = list(self._full_shapes[name])
-        p = self.placements.get(name, Replicate())
-        if isinstance(p, Shard):
-            shape[p.dim] = self.padded.get(name, shape[p.dim]) // self.tp
-        return tuple(shape)
+        return self.plan.local_shape(name, self._full_shapes[name], self.tp)
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         return self._full_shapes[name]
@@ -436,24 +299,6 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters gathered back to full shape, by original name."""
         return {name: self._gather_full(name, p.detach()) for name, p in self.named_parameters()}
-
-
-def _root_failures(failed: dict[str, str]) -> set[str]:
-    """Failures to undo now: sizes that do not split, and the first other failure of each layer.
-
-    Later failures in a layer are often caused by the first (a replicated attention makes the
-    output projection's choice fail too): they are retried once it is undone.
-    """
-    roots, seen_layers = set(), set()
-    for module, why in failed.items():  # in graph order
-        layer = re.match(r"^(.*?\.\d+)(\.|$)", module)
-        key = layer.group(1) if layer else ""
-        if "not divisible" in why:
-            roots.add(module)
-        elif key not in seen_layers:
-            seen_layers.add(key)
-            roots.add(module)
-    return roots
 
 
 def _join(outs: list) -> list:

@@ -1,7 +1,5 @@
-"""What each pass did to a program: name, time, op-count change and the printed graph after it.
-
-Every pass that `autoshard` runs appends one `PassRecord` to its program's history; the
-text is the golden printer's output (`golden.graph_text`), so any two steps can be diffed:
+"""The compiler's one driver: capture a call, then run the ordered pass list over the program,
+recording each pass's name, time, op-count change and printed program in the history.
 
     sharded.history.diff("split_bias", "partition")
 """
@@ -17,8 +15,23 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 
+from nxd_autoshard.compiler.capture import _default_kwargs, capture
+from nxd_autoshard.compiler.normalize import (
+    drop_assertions,
+    expert_linear_from_grouped_mm,
+    linear_from_matmul,
+    retarget_device,
+    split_bias,
+)
+from nxd_autoshard.compiler.partition import partition
+from nxd_autoshard.compiler.plan import CompileSettings, Plan, decide_placements
 from nxd_autoshard.compiler.propagate import PropagationResult
+from nxd_autoshard.compiler.split import split_stages
+from nxd_autoshard.ir.printer import graph_text
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram
+
+__all__ = ["PASSES", "LocalProgram", "Pass", "PassRecord", "compile_call", "count_ops", "on_pass",
+           "pass_names"]
 
 _LISTENERS: list[Callable[[PassRecord], None]] = []
 
@@ -33,18 +46,96 @@ class PassRecord(NamedTuple):
     text: str
 
 
+@dataclass
+class LocalProgram:
+    """One captured and partitioned program (per call signature and train/eval mode)."""
+
+    program: CapturedProgram
+    result: PropagationResult
+    kwarg_order: list[str]
+    stages: list[StageProgram] | None = None
+    runtime: Any = None  # the torch pipelining schedule of this rank, built at the first train_step
+
+
+@dataclass
+class CompileContext:
+    """What the passes of one call read and write besides the program itself."""
+
+    settings: CompileSettings
+    plan: Plan
+    model: torch.nn.Module  # the model's meta shadow (split reads its module tree)
+    result: PropagationResult | None = None
+    stages: list[StageProgram] | None = None
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A named step `run(program, ctx) -> program`; `applies(ctx)` says whether it runs."""
+
+    name: str
+    run: Callable[[CapturedProgram, CompileContext], CapturedProgram]
+    applies: Callable[[CompileContext], bool] = lambda ctx: True
+
+
+def _on_graph(fn: Callable[[torch.fx.GraphModule], torch.fx.GraphModule]) -> Pass:
+    """A graph-to-graph pass (normalize.py) as a step over the program."""
+
+    def run(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+        program.gm = fn(program.gm)
+        return program
+
+    return Pass(fn.__name__, run)
+
+
+def _propagate(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+    """A placement for every value (the first capture also decides the plan)."""
+    ctx.result = decide_placements(program, ctx.settings, ctx.plan)
+    return program
+
+
+def _partition(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+    """The one local program every tp rank runs, with collectives."""
+    return partition(program, ctx.result, ctx.settings.tp)
+
+
+def _retarget(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+    """The run-time device in place of the capture's meta device."""
+    program.gm = retarget_device(program.gm, ctx.settings.device)
+    return program
+
+
+def _split(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+    """Pipeline stages (with pp > 1)."""
+    ctx.stages = split_stages(program, ctx.model, ctx.settings, ctx.plan)
+    return program
+
+
+# the passes after capture, in order: the only list (plan_meta's progress bar and the README read it)
+PASSES: tuple[Pass, ...] = (
+    _on_graph(drop_assertions),
+    _on_graph(linear_from_matmul),
+    _on_graph(expert_linear_from_grouped_mm),
+    _on_graph(split_bias),
+    Pass("propagate", _propagate),
+    Pass("partition", _partition),
+    Pass("retarget_device", _retarget),
+    Pass("split", _split, lambda ctx: ctx.settings.n_stages > 1),
+)
+
+
+def pass_names(n_stages: int = 1) -> list[str]:
+    """Names of the passes a call goes through, capture first."""
+    probe = CompileContext(CompileSettings(1, {}, False, "", {}, n_stages=n_stages), Plan(), None)
+    return ["capture"] + [p.name for p in PASSES if p.applies(probe)]
+
+
 def count_ops(gm: torch.fx.GraphModule) -> int:
     """Number of operations (call_function nodes) of a graph."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_function")
 
 
-def record_pass(history: list, name: str, gm: torch.fx.GraphModule | list[torch.fx.GraphModule],
-                ops_before: int, started: float) -> PassRecord:
-    """Append the state of `gm` (or of every stage's graph) after pass `name` (started at
-    perf_counter `started`) to history."""
-    from nxd_autoshard.ir.printer import graph_text
-
-    gms = gm if isinstance(gm, list) else [gm]
+def _record(history: list, name: str, gms: list[torch.fx.GraphModule], ops_before: int,
+            started: float) -> None:
     text = graph_text(gms[0]) if len(gms) == 1 else "\n".join(
         f"# stage {i}\n{graph_text(g)}" for i, g in enumerate(gms))
     record = PassRecord(name, ops_before, sum(count_ops(g) for g in gms),
@@ -52,7 +143,6 @@ def record_pass(history: list, name: str, gm: torch.fx.GraphModule | list[torch.
     history.append(record)
     for listener in _LISTENERS:
         listener(record)
-    return record
 
 
 @contextlib.contextmanager
@@ -65,20 +155,21 @@ def on_pass(callback: Callable[[PassRecord], None]) -> Iterator[None]:
         _LISTENERS.remove(callback)
 
 
-def run_pass(history: list, fn, gm: torch.fx.GraphModule, *args, **kwargs) -> torch.fx.GraphModule:
-    """Run one pass and append its PassRecord (name, op counts, seconds, graph after) to `history`."""
-    before, started = count_ops(gm), time.perf_counter()
-    out = fn(gm, *args, **kwargs)
-    record_pass(history, fn.__name__, out, before, started)
-    return out
-
-
-@dataclass
-class LocalProgram:
-    """One captured and partitioned program (per call signature and train/eval mode)."""
-
-    program: CapturedProgram
-    result: PropagationResult
-    kwarg_order: list[str]
-    stages: list[StageProgram] | None = None
-    runtime: Any = None  # the torch pipelining schedule of this rank, built at the first train_step
+def compile_call(model: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
+                 settings: CompileSettings, plan: Plan) -> LocalProgram:
+    """Capture one call of `model` (its meta shadow) and run every pass; fills `plan` the first time."""
+    started = time.perf_counter()
+    # stage programs are static per microbatch shape: values crossing a cut must be tensors
+    program = capture(model, args, kwargs, training=training, device=settings.device,
+                      dynamic=settings.n_stages == 1)
+    _record(program.history, "capture", [program.gm], 0, started)
+    ctx = CompileContext(settings, plan, model)
+    for step in PASSES:
+        if not step.applies(ctx):
+            continue
+        before, started = count_ops(program.gm), time.perf_counter()
+        program = step.run(program, ctx)
+        gms = [st.gm for st in ctx.stages] if step.name == "split" else [program.gm]
+        _record(program.history, step.name, gms, before, started)
+    kwarg_order = list(_default_kwargs(model, dict(kwargs)).keys())
+    return LocalProgram(program, ctx.result, kwarg_order, ctx.stages)

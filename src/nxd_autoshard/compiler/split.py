@@ -21,7 +21,7 @@ from nxd_autoshard.ir.errors import PlanError
 from nxd_autoshard.ir.program import BlockCost, CapturedProgram, StageProgram, module_path
 
 __all__ = [
-    "BALANCE", "find_blocks", "assign_units", "unit_costs",
+    "BALANCE", "check_stage_count", "split_stages", "find_blocks", "assign_units", "unit_costs",
     "balance", "even_split", "split_program", "stage_of_units", "segment_blocks", "Units",
 ]
 
@@ -181,14 +181,19 @@ def unit_costs(program: CapturedProgram, unit: dict[torch.fx.Node, int], names: 
     return costs
 
 
+def check_stage_count(stages: int, blocks: int, model: str = "the model", note: str = "") -> None:
+    """A clear error when there are fewer places to cut (blocks) than pipeline stages."""
+    if stages > blocks:
+        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but {model} has {blocks}; "
+                        f"use pp <= {blocks}{note}")
+
+
 def balance(costs: list[float], stages: int, cut_ok: list[bool] | None = None) -> list[int]:
     """Stage index of each unit: contiguous runs minimising the largest stage cost (linear partition
     DP); a stage may only start at a unit k with cut_ok[k]."""
     n = len(costs)
     cut_ok = cut_ok or [True] * n
-    if stages > sum(cut_ok):
-        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has "
-                        f"{sum(cut_ok)}; use pp <= {sum(cut_ok)}")
+    check_stage_count(stages, sum(cut_ok))
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -215,8 +220,7 @@ def balance(costs: list[float], stages: int, cut_ok: list[bool] | None = None) -
 
 def even_split(n: int, stages: int) -> list[int]:
     """Stage of each unit when the blocks are dealt out evenly (NxD's default), extra blocks first."""
-    if stages > n:
-        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has {n}")
+    check_stage_count(stages, n)
     base, extra = divmod(n, stages)
     out = []
     for s in range(stages):
@@ -231,9 +235,7 @@ def stage_of_units(blocks: list[str], units: Units, stages: int, costs: list[Blo
                    cuts: list[str] | None, by: str = "flops") -> list[int]:
     """Stage of each unit: from the user's cut names (block starts), else balanced by FLOPs or
     parameter bytes (cuts inside blocks allowed), else whole blocks dealt out evenly."""
-    if stages > len(blocks):
-        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but the model has "
-                        f"{len(blocks)}; use pp <= {len(blocks)}")
+    check_stage_count(stages, len(blocks))
     if by != "even" and not cuts:
         return balance([c.flops if by == "flops" else c.param_bytes for c in costs], stages, units.cut_ok)
     per_block = _block_stages(blocks, stages, cuts)
@@ -328,3 +330,35 @@ def split_program(program: CapturedProgram, units: Units, stage_of_unit: list[in
 def _safe(name: str) -> str:
     return name.replace(".", "_")
 
+
+def split_stages(program: CapturedProgram, model: torch.nn.Module, settings, plan) -> list[StageProgram]:
+    """Cut the local program into stages; the first capture fixes which units each stage holds."""
+    blocks = find_blocks(model)
+    if len(blocks) < 2:
+        raise PlanError(f"{settings.model_name} has no repeated blocks (a ModuleList of layers of one "
+                        "class) to cut between, so it cannot be pipelined; use pp=1")
+    units = segment_blocks(program, assign_units(program.gm, blocks), blocks)
+    local = {n: int(torch.Size(plan.local_shape(n, shape, settings.tp)).numel())
+             for n, shape in settings.full_shapes.items()}
+    costs = unit_costs(program, units.of_node, units.names, local)
+    if plan.stage_of_unit is not None:
+        return split_program(program, units, _same_stages(plan, units), blocks)
+    plan.units, plan.unit_costs = units, costs
+    plan.block_costs = [BlockCost(b) for b in blocks]
+    for cost, b in zip(costs, units.block):
+        for key in ("flops", "params", "param_bytes"):
+            setattr(plan.block_costs[b], key, getattr(plan.block_costs[b], key) + getattr(cost, key))
+    plan.stage_of_unit = stage_of_units(blocks, units, settings.n_stages, costs, settings.cuts,
+                                        settings.balance)
+    plan.stage_of_block = [plan.stage_of_unit[units.first_of_block(b)] for b in range(len(blocks))]
+    return split_program(program, units, plan.stage_of_unit, blocks)
+
+
+def _same_stages(plan, units: Units) -> list[int]:
+    """Stages for a later capture's units (eval mode drops dropout-only units): by unit name."""
+    first = dict(zip(plan.units.names, plan.stage_of_unit))
+    stages, current = [], 0
+    for name in units.names:
+        current = max(current, first.get(name, current))
+        stages.append(current)
+    return stages

@@ -42,9 +42,10 @@ def _plan(ns: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from nxd_autoshard.tools.plan_meta import PASSES, plan_on_meta
+    from nxd_autoshard.compiler.driver import pass_names
+    from nxd_autoshard.tools.plan_meta import plan_on_meta
 
-    steps = ["build model on meta", *PASSES, *(["split"] if ns.pp > 1 else []), "report"]
+    steps = ["build model on meta", *pass_names(ns.pp), "report"]
     err = Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),

@@ -15,12 +15,8 @@ import torch
 
 from nxd_autoshard.compiler.driver import on_pass
 
-__all__ = ["PASSES", "build_meta_model", "plan_on_meta"]
+__all__ = ["build_meta_model", "plan_on_meta"]
 
-
-# the passes autoshard runs, in order (what the progress bar counts)
-PASSES = ("capture", "drop_assertions", "linear_from_matmul",
-          "expert_linear_from_grouped_mm", "split_bias", "propagate", "partition", "retarget_device")
 
 
 def build_meta_model(config) -> torch.nn.Module:
