@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 from nxd_autoshard.ir.errors import CaptureError
 from nxd_autoshard.ir.program import CapturedProgram
 
-__all__ = ["capture", "fake_shadow", "meta_shadow"]
+__all__ = ["capture", "fake_shadow", "functionalize", "meta_shadow"]
 
 
 def meta_shadow(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,7 +148,68 @@ def capture(
         ) from err
     finally:
         tracker.close()
-    return _flatten_exported(ep, model, training)
+    return _flatten_exported(functionalize(ep), model, training)
+
+
+def _mutating_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Nodes that write into a tensor in place (`copy_`, `index_put_`, `add_`, ...)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+
+
+def functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program without in-place writes, so no rank can read a buffer before it is written.
+
+    export's training IR keeps in-place ops: a buffer made with `new_empty` and filled through
+    slices (DeepSeek-V3's keys) would be sharded before the writes and read uninitialised.
+    `run_decompositions({})` rewrites them functionally (`copy_` into a slice becomes
+    `slice_scatter`); it costs seconds and renames ops, so programs without writes skip it.
+    """
+    if not _mutating_ops(ep.graph_module):
+        return ep
+    functional = ep.run_decompositions({})
+    left = _mutating_ops(functional.graph_module)
+    if left:
+        raise CaptureError(
+            f"in-place op {left[0].target} (node '{left[0].name}') survived functionalization; "
+            "write that update out of place (x = x + y instead of x += y)")
+    _differentiable_copies(functional.graph_module)
+    return functional
+
+
+def _differentiable_copies(gm: torch.fx.GraphModule) -> None:
+    """`copy(dst, src)` (what `dst[...] = src` becomes) as `src` cast and broadcast to dst.
+
+    aten.copy has no derivative, and dst is wholly overwritten, so its value is not needed.
+    """
+    aten = torch.ops.aten
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is not aten.copy.default or node.kwargs:
+            continue
+        dst, src = node.args[:2]
+        dval, sval = dst.meta["val"], src.meta["val"]
+        with graph.inserting_before(node):
+            out = src
+            if sval.dtype != dval.dtype:
+                out = graph.call_function(aten._to_copy.default, (out,), {"dtype": dval.dtype})
+                out.meta["val"] = sval.to(dval.dtype)
+            if [str(d) for d in sval.shape] != [str(d) for d in dval.shape]:
+                sizes = [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (dst, i))
+                         for i, d in enumerate(dval.shape)]
+                for i, size in enumerate(sizes):
+                    if isinstance(size, torch.fx.Node):
+                        size.meta["val"] = dval.shape[i]
+                out = graph.call_function(aten.expand.default, (out, sizes))
+                out.meta["val"] = dval
+            if out is src:  # keep a node of its own: a copy never aliases its source
+                out = graph.call_function(aten.clone.default, (src,))
+                out.meta["val"] = dval
+        out.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
 
 
 def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedProgram:
