@@ -201,21 +201,27 @@ def _store_port(rank: int, world_size: int) -> int:
     return int(os.environ["MASTER_PORT"])
 
 
+_LAUNCH_AND_PRINT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_launch import _all_reduce
+from nxd_autoshard.tools.launch import run_ranks
+print(run_ranks(_all_reduce, 2, timeout_s=120))
+"""
+
+
 def test_concurrent_launches_do_not_meet() -> None:
-    # each launch owns its rendezvous store: two at once get two ports and two worlds
-    import threading
+    # each launch owns its rendezvous store: launches started at once (as pytest-xdist workers
+    # do) get two ports and two worlds; processes, not threads, since a forking parent must
+    # not have other threads running
+    import subprocess
 
-    results: dict[int, list] = {}
-
-    def launch(i: int) -> None:
-        results[i] = run_ranks(_all_reduce, 2, timeout_s=60)
-
-    threads = [threading.Thread(target=launch, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == {i: [3.0, 3.0] for i in range(3)}
+    code = _LAUNCH_AND_PRINT.format(tests=str(Path(__file__).parent))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert outs == ["[3.0, 3.0]"] * 3
 
 
 def test_tensors_come_back_intact() -> None:

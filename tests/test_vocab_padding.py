@@ -159,13 +159,30 @@ def test_embedding_masks_ids_outside_the_real_vocab(rank):
     vocab, tp = 10, 3  # padded to 12: rows 10 and 11 of the last shard are padding
     table = torch.randn(vocab, 4)
     padded = torch.cat([table, torch.full((2, 4), 7.0)])  # non-zero padding must still stay unseen
-    ids = torch.tensor([0, 3, 4, 7, 8, 9, 10, 11])
+    ids = torch.tensor([0, 3, 4, 7, 8, 9])
     local = padded.chunk(tp)[rank]
     got = local_vocab_embedding(local, ids, -1, rank, vocab)
     start = rank * 4
     inside = (ids >= start) & (ids < min(start + 4, vocab))
-    want = torch.where(inside.unsqueeze(-1), padded[ids.clamp(max=vocab - 1)], torch.zeros(()))
+    want = torch.where(inside.unsqueeze(-1), padded[ids], torch.zeros(()))
     torch.testing.assert_close(got, want)
+    # an id past the vocabulary (here: one that would land on a padding row) raises, as unsharded
+    for bad in (10, 11, -1):
+        with pytest.raises(IndexError, match=f"token id {bad} is outside the vocabulary of 10"):
+            local_vocab_embedding(local, torch.tensor([0, bad]), -1, rank, vocab)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_token_ids_outside_the_vocab_raise_as_unsharded(tp):
+    torch.manual_seed(0)
+    model = _TiedHead()
+    ids = torch.tensor([[0, 3, 10]])
+    sharded = autoshard(model, tp, example_inputs=(ids,))
+    bad = torch.tensor([[0, 3, 11]])
+    with pytest.raises(IndexError):
+        model(bad)
+    with pytest.raises(IndexError, match="token id 11 is outside the vocabulary of 11"):
+        sharded(bad)
 
 
 class _TiedHead(torch.nn.Module):
