@@ -4,8 +4,8 @@ numerically (value and input gradients) against the unsharded op in the simulato
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
@@ -59,8 +59,8 @@ ROWS = [
     # element-wise
     Row("add_shard_replicate", aten.add, torch.add, ((8, 8), (8, 8)), (S0, R), S0, {1: S0}),
     Row("add_broadcast_bias", aten.add, torch.add, ((4, 8), (8,)), (S1, R), S1, {1: S0}),
-    Row("add_partial_partial", aten.add, lambda a, b, c, d: a @ b + c @ d, ((8, 4), (4, 8), (8, 4), (4, 8)), (S1, S0, S1, S0),
-        P, {}),
+    Row("add_partial_partial", aten.add, lambda a, b, c, d: a @ b + c @ d,
+        ((8, 4), (4, 8), (8, 4), (4, 8)), (S1, S0, S1, S0), P),
     Row("mul_clash", aten.mul, torch.mul, ((8, 8), (8, 8)), (S0, S1), FALLBACK),
     Row("mul_partial_reduces", aten.mul, lambda a, b, c: (a @ b) * c, ((8, 4), (4, 8), (8, 8)),
         (S1, S0, R), R),
@@ -80,7 +80,8 @@ ROWS = [
         ((4, 8), ids(8, 2, (1, 8)).bool()), (S1, R), S1, {1: S1}),
     Row("softplus", aten.softplus, F.softplus, ((4, 8),), (S1,), S1),
     Row("type_as", aten.type_as, lambda x, y: x.type_as(y), ((4, 8), (4, 8)), (S1, R), S1, {1: S1}),
-    Row("zeros_like_plus", aten.zeros_like, lambda x: torch.zeros_like(x) + x, ((4, 8),), (S1,), S1),
+    Row("zeros_like_plus", aten.zeros_like, lambda x: torch.zeros_like(x) + x, ((4, 8),), (S1,),
+        S1),
     Row("nan_to_num", aten.nan_to_num, torch.nan_to_num, ((4, 8),), (S0,), S0, tps=(2, 4)),
     Row("tril_batch_dim", aten.tril, torch.tril, ((4, 8, 8),), (S0,), S0),
     Row("tril_row_dim", aten.tril, torch.tril, ((8, 8),), (S0,), FALLBACK),
@@ -147,7 +148,8 @@ ROWS = [
     Row("softmax_own_dim", aten.softmax, lambda x: x.softmax(-1), ((4, 8),), (S1,), FALLBACK),
     Row("log_softmax", aten.log_softmax, lambda x: x.log_softmax(0), ((4, 8),), (S1,), S1),
     Row("cumsum", aten.cumsum, lambda x: x.cumsum(1), ((8, 4),), (S0,), S0),
-    Row("cumsum_partial", aten.cumsum, lambda a, b: (a @ b).cumsum(0), ((8, 4), (4, 8)), (S1, S0), P),
+    Row("cumsum_partial", aten.cumsum, lambda a, b: (a @ b).cumsum(0), ((8, 4), (4, 8)), (S1, S0),
+        P),
     Row("cumsum_own_dim", aten.cumsum, lambda x: x.cumsum(1), ((4, 8),), (S1,), FALLBACK),
     Row("layer_norm_rows", aten.layer_norm, lambda x, w, b: F.layer_norm(x, (8,), w, b),
         ((8, 8), (8,), (8,)), (S0, R, R), S0, {1: R, 2: R}),
@@ -248,7 +250,7 @@ def _run(row: Row, tp: int):
     program = capture(_Holder(row.fn, tensors), (), dynamic=False)
     program.gm = expert_linear_from_grouped_mm(program.gm)
     names = [f"in{i}" for i in range(len(tensors))]
-    fixed = {n: p for n, p in zip(names, row.placements) if tensors[names.index(n)].is_floating_point()}
+    fixed = {n: p for n, p, t in zip(names, row.placements, tensors) if t.is_floating_point()}
     padded = {names[i]: _padded_size(tensors[i].shape[0], tp) for i in row.padded}
     result = propagate_placements(program, tp, styles={}, fixed=fixed, auto=False, padded=padded)
     node = next(n for n in program.gm.graph.nodes
@@ -277,7 +279,7 @@ def _run(row: Row, tp: int):
 def test_rule_row(row: Row, tp: int):
     if tp not in row.tps:
         pytest.skip(f"shapes of {row.id} do not divide by tp={tp}")
-    decision, needs, full, outs, want, tensors = _run(row, tp)
+    decision, needs, full, outs, want, _ = _run(row, tp)
     if row.out == FALLBACK:
         assert decision.note == "no sharding rule for these placements", decision
     else:

@@ -1,4 +1,4 @@
-"""Sharding rules keyed by ATen op: given input placements, the output placement and what inputs need.
+"""Sharding rules keyed by ATen op: from input placements, the output placement and input needs.
 
 A rule returns a `Decision`, or None when the op cannot run on the given placements; the
 propagation pass then gathers every input to Replicate and warns, naming node and module.
@@ -7,16 +7,55 @@ importing this package loads every family, so `REGISTRY` is complete.
 """
 
 from nxd_autoshard.rules import (  # noqa: F401  (each module registers its rules on import)
-    attention, embedding, joins, matmul, misc, pointwise, reductions, views,
+    attention,
+    embedding,
+    joins,
+    matmul,
+    misc,
+    pointwise,
+    reductions,
+    views,
 )
 from nxd_autoshard.rules.registry import (
-    P, R, REGISTRY, Decision, DivideSize, Localisation, Lower, RuleEntry, SliceBlock, SplitSizes,
-    handles_padding, hint_int, is_tensor_node, padded_of, rule, rule_for, shape_of, tensor_inputs,
+    REGISTRY,
+    Decision,
+    DivideSize,
+    Localisation,
+    Lower,
+    P,
+    R,
+    RuleEntry,
+    SliceBlock,
+    SplitSizes,
+    handles_padding,
+    hint_int,
+    is_tensor_node,
+    padded_of,
+    rule,
+    rule_for,
+    shape_of,
+    tensor_inputs,
     view_groups,
 )
 
 __all__ = [
-    "P", "R", "REGISTRY", "Decision", "DivideSize", "Localisation", "Lower", "RuleEntry",
-    "SliceBlock", "SplitSizes", "handles_padding", "hint_int", "is_tensor_node", "padded_of",
-    "rule", "rule_for", "shape_of", "tensor_inputs", "view_groups",
+    "REGISTRY",
+    "Decision",
+    "DivideSize",
+    "Localisation",
+    "Lower",
+    "P",
+    "R",
+    "RuleEntry",
+    "SliceBlock",
+    "SplitSizes",
+    "handles_padding",
+    "hint_int",
+    "is_tensor_node",
+    "padded_of",
+    "rule",
+    "rule_for",
+    "shape_of",
+    "tensor_inputs",
+    "view_groups",
 ]

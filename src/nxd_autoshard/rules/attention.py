@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx
 
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
-from nxd_autoshard.rules.registry import R, Decision, aten, rule, shape_of
+from nxd_autoshard.rules.registry import Decision, R, aten, rule, shape_of
 
 __all__ = ["sdpa_rule"]
 

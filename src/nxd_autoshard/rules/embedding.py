@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nxd_autoshard.ir.ops import vocab_parallel_cross_entropy, vocab_parallel_embedding
 from nxd_autoshard.ir.placements import Replicate, Shard
-from nxd_autoshard.rules.registry import P, R, Decision, Lower, aten, padded_of, rule, shape_of
+from nxd_autoshard.rules.registry import Decision, Lower, P, R, aten, padded_of, rule, shape_of
 
 __all__ = ["cross_entropy_rule", "embedding_rule"]
 

@@ -6,7 +6,16 @@ import torch.fx
 
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules.registry import (
-    P, Decision, SliceBlock, SplitSizes, aten, norm_dim, packet_of, padded_of, rule, shape_of,
+    Decision,
+    P,
+    SliceBlock,
+    SplitSizes,
+    aten,
+    norm_dim,
+    packet_of,
+    padded_of,
+    rule,
+    shape_of,
     shape_of_val,
 )
 from nxd_autoshard.rules.views import dim_map_rule
@@ -84,7 +93,8 @@ def split_rule(node, placements, tp):
     nd = x.meta["val"].dim()
     default_dim = 0
     dim_index = 2 if packet in (aten.split, aten.split_with_sizes, aten.chunk) else 1
-    raw_dim = node.args[dim_index] if len(node.args) > dim_index else node.kwargs.get("dim", default_dim)
+    has_dim = len(node.args) > dim_index
+    raw_dim = node.args[dim_index] if has_dim else node.kwargs.get("dim", default_dim)
     dim = norm_dim(raw_dim, nd)
     if packet is aten.unbind:
         if dim == p.dim:
@@ -101,7 +111,7 @@ def split_rule(node, placements, tp):
 
 
 def _join_rule(node, placements, *, new_dim: bool):
-    """cat (new_dim=False) / stack (new_dim=True): inputs share the shard; joining along it gathers."""
+    """cat (new_dim=False) / stack (new_dim=True): inputs share the shard; cat along it gathers."""
     parts = [n for n in node.args[0] if isinstance(n, torch.fx.Node)]
     out_nd = node.meta["val"].dim()
     dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)

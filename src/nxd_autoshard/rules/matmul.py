@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nxd_autoshard.ir.ops import expert_linear
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
-from nxd_autoshard.rules.registry import P, R, Decision, aten, padded_of, rule, shape_of
+from nxd_autoshard.rules.registry import Decision, P, R, aten, padded_of, rule, shape_of
 
 __all__ = ["baddbmm_rule", "expert_linear_rule", "linear_rule", "matmul_rule"]
 
@@ -112,7 +112,7 @@ def expert_linear_rule(node, placements, tp):
 
 @rule(aten.baddbmm)
 def baddbmm_rule(node, placements, tp):
-    """bias + a @ b: as matmul, with the bias sharded like the product (a Partial product refuses)."""
+    """bias + a @ b: as matmul, the bias sharded like the product (a Partial product refuses)."""
     bias, a, b = node.args[0], node.args[1], node.args[2]
     d = _matmul_decision(a, b, placements[a], placements[b], node.meta["val"].dim())
     if d is None or isinstance(d.out, Partial):

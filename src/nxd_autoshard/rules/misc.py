@@ -1,10 +1,10 @@
-"""Other rules: getitem of a tuple-valued op, and new_zeros-like ops that ignore their input's values."""
+"""Other rules: getitem of a tuple-valued op, and new_zeros-like ops that ignore input values."""
 
 from __future__ import annotations
 
 import operator
 
-from nxd_autoshard.rules.registry import R, Decision, aten, rule
+from nxd_autoshard.rules.registry import Decision, R, aten, rule
 
 __all__ = ["fresh_rule", "getitem_rule"]
 

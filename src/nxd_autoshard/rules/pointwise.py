@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules.registry import (
-    P, R, Decision, aten, norm_dim, packet_of, padded_of, rule, shape_of, tensor_inputs,
+    Decision,
+    P,
+    R,
+    aten,
+    norm_dim,
+    packet_of,
+    padded_of,
+    rule,
+    shape_of,
+    tensor_inputs,
 )
 
 __all__ = ["POINTWISE", "glu_rule", "pointwise_rule", "triangle_rule"]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from nxd_autoshard.ir.placements import Partial, Shard
 from nxd_autoshard.rules.registry import (
-    P, R, Decision, aten, norm_dim, packet_of, padded_of, rule, tensor_inputs,
+    Decision,
+    P,
+    R,
+    aten,
+    norm_dim,
+    packet_of,
+    padded_of,
+    rule,
+    tensor_inputs,
 )
 from nxd_autoshard.rules.views import dim_map_rule
 
@@ -37,7 +45,8 @@ def _same_dim_unless(arg_index: int, default=None):
 
     def mapping(node, d):
         nd = node.args[0].meta["val"].dim()
-        raw = node.args[arg_index] if len(node.args) > arg_index else node.kwargs.get("dim", default)
+        given = len(node.args) > arg_index
+        raw = node.args[arg_index] if given else node.kwargs.get("dim", default)
         dims = raw if isinstance(raw, (list, tuple)) else [raw]
         return None if any(norm_dim(x, nd) == d for x in dims if x is not None) else d
 

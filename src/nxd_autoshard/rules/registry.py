@@ -1,4 +1,4 @@
-"""The rule registry: `Decision`, localisations, the `@rule` decorator and helpers every rule shares.
+"""The rule registry: `Decision`, localisations, the `@rule` decorator and helpers rules share.
 
 A rule is `(node, placements, tp) -> Decision | None`, registered with `@rule(op, ...)` where it
 is written; the registry is the only list of ops. A rule only reads the graph: what the local
@@ -24,9 +24,28 @@ from torch.fx.experimental import symbolic_shapes as _symbolic
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate
 
 __all__ = [
-    "P", "R", "REGISTRY", "Decision", "DivideSize", "Localisation", "Lower", "RuleEntry",
-    "SliceBlock", "SplitSizes", "aten", "handles_padding", "hint_int", "is_tensor_node", "norm_dim",
-    "packet_of", "padded_of", "rule", "rule_for", "shape_of", "shape_of_val", "tensor_inputs",
+    "REGISTRY",
+    "Decision",
+    "DivideSize",
+    "Localisation",
+    "Lower",
+    "P",
+    "R",
+    "RuleEntry",
+    "SliceBlock",
+    "SplitSizes",
+    "aten",
+    "handles_padding",
+    "hint_int",
+    "is_tensor_node",
+    "norm_dim",
+    "packet_of",
+    "padded_of",
+    "rule",
+    "rule_for",
+    "shape_of",
+    "shape_of_val",
+    "tensor_inputs",
     "view_groups",
 ]
 

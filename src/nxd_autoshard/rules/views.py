@@ -8,7 +8,16 @@ import torch.fx
 
 from nxd_autoshard.ir.placements import Partial, Shard
 from nxd_autoshard.rules.registry import (
-    P, R, Decision, DivideSize, aten, norm_dim, padded_of, rule, shape_of, view_groups,
+    Decision,
+    DivideSize,
+    P,
+    R,
+    aten,
+    norm_dim,
+    padded_of,
+    rule,
+    shape_of,
+    view_groups,
 )
 
 __all__ = ["dim_map_rule", "expand_rule", "view_rule"]
