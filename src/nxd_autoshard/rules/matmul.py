@@ -118,7 +118,6 @@ def baddbmm_rule(node, placements, tp):
     if d is None or isinstance(d.out, Partial):
         return None
     pb = placements[bias]
-    if isinstance(d.out, Shard):
-        if pb != d.out:
-            d.needs[bias] = d.out
+    if isinstance(d.out, Shard) and pb != d.out:
+        d.needs[bias] = d.out
     return d
