@@ -9,7 +9,7 @@ from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, module_path
-from nxd_autoshard.rules import tensor_inputs
+from nxd_autoshard.rules import DivideSize, Lower, SliceBlock, SplitSizes, tensor_inputs
 
 __all__ = ["partition", "redistribute_ops", "requires_grad_nodes"]
 
@@ -134,12 +134,50 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
         if replace:
             node.args = torch.fx.node.map_arg(node.args, lambda a: replace.get(a, a))
             node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: replace.get(a, a))
-        if decision.rewrite is not None:
-            decision.rewrite(node, tp)
+        for step in decision.localise:
+            LOCALISE[type(step)](node, step, tp)
     gm.meta["nxd_tp"] = tp  # the graph is now one rank's: printers divide sharded dims by tp
     graph.lint()
     gm.recompile()
     return program
+
+
+def _divide_size(node: torch.fx.Node, step: DivideSize, tp: int) -> None:
+    """The size literal at args[1][position] becomes its local value: size/tp, or padded/tp."""
+    sizes = list(node.args[1])
+    value = sizes[step.position]
+    if isinstance(value, int) and value != -1:
+        sizes[step.position] = (step.padded or value) // tp
+        node.args = (node.args[0], sizes, *node.args[2:])
+    elif isinstance(value, torch.fx.Node):
+        raise NotImplementedError(
+            f"node '{node.name}' sets a sharded dim from a symbolic size; cannot localise it"
+        )
+
+
+def _split_sizes(node: torch.fx.Node, step: SplitSizes, tp: int) -> None:
+    """split's size (an int) or split_with_sizes' sizes (a list) become their local values."""
+    sizes = node.args[1]
+    local = [s // tp for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // tp
+    node.args = (node.args[0], local, *node.args[2:])
+
+
+def _slice_block(node: torch.fx.Node, step: SliceBlock, tp: int) -> None:
+    """A slice of one block of a blocked shard dim reads this rank's piece of that block."""
+    start = step.start // tp
+    node.args = (node.args[0], step.dim, start, start + step.width // tp, *node.args[4:])
+
+
+def _lower(node: torch.fx.Node, step: Lower, tp: int) -> None:
+    """Retarget a node to a runtime op (vocab-parallel embedding or cross entropy)."""
+    node.target = step.op
+    node.args = (node.args[0], node.args[1], *step.extra_args)
+    node.kwargs = {}
+
+
+# how each kind of localisation a rule returns changes the node in the local program
+LOCALISE = {DivideSize: _divide_size, SplitSizes: _split_sizes, SliceBlock: _slice_block,
+            Lower: _lower}
 
 
 def _real_size_if_padded(value: torch.fx.Node, placed: Placement) -> int | None:

@@ -1,0 +1,81 @@
+"""Reduction rules: sum/mean/amax/amin, softmax and cumsum along a dim, layer_norm and rms_norm."""
+
+from __future__ import annotations
+
+from nxd_autoshard.ir.placements import Partial, Shard
+from nxd_autoshard.rules.registry import (
+    Decision,
+    P,
+    R,
+    aten,
+    norm_dim,
+    packet_of,
+    padded_of,
+    rule,
+    tensor_inputs,
+)
+from nxd_autoshard.rules.views import dim_map_rule
+
+__all__ = ["layer_norm_rule", "reduction_rule", "rms_norm_rule"]
+
+
+@rule(aten.sum, aten.mean, aten.amax, aten.amin, padding_aware=True)
+def reduction_rule(node, placements, tp):
+    """sum/mean/amax over dims: a reduced shard dim gives Partial for sum, a gather otherwise."""
+    x = node.args[0]
+    p = placements[x]
+    packet = packet_of(node.target)
+    nd = x.meta["val"].dim()
+    raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = list(range(nd)) if raw is None or raw == [] else [
+        norm_dim(d, nd) for d in (raw if isinstance(raw, (list, tuple)) else [raw])
+    ]
+    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    if isinstance(p, Partial):
+        return Decision(P) if packet is aten.sum else None
+    if p.dim in dims:
+        # padding need not be zero after element-wise ops: a padded dim is gathered, then reduced
+        return Decision(P) if packet is aten.sum and not padded_of(x) else None
+    out = p.dim if keepdim else p.dim - sum(1 for d in dims if d < p.dim)
+    return Decision(Shard(out), padded=padded_of(x))
+
+
+def _same_dim_unless(arg_index: int, default=None):
+    """Ops with a `dim` argument that must not be the shard dim (softmax, cumsum, ...)."""
+
+    def mapping(node, d):
+        nd = node.args[0].meta["val"].dim()
+        given = len(node.args) > arg_index
+        raw = node.args[arg_index] if given else node.kwargs.get("dim", default)
+        dims = raw if isinstance(raw, (list, tuple)) else [raw]
+        return None if any(norm_dim(x, nd) == d for x in dims if x is not None) else d
+
+    mapping.__name__ = "same_dim_unless_reduced"
+    return mapping
+
+
+rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, padding_aware=True)(
+    dim_map_rule(_same_dim_unless(1), linear=False))
+rule(aten.cumsum, padding_aware=True)(dim_map_rule(_same_dim_unless(1)))
+
+
+@rule(aten.layer_norm)
+def layer_norm_rule(node, placements, tp):
+    """layer_norm: a shard of a dim it does not normalise passes; weight and bias are replicated."""
+    x = node.args[0]
+    p = placements[x]
+    if isinstance(p, Partial):  # a row-parallel or vocab-parallel sum feeding a norm: reduce first
+        return Decision(R, {n: R for n in tensor_inputs(node)})
+    if not isinstance(p, Shard):
+        return None
+    nd = x.meta["val"].dim()
+    if p.dim >= nd - len(node.args[1]):
+        return None
+    needs = {n: R for n in tensor_inputs(node) if n is not x}
+    return Decision(Shard(p.dim), needs)
+
+
+@rule(aten.rms_norm)
+def rms_norm_rule(node, placements, tp):
+    """rms_norm: as layer_norm."""
+    return layer_norm_rule(node, placements, tp)

@@ -1,0 +1,323 @@
+"""Sharding rules, one row per op: input placements -> output placement and needs, checked
+numerically (value and input gradients) against the unsharded op in the simulator."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401  (registers the grouped_mm op expert_linear runs)
+
+from nxd_autoshard.compiler.capture import capture
+from nxd_autoshard.compiler.normalize import expert_linear_from_grouped_mm
+from nxd_autoshard.compiler.partition import partition
+from nxd_autoshard.compiler.propagate import propagate_placements
+from nxd_autoshard.ir.ops import expert_linear
+from nxd_autoshard.ir.placements import Partial, Replicate, Shard
+from nxd_autoshard.rules import REGISTRY, handles_padding, rule_for
+from nxd_autoshard.runtime.simulator import scatter_to_ranks, simulate_graph
+
+aten = torch.ops.aten
+R, P = Replicate(), Partial()
+FALLBACK = "fallback"  # the rule refuses: every input is gathered to Replicate
+
+
+@dataclass
+class Row:
+    """An op applied to inputs (shape tuples, or tensors for ids and masks) with placements."""
+
+    id: str
+    op: object  # overload packet of the node whose decision is checked
+    fn: Callable
+    inputs: tuple
+    placements: tuple
+    out: object  # expected output placement of the op's node, or FALLBACK
+    needs: dict = field(default_factory=dict)  # input index -> placement the rule needs
+    tps: tuple = (2, 4)
+    padded: dict = field(default_factory=dict)  # input index -> padded size of its shard dim
+
+
+def _fused_qkv(x):
+    return x[:, :8], x[:, 8:16], x[:, 16:]
+
+
+def ids(n, high, shape=None):
+    return torch.arange(n).remainder(high).reshape(shape or (n,))
+
+
+def _glu_model(x, w1, w2):
+    return F.linear(F.glu(F.linear(x, w1), -1), w2)
+
+
+_OFFSETS = torch.tensor([2, 6])  # expert_linear: rows 0-1 go to expert 0, rows 2-5 to expert 1
+S0, S1, S2, S3 = Shard(0), Shard(1), Shard(2), Shard(3)
+ROWS = [
+    # element-wise
+    Row("add_shard_replicate", aten.add, torch.add, ((8, 8), (8, 8)), (S0, R), S0, {1: S0}),
+    Row("add_broadcast_bias", aten.add, torch.add, ((4, 8), (8,)), (S1, R), S1, {1: S0}),
+    Row("add_partial_partial", aten.add, lambda a, b, c, d: a @ b + c @ d,
+        ((8, 4), (4, 8), (8, 4), (4, 8)), (S1, S0, S1, S0), P),
+    Row("mul_clash", aten.mul, torch.mul, ((8, 8), (8, 8)), (S0, S1), FALLBACK),
+    Row("mul_partial_reduces", aten.mul, lambda a, b, c: (a @ b) * c, ((8, 4), (4, 8), (8, 8)),
+        (S1, S0, R), R),
+    Row("silu", aten.silu, F.silu, ((8, 8),), (S1,), S1),
+    Row("gelu", aten.gelu, F.gelu, ((4, 8),), (S0,), S0),
+    Row("where_mask", aten.where, lambda a, b: torch.where(a > 0, a, b), ((8, 8), (8, 8)), (S0, R),
+        S0, {1: S0}),
+    Row("sub_partial_partial", aten.sub, lambda a, b, c, d: a @ b - c @ d,
+        ((8, 4), (4, 8), (8, 4), (4, 8)), (S1, S0, S1, S0), P),
+    Row("add_partial_scalar_reduces", aten.add, lambda a, b: a @ b + 1.0, ((8, 4), (4, 8)),
+        (S1, S0), R),
+    Row("rsub_partial_reduces", aten.rsub, lambda a, b: 1.0 - a @ b, ((8, 4), (4, 8)), (S1, S0), R),
+    Row("clone_partial", aten.clone, lambda a, b: (a @ b).clone(), ((8, 4), (4, 8)), (S1, S0), P),
+    Row("pow", aten.pow, lambda x: x.pow(2), ((8, 4),), (S0,), S0),
+    Row("clamp", aten.clamp, lambda x: x.clamp(-0.5, 0.5), ((4, 8),), (S1,), S1),
+    Row("masked_fill", aten.masked_fill, lambda x, m: x.masked_fill(m, 0.0),
+        ((4, 8), ids(8, 2, (1, 8)).bool()), (S1, R), S1, {1: S1}),
+    Row("softplus", aten.softplus, F.softplus, ((4, 8),), (S1,), S1),
+    Row("type_as", aten.type_as, lambda x, y: x.type_as(y), ((4, 8), (4, 8)), (S1, R), S1, {1: S1}),
+    Row("zeros_like_plus", aten.zeros_like, lambda x: torch.zeros_like(x) + x, ((4, 8),), (S1,),
+        S1),
+    Row("nan_to_num", aten.nan_to_num, torch.nan_to_num, ((4, 8),), (S0,), S0, tps=(2, 4)),
+    Row("tril_batch_dim", aten.tril, torch.tril, ((4, 8, 8),), (S0,), S0),
+    Row("tril_row_dim", aten.tril, torch.tril, ((8, 8),), (S0,), FALLBACK),
+    Row("triu_col_dim", aten.triu, torch.triu, ((8, 8),), (S1,), FALLBACK),
+    Row("glu_other_dim", aten.glu, lambda x: F.glu(x, -1), ((8, 8),), (S0,), S0),
+    Row("glu_own_dim", aten.glu, lambda x: F.glu(x, -1), ((8, 8),), (S1,), FALLBACK),
+    Row("glu_between_linears", aten.glu, _glu_model, ((4, 8), (16, 8), (8, 8)), (R, S0, S1),
+        FALLBACK),
+    # views
+    Row("view_split_heads", aten.view, lambda x: x.view(2, 4, 4, 4), ((2, 4, 16),), (S2,), S2),
+    Row("view_merge_heads", aten.view, lambda x: x.view(2, 4, 16), ((2, 4, 4, 4),), (S2,), S2),
+    Row("reshape_batch", aten.reshape, lambda x: x.reshape(16, 4), ((4, 4, 4),), (S0,), S0),
+    Row("view_inner_dim_refuses", aten.view, lambda x: x.view(2, 4, 16), ((2, 4, 4, 4),), (S3,),
+        FALLBACK),
+    Row("view_indivisible", aten.view, lambda x: x.view(2, 4, 2, 8), ((2, 4, 16),), (S2,), R,
+        {0: R}, tps=(4,)),
+    Row("view_partial", aten.view, lambda a, b: (a @ b).view(64), ((8, 4), (4, 8)), (S1, S0), P),
+    Row("expand", aten.expand, lambda x: x.expand(3, 8, 8), ((1, 8, 8),), (S2,), S2),
+    Row("transpose", aten.transpose, lambda x: x.transpose(0, 2), ((8, 4, 4),), (S0,), S2),
+    Row("t", aten.t, lambda x: x.t(), ((8, 4),), (S0,), S1),
+    Row("permute", aten.permute, lambda x: x.permute(2, 0, 1), ((4, 4, 8),), (S2,), S0),
+    Row("unsqueeze", aten.unsqueeze, lambda x: x.unsqueeze(0), ((8, 4),), (S0,), S1),
+    Row("squeeze", aten.squeeze, lambda x: x.squeeze(1), ((8, 1, 4),), (S0,), S0),
+    Row("select_other_dim", aten.select, lambda x: x[:, 1], ((8, 4),), (S0,), S0),
+    Row("select_shard_dim", aten.select, lambda x: x[1], ((8, 4),), (S0,), FALLBACK),
+    Row("pad_other_dim", aten.pad, lambda x: F.pad(x, (1, 2)), ((8, 4),), (S0,), S0),
+    Row("pad_shard_dim", aten.pad, lambda x: F.pad(x, (1, 2)), ((4, 8),), (S1,), FALLBACK),
+    Row("index_select", aten.index_select, lambda x, i: x.index_select(0, i), ((4, 8), ids(6, 4)),
+        (S1, R), S1),
+    # splits and joins
+    # an equal split of the shard dim reads blocks: the weight of the column linear before it is
+    # sliced block by block (PropagationResult.blocks), so each rank holds a piece of every block
+    Row("chunk_shard_dim", aten.chunk, lambda x, w: F.linear(x, w).chunk(2, -1), ((4, 8), (16, 8)),
+        (R, S0), (S1, S1)),
+    Row("chunk_other_dim", aten.chunk, lambda x: x.chunk(2, 0), ((4, 16),), (S1,), (S1, S1)),
+    Row("split_shard_dim", aten.split, lambda x, w: F.linear(x, w).split(8, 1), ((4, 8), (16, 8)),
+        (R, S0), (S1, S1)),
+    Row("split_with_sizes_equal", aten.split_with_sizes,
+        lambda x, w: F.linear(x, w).split([8, 8], 1), ((4, 8), (16, 8)), (R, S0), (S1, S1)),
+    Row("split_unequal_refuses", aten.split_with_sizes, lambda x: x.split([8, 4, 4], 1),
+        ((4, 16),), (S1,), FALLBACK),
+    Row("unbind_other_dim", aten.unbind, lambda x: x.unbind(0), ((2, 8),), (S1,), (S0, S0)),
+    Row("unbind_shard_dim", aten.unbind, lambda x: x.unbind(1), ((8, 2),), (S1,), FALLBACK,
+        tps=(2,)),
+    Row("getitem", operator.getitem, lambda x: x.chunk(2, 0)[1], ((4, 8),), (S1,), S1),
+    Row("slice_blocks", aten.slice, lambda x, w: _fused_qkv(F.linear(x, w)), ((4, 8), (24, 8)),
+        (R, S0), S1),
+    Row("slice_other_dim", aten.slice, lambda x: x[1:3], ((4, 8),), (S1,), S1),
+    Row("slice_shard_dim_refuses", aten.slice, lambda x: x[:, 2:8], ((4, 8),), (S1,), FALLBACK),
+    Row("cat_other_dim", aten.cat, lambda a, b: torch.cat([a, b], 0), ((4, 8), (2, 8)), (S1, R), S1,
+        {1: S1}),
+    Row("cat_shard_dim", aten.cat, lambda a, b: torch.cat([a, b], 1), ((4, 8), (4, 8)), (S1, S1),
+        FALLBACK),
+    Row("stack", aten.stack, lambda a, b: torch.stack([a, b], 0), ((4, 8), (4, 8)), (S1, S1), S2),
+    # reductions and norms
+    Row("sum_shard_dim", aten.sum, lambda x: x.sum(1), ((4, 8),), (S1,), P),
+    Row("sum_other_dim", aten.sum, lambda x: x.sum(0), ((4, 8),), (S1,), S0),
+    Row("sum_keepdim", aten.sum, lambda x: x.sum(0, keepdim=True), ((4, 8),), (S1,), S1),
+    Row("mean_shard_dim", aten.mean, lambda x: x.mean(-1), ((4, 8),), (S1,), FALLBACK),
+    Row("mean_other_dim", aten.mean, lambda x: x.mean(-1), ((8, 4),), (S0,), S0),
+    Row("amax_shard_dim", aten.amax, lambda x: x.amax(1), ((4, 8),), (S1,), FALLBACK),
+    Row("amin_other_dim", aten.amin, lambda x: x.amin(1), ((8, 4),), (S0,), S0),
+    Row("softmax_other_dim", aten.softmax, lambda x: x.softmax(-1), ((8, 4),), (S0,), S0),
+    Row("softmax_own_dim", aten.softmax, lambda x: x.softmax(-1), ((4, 8),), (S1,), FALLBACK),
+    Row("log_softmax", aten.log_softmax, lambda x: x.log_softmax(0), ((4, 8),), (S1,), S1),
+    Row("cumsum", aten.cumsum, lambda x: x.cumsum(1), ((8, 4),), (S0,), S0),
+    Row("cumsum_partial", aten.cumsum, lambda a, b: (a @ b).cumsum(0), ((8, 4), (4, 8)), (S1, S0),
+        P),
+    Row("cumsum_own_dim", aten.cumsum, lambda x: x.cumsum(1), ((4, 8),), (S1,), FALLBACK),
+    Row("layer_norm_rows", aten.layer_norm, lambda x, w, b: F.layer_norm(x, (8,), w, b),
+        ((8, 8), (8,), (8,)), (S0, R, R), S0, {1: R, 2: R}),
+    Row("layer_norm_features_refuses", aten.layer_norm, lambda x: F.layer_norm(x, (8,)),
+        ((4, 8),), (S1,), FALLBACK),
+    Row("layer_norm_partial", aten.layer_norm, lambda a, b: F.layer_norm(a @ b, (8,)),
+        ((8, 4), (4, 8)), (S1, S0), R),
+    Row("rms_norm_rows", aten.rms_norm, lambda x, w: F.rms_norm(x, (8,), w), ((8, 8), (8,)),
+        (S0, R), S0, {1: R}),
+    # matmul family
+    Row("linear_column", aten.linear, F.linear, ((4, 8), (8, 8)), (R, S0), S1),
+    Row("linear_row", aten.linear, F.linear, ((4, 8), (8, 8)), (S1, S1), P),
+    Row("linear_row_gathers_nothing", aten.linear, F.linear, ((4, 8), (8, 8)), (R, S1), P, {0: S1}),
+    Row("linear_batch", aten.linear, F.linear, ((8, 8), (4, 8)), (S0, R), S0),
+    Row("linear_bias_refuses", aten.linear, F.linear, ((4, 8), (8, 8), (8,)), (R, S0, S0),
+        FALLBACK),
+    Row("mm_contracted", aten.mm, torch.mm, ((4, 8), (8, 4)), (S1, R), P, {1: S0}),
+    Row("mm_free_dims_clash", aten.mm, torch.mm, ((8, 8), (8, 8)), (S0, S1), FALLBACK),
+    Row("matmul_column", aten.matmul, torch.matmul, ((2, 4, 8), (8, 8)), (R, S1), S2),
+    Row("bmm_batch", aten.bmm, torch.bmm, ((4, 4, 8), (4, 8, 4)), (S0, R), S0, {1: S0}),
+    Row("matmul_heads", aten.matmul, torch.matmul, ((2, 4, 4, 8), (2, 4, 8, 4)), (S1, S1), S1),
+    Row("baddbmm_batch", aten.baddbmm, torch.baddbmm, ((4, 4, 4), (4, 4, 8), (4, 8, 4)),
+        (R, S0, R), S0, {0: S0, 2: S0}),
+    Row("baddbmm_contracted_refuses", aten.baddbmm, torch.baddbmm,
+        ((4, 4, 4), (4, 4, 8), (4, 8, 4)), (R, S2, S1), FALLBACK),
+    Row("expert_linear_column", expert_linear, expert_linear, ((6, 8), (2, 8, 8), _OFFSETS),
+        (R, S1, R), S1),
+    Row("expert_linear_row", expert_linear, expert_linear, ((6, 8), (2, 8, 8), _OFFSETS),
+        (R, S2, R), P, {0: S1}),
+    # attention
+    Row("sdpa_heads", aten.scaled_dot_product_attention, F.scaled_dot_product_attention,
+        ((2, 4, 6, 8),) * 3, (S1, S1, S1), S1),
+    Row("sdpa_batch_kv_replicated", aten.scaled_dot_product_attention,
+        F.scaled_dot_product_attention, ((4, 2, 6, 8),) * 3, (S0, R, R), S0, {1: S0, 2: S0}),
+    Row("sdpa_causal", aten.scaled_dot_product_attention,
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ((2, 4, 6, 8),) * 3, (S1, S1, S1), S1),
+    Row("sdpa_mask_follows", aten.scaled_dot_product_attention,
+        lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+        ((2, 4, 6, 8),) * 3 + ((2, 1, 6, 6),), (S0, S0, S0, R), S0, {3: S0}, tps=(2,)),
+    Row("sdpa_gqa", aten.scaled_dot_product_attention,
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        ((2, 8, 6, 8), (2, 4, 6, 8), (2, 4, 6, 8)), (S1, S1, S1), S1),
+    Row("sdpa_seq_refuses", aten.scaled_dot_product_attention, F.scaled_dot_product_attention,
+        ((2, 4, 8, 8),) * 3, (S2, S2, S2), FALLBACK),
+    # vocab: embedding and cross entropy
+    Row("embedding_vocab_parallel", aten.embedding, lambda w, i: F.embedding(i, w),
+        ((8, 4), ids(6, 8)), (S0, R), P),
+    Row("embedding_vocab_padded", aten.embedding, lambda w, i: F.embedding(i, w),
+        ((7, 4), ids(6, 7)), (S0, R), P, tps=(2, 4), padded={0: "pad"}),
+    Row("embedding_column", aten.embedding, lambda w, i: F.embedding(i, w),
+        ((8, 8), ids(6, 8, (2, 3))), (S1, R), S2),
+    Row("cross_entropy_vocab_parallel", aten.cross_entropy_loss,
+        lambda x, t: F.cross_entropy(x, t), ((6, 8), ids(6, 8)), (S1, R), R),
+    Row("cross_entropy_sum_ignore", aten.cross_entropy_loss,
+        lambda x, t: F.cross_entropy(x, t, reduction="sum", ignore_index=3), ((6, 8), ids(6, 8)),
+        (S1, R), R),
+    Row("cross_entropy_smoothing_refuses", aten.cross_entropy_loss,
+        lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1), ((6, 8), ids(6, 8)), (S1, R),
+        FALLBACK),
+    Row("cross_entropy_rows_refuses", aten.cross_entropy_loss,
+        lambda x, t: F.cross_entropy(x, t), ((8, 6), ids(8, 6)), (S0, R), FALLBACK),
+    # fresh values
+    Row("new_zeros", aten.new_zeros, lambda x: x.new_zeros(3) + x.sum(), ((4, 8),), (S1,), R),
+]
+
+class _Holder(torch.nn.Module):
+    """The row's inputs as parameters (floating) or buffers (ids, masks), so plans can seed them."""
+
+    def __init__(self, fn, tensors):
+        super().__init__()
+        self.fn, self.names = fn, [f"in{i}" for i in range(len(tensors))]
+        for name, t in zip(self.names, tensors):
+            if t.dtype.is_floating_point:
+                self.register_parameter(name, torch.nn.Parameter(t.clone()))
+            else:
+                self.register_buffer(name, t.clone())
+
+    def forward(self):
+        return self.fn(*(getattr(self, n) for n in self.names))
+
+
+def _tensors(row: Row) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [torch.randn(x) if isinstance(x, tuple) else x for x in row.inputs]
+
+
+def _flat(out):
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _padded_size(size: int, tp: int) -> int:
+    return -(-size // tp) * tp
+
+
+def _run(row: Row, tp: int):
+    tensors = _tensors(row)
+    program = capture(_Holder(row.fn, tensors), (), dynamic=False)
+    program.gm = expert_linear_from_grouped_mm(program.gm)
+    names = [f"in{i}" for i in range(len(tensors))]
+    fixed = {n: p for n, p, t in zip(names, row.placements, tensors) if t.is_floating_point()}
+    padded = {names[i]: _padded_size(tensors[i].shape[0], tp) for i in row.padded}
+    result = propagate_placements(program, tp, styles={}, fixed=fixed, auto=False, padded=padded)
+    node = next(n for n in program.gm.graph.nodes
+                if getattr(n.target, "overloadpacket", n.target) is row.op)
+    decision = result.decisions[node]
+    by_name = {n: n.meta.get("nxd_name") for n in program.gm.graph.nodes if n.op == "placeholder"}
+    needs = {names.index(by_name[n]): p for n, p in decision.needs.items() if by_name.get(n)}
+    partition(program, result, tp)
+
+    full = [t.clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    per_rank = []
+    for name in program.state_names:
+        t, placement = full[names.index(name)], row.placements[names.index(name)]
+        if not t.is_floating_point():
+            per_rank.append(t)
+            continue
+        per_rank.append(scatter_to_ranks(t, placement, tp, result.blocks.get(name, 1),
+                                         result.padded.get(name)))
+    outs = _flat(simulate_graph(program.gm, tp, per_rank))
+    want = _flat(row.fn(*full))
+    return decision, needs, full, outs, want, tensors
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_rule_row(row: Row, tp: int):
+    if tp not in row.tps:
+        pytest.skip(f"shapes of {row.id} do not divide by tp={tp}")
+    decision, needs, full, outs, want, _ = _run(row, tp)
+    if row.out == FALLBACK:
+        assert decision.note == "no sharding rule for these placements", decision
+    else:
+        assert decision.out == row.out
+        assert needs == row.needs
+    assert len(outs) == len(want)
+    for got, ref in zip(outs, want):
+        for r in range(tp):  # every rank ends with the whole output
+            torch.testing.assert_close(got[r], ref)
+    floating = [i for i, w in enumerate(want) if w.dtype.is_floating_point and w.requires_grad]
+    if not floating:
+        return
+    torch.manual_seed(1)
+    weights = [torch.randn(want[i].shape) for i in floating]
+    ref_grads = torch.autograd.grad(sum((want[i] * w).sum() for i, w in zip(floating, weights)),
+                                    [t for t in full if t.requires_grad], allow_unused=True)
+    loss = sum((outs[i][r] * w).sum() for i, w in zip(floating, weights) for r in range(tp))
+    grads = torch.autograd.grad(loss, [t for t in full if t.requires_grad], allow_unused=True)
+    for g, ref in zip(grads, ref_grads):
+        if ref is None:
+            assert g is None or not g.abs().sum()
+        else:
+            torch.testing.assert_close(g, ref)
+
+
+def test_every_registered_op_family_has_a_row():
+    """A row per rule function: each family of registered ops is checked numerically above."""
+    covered = {REGISTRY[getattr(r.op, "overloadpacket", r.op)].fn for r in ROWS}
+    missing = {e.fn.__name__ for e in REGISTRY.values()} - {f.__name__ for f in covered}
+    assert not missing
+
+
+def test_padding_awareness_is_a_registration_flag():
+    assert handles_padding(aten.view.default) and handles_padding(aten.linear.default)
+    assert not handles_padding(aten.cat.default) and not handles_padding(aten.layer_norm.default)
+    assert not handles_padding(aten.upsample_nearest2d.vec)
+
+
+def test_in_place_ops_follow_their_out_of_place_rule():
+    assert rule_for(aten.add_.Tensor) is rule_for(aten.add.Tensor)
+    assert rule_for(aten.upsample_nearest2d.vec) is None
