@@ -40,6 +40,7 @@ def autoshard(
     pipeline_cuts: list[str] | None = None,
     balance: str = "flops",
     loss_fn=None,
+    strict: bool = False,
 ) -> ShardedModule:
     """Shard an unmodified model over a (dp, pp, tp) mesh; see the README for the contract.
 
@@ -51,6 +52,7 @@ def autoshard(
     schedule: "gpipe", "1f1b", "interleaved" or "looped_bfs" (2 stages per rank) from
     torch.distributed.pipelining. dp: data-parallel replicas (default: the rest of the world).
     example_inputs: one step's batch as `train_step` will get it (this replica's, on a mesh).
+    strict: raise PlanError instead of warning when a matmul of a repeated block stays replicated.
     """
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
@@ -86,7 +88,7 @@ def autoshard(
     if group is None and on_mesh:
         groups = build_groups(Mesh(dp, pp, tp), _device_type(model))
     sharded = ShardedModule(model, tp=tp, styles=styles, auto=auto, group=group, groups=groups,
-                            pipeline=pipeline, loss_fn=loss_fn)
+                            pipeline=pipeline, loss_fn=loss_fn, strict=strict)
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if pipeline.n_stages > 1:
         chunks = microbatches * (1 if groups is not None else dp)

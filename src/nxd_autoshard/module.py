@@ -70,7 +70,7 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, *, tp: int, styles: dict[str, str], auto: bool,
                  group=None, groups: MeshGroups | None = None, pipeline: PipelineConfig | None = None,
-                 loss_fn=None):
+                 loss_fn=None, strict: bool = False):
         super().__init__()
         self.tp = tp
         self.pipeline = pipeline or PipelineConfig()
@@ -101,7 +101,8 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
             tp=tp, styles=dict(styles), auto=auto, model_name=self._model_name,
             full_shapes=dict(self._full_shapes), device=self._device(),
             aliases=tuple(tuple(names) for names in aliases.values() if len(names) > 1),
-            n_stages=self.pipeline.n_stages, cuts=self.pipeline.cuts, balance=self.pipeline.balance)
+            n_stages=self.pipeline.n_stages, cuts=self.pipeline.cuts, balance=self.pipeline.balance,
+            strict=strict)
         self._programs: dict[tuple, list[LocalProgram]] = {}
         self.train(model.training)
 

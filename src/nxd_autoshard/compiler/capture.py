@@ -174,7 +174,19 @@ def functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProg
             f"in-place op {left[0].target} (node '{left[0].name}') survived functionalization; "
             "write that update out of place (x = x + y instead of x += y)")
     _differentiable_copies(functional.graph_module)
+    _views_as_reshapes(functional.graph_module)
     return functional
+
+
+def _views_as_reshapes(gm: torch.fx.GraphModule) -> None:
+    """`view` as `reshape`: decomposition turns reshapes into views that are valid only for the
+    strides seen while tracing; the sharded program may lay values out otherwise, and in a
+    program without writes a copy instead of an alias changes no result."""
+    aten = torch.ops.aten
+    for node in gm.graph.nodes:
+        if node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+    gm.recompile()
 
 
 def _differentiable_copies(gm: torch.fx.GraphModule) -> None:

@@ -3,16 +3,17 @@ padding, fused blocks, pipeline stages), and the settings compiling reads. No pr
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
-from nxd_autoshard.ir.errors import DivisibilityError
+from nxd_autoshard.ir.errors import DivisibilityError, PlanError
 from nxd_autoshard.ir.placements import Placement, Replicate, Shard
-from nxd_autoshard.ir.program import BlockCost, CapturedProgram
+from nxd_autoshard.ir.program import BlockCost, CapturedProgram, block_of
 
 __all__ = ["CompileSettings", "Plan", "decide_placements"]
 
@@ -31,6 +32,7 @@ class CompileSettings:
     n_stages: int = 1
     cuts: list[str] | None = None
     balance: str = "flops"
+    strict: bool = False  # raise instead of warning when a block's matmul stays replicated
 
 
 @dataclass
@@ -70,6 +72,7 @@ def decide_placements(program: CapturedProgram, settings: CompileSettings, plan:
     first = not plan.decided
     styles = dict(settings.styles)
     veto: set[str] = set()
+    undone: dict[str, str] = {}  # module -> why its auto/plan split was undone
     for _ in range(16):
         result = propagate_placements(
             program, settings.tp, styles=styles, fixed=plan.placements,
@@ -84,13 +87,139 @@ def decide_placements(program: CapturedProgram, settings: CompileSettings, plan:
         if not failed or not first:
             break
         _check_divisibility(result, failed, settings)
-        veto |= _root_failures(failed)
+        roots = _root_failures(failed)
+        undone.update({m: failed[m] for m in roots})
+        veto |= roots
         styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
     for line in result.fallbacks:
         warnings.warn(f"nxd-autoshard: gathered to replicate (no sharding rule): {line}", stacklevel=4)
     if first:
         _commit(result, settings, plan)
+        _report_replicated(program, settings, plan, undone)
     return result
+
+
+_LINEAR_OPS = {"linear", "mm", "matmul", "addmm", "bmm", "baddbmm", "expert_linear"}
+_INDEX = re.compile(r"\.\d+(?=\.|'|$)")
+
+
+def _block_matmuls(program: CapturedProgram):
+    """(module, node, weight name) of every product with a parameter inside a repeated block."""
+    for node in program.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "")
+        if name not in _LINEAR_OPS:
+            continue
+        weights = [a for a in node.args[:3] if isinstance(a, torch.fx.Node)
+                   and a.meta.get("nxd_kind") == "parameter" and a.meta["val"].dim() >= 2]
+        if not weights:
+            continue
+        weight = weights[0].meta["nxd_name"]
+        module = weight.rsplit(".", 1)[0]
+        if block_of(module) is not None:
+            yield module, node, weight
+
+
+def _report_replicated(program: CapturedProgram, settings: CompileSettings, plan: Plan,
+                       undone: dict[str, str]) -> None:
+    """Warn (or raise, strict) once per distinct cause when a block's matmul stays replicated.
+
+    A tp that splits no matmul of any block is a DivisibilityError with the tp values that do.
+    """
+    found = list(_block_matmuls(program))
+    replicated = [(m, n, w) for m, n, w in found if isinstance(plan.placements.get(w), Replicate)
+                  and settings.styles.get(w) != "replicate"]  # a user's 'replicate' is not a surprise
+    if not replicated:
+        return
+    if len(replicated) == len(found):
+        _raise_if_another_tp_splits(program, settings, [w for _, _, w in found])
+    # a weight under 2 % of its block's matmul weights (an MoE router) costs no memory to speak
+    # of, and Megatron replicates it too: explain() still shows it, no warning
+    size = {w: math.prod(settings.full_shapes.get(w, ())) for _, _, w in found}
+    per_block: dict[str, int] = {}
+    for module, _, w in found:
+        per_block[block_of(module)] = per_block.get(block_of(module), 0) + size[w]
+    replicated = [(m, n, w) for m, n, w in replicated if size[w] * 50 >= per_block[block_of(m)]]
+    causes: dict[str, list[str]] = {}
+    allowed: set[str] = set()
+    for module, node, weight in replicated:
+        why = undone.get(module) or _why_not_split(weight, settings)
+        # one warning per distinct cause: layer indices and node names differ between layers
+        key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why))
+        if "not divisible" in why and module in undone:
+            allowed.add(key)  # KV heads < tp: replicated, as NxD does
+        causes.setdefault(key, []).append(module)
+    problems = []
+    for cause, modules in causes.items():
+        example = undone.get(modules[0]) or _why_not_split(modules[0] + ".weight", settings)
+        names = list(dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
+        line = (f"{', '.join(repr(n) for n in names)} ({len(modules)} matmul(s)) stay replicated on "
+                f"every rank (the full weight, no split): {_with_op(example, program)}")
+        if cause in allowed:
+            warnings.warn(f"nxd-autoshard: {line} (replicated as NxD does when a head count is below tp)",
+                          stacklevel=5)
+        else:
+            problems.append(line)
+    if not problems:
+        return
+    if settings.strict:
+        raise PlanError("autoshard(strict=True): matmuls of repeated blocks are not sharded:\n  "
+                        + "\n  ".join(problems)
+                        + "\nWhat to do: give these modules a style in plan=, or drop strict=True "
+                        "to accept the replication")
+    for line in problems:
+        warnings.warn(f"nxd-autoshard: {line}; explain() shows the block as partly replicated, "
+                      "strict=True makes this an error", stacklevel=5)
+
+
+def _why_not_split(weight: str, settings: CompileSettings) -> str:
+    shape = settings.full_shapes.get(weight, ())
+    sizes = " x ".join(map(str, shape))
+    return (f"no column or row split fits its weight [{sizes}] at tp={settings.tp} "
+            "with the placement its input arrives in")
+
+
+def _with_op(why: str, program: CapturedProgram) -> str:
+    """The reason, with the op of the node it names (`gathered at node 'x' (aten.cat) in ...`)."""
+    match = re.search(r"node '([^']+)'", why)
+    if not match:
+        return why
+    node = next((n for n in program.gm.graph.nodes if n.name == match.group(1)), None)
+    if node is None:
+        return why
+    op = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", str(node.target))
+    return why.replace(match.group(0), f"{match.group(0)} (op {op})", 1)
+
+
+def _raise_if_another_tp_splits(program: CapturedProgram, settings: CompileSettings,
+                                weights: list[str]) -> None:
+    """No matmul of any block splits at this tp: a DivisibilityError naming the tp values that
+    would split them, when there are any (otherwise the caller warns about the replication)."""
+    from math import gcd
+
+    sizes = [settings.full_shapes[w][0] for w in weights if w in settings.full_shapes]
+    common = 0
+    for size in sizes:
+        common = gcd(common, size)
+    works = []
+    for tp in [d for d in _divisors(common) if d > 1][:12]:
+        trial = propagate_placements(program, tp, styles=dict(settings.styles), auto=settings.auto)
+        failed = {m: why for m, why in trial.failed_columns.items() if "not divisible" in why}
+        try:
+            _check_divisibility(trial, failed, replace(settings, tp=tp))
+        except DivisibilityError:
+            continue
+        if any(isinstance(trial.param_placements.get(w), Shard) for w in weights):
+            works.append(tp)
+    if not works:
+        return
+    advice = f"tp values that split them: {', '.join(map(str, works))}"
+    example = weights[0].rsplit(".", 1)[0]
+    raise DivisibilityError(
+        f"{settings.model_name} cannot be split across tp={settings.tp}: no matmul of any repeated "
+        f"block divides (e.g. '{example}', weight {list(settings.full_shapes.get(weights[0], ()))}; "
+        f"the head counts and feature sizes must be multiples of tp); {advice}.")
 
 
 def _divisors(n: int) -> list[int]:

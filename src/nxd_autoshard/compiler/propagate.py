@@ -163,7 +163,7 @@ def propagate_placements(
             have = pls.get(n)
             if isinstance(have, Shard) and not isinstance(need, Shard):
                 for origin in origins.get(n, ()):
-                    failed.setdefault(origin, decision.note or f"gathered at {_where(node)}")
+                    failed.setdefault(origin, f"{decision.note or 'gathered'} at {_where(node)}")
             if isinstance(have, Shard) and isinstance(need, Shard) and need != have:
                 for origin in origins.get(n, ()):
                     failed.setdefault(origin, f"resharded at {_where(node)}")

@@ -82,13 +82,16 @@ def _verdict(report) -> str:
     if not report.blocks:
         return "no repeated blocks"
     per = Counter((tuple(sorted(b.forward.items())), tuple(sorted(b.backward.items())),
-                   b.optimum_forward, b.optimum_backward, b.replicated) for b in report.blocks)
+                   b.optimum_forward, b.optimum_backward, b.replicated,
+                   b.matmuls - b.sharded_matmuls, b.matmuls) for b in report.blocks)
     parts = []
-    for (f, b, of, ob, replicated), n in per.items():
+    for (f, b, of, ob, replicated, whole, matmuls), n in per.items():
         state = "= optimum" if sum(dict(f).values()) == of and sum(dict(b).values()) == ob else (
             f"{sum(dict(f).values()) + sum(dict(b).values()) - of - ob:+d} vs optimum")
         if replicated:
             state = "NOT SHARDED: every matmul replicated"
+        elif whole:  # the optimum is counted over the sharded matmuls only
+            state = f"PARTLY SHARDED: {whole} of {matmuls} matmuls replicated, {state}"
         parts.append(f"{n} x (fwd {_kinds(dict(f))}, bwd {_kinds(dict(b))}; optimum {of} + {ob}: {state})")
     return "per block " + "; ".join(parts)
 
@@ -195,6 +198,8 @@ def _block_view(report, hidden, stands):
         verdict = "= optimum" if b.extra == 0 else f"{b.extra:+d} vs optimum"
         if b.replicated:
             verdict = f"not sharded (0 of {b.matmuls} matmuls)"
+        elif b.partly_replicated:
+            verdict = f"partly sharded ({b.sharded_matmuls} of {b.matmuls} matmuls), {verdict}"
         name = b.name + (f"  (+{stands[b.name]} identical)" if b.name in stands else "")
         yield [name, str(b.params), fmt_bytes(b.param_bytes), _kinds(b.forward), _kinds(b.backward),
                f"{b.optimum_forward} fwd + {b.optimum_backward} bwd", verdict]
@@ -242,14 +247,18 @@ def render_html(report, *, full: bool = False, graph: bool = True) -> str:
              f"<h2>nxd-autoshard plan: {html.escape(report.model)}</h2>",
              "<p>" + "<br>".join(html.escape(x) for x in head) + "</p>"]
     extra, replicated = report.totals["extra_over_optimum"], report.totals["replicated_blocks"]
+    partly = report.totals["partly_replicated_blocks"]
     if replicated:
         verdict = f"{replicated} of {len(report.blocks)} blocks are not sharded (every matmul replicated)"
+    elif partly:
+        verdict = (f"{partly} of {len(report.blocks)} blocks are partly sharded: "
+                   f"{report.totals['replicated_block_matmuls']} matmuls run whole on every rank")
     elif extra:
         verdict = f"{extra} collectives over the optimum in blocks"
     else:
         verdict = ("every block at the optimum (Megatron: one all-reduce per row-parallel output "
                    "forward, one per column-parallel input backward)")
-    parts.append(f"<p class='{'bad' if extra or replicated else 'ok'}'>{html.escape(verdict)}</p>")
+    parts.append(f"<p class='{'bad' if extra or replicated or partly else 'ok'}'>{html.escape(verdict)}</p>")
     if graph and getattr(report, "_svg", None):
         parts.append("<h3>Rewritten program</h3>" + report._svg)
     parts.append("<h3>Pipeline stages</h3>" + _table(

@@ -135,6 +135,11 @@ class BlockRow:
     sharded_matmuls: int = 0
 
     @property
+    def partly_replicated(self) -> bool:
+        """Some matmuls of the block are sharded, others run whole on every rank."""
+        return 0 < self.sharded_matmuls < self.matmuls
+
+    @property
     def replicated(self) -> bool:
         """No matmul of the block is sharded: it runs whole on every rank (no saving, no traffic)."""
         return self.matmuls > 0 and self.sharded_matmuls == 0
@@ -588,6 +593,8 @@ def _totals(report: Report) -> dict:
         "block_optimum": [list(x) for x in sorted({(b.optimum_forward, b.optimum_backward) for b in report.blocks})],
         "extra_over_optimum": sum(b.extra for b in report.blocks),
         "replicated_blocks": sum(b.replicated for b in report.blocks),
+        "partly_replicated_blocks": sum(b.partly_replicated for b in report.blocks),
+        "replicated_block_matmuls": sum(b.matmuls - b.sharded_matmuls for b in report.blocks),
         "outside_blocks": len(outside),
         "stage_imbalance": _imbalance([s.cost_flops or s.matmul_flops for s in report.stages]),
     }

@@ -1,0 +1,91 @@
+"""No silent degradation: a block's matmul left replicated is warned about (or refused with
+strict=True) and shown by explain(); a tp that splits nothing raises DivisibilityError."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import CONFIGS
+from sharded_cache import sharded_family
+
+from nxd_autoshard import DivisibilityError, PlanError, autoshard
+from nxd_autoshard.tools.hf import build_model, random_batch
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.up = torch.nn.Linear(width, 4 * width, bias=False)
+        self.down = torch.nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, x):
+        h = torch.cummax(self.up(x), dim=-1).values  # no sharding rule for cummax
+        return x + self.down(torch.relu(h))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _warnings_of(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if "nxd-autoshard" in str(w.message)]
+
+
+def test_a_replicated_block_matmul_is_warned_about_with_its_cause():
+    torch.manual_seed(0)
+    model, x = _Stack(), torch.randn(2, 4, 16)
+    messages = _warnings_of(lambda: autoshard(model, 2, example_inputs=(x,)))
+    lines = [m for m in messages if "stay replicated" in m]
+    assert lines, messages
+    # once for both identical layers, naming the module, the node and the op that forced it
+    assert len([m for m in lines if "'layers.*.up'" in m]) == 1
+    assert any("cummax" in m and "node '" in m for m in lines), lines
+
+
+def test_strict_refuses_a_replicated_block_matmul():
+    torch.manual_seed(0)
+    with pytest.raises(PlanError, match=r"strict=True.*\n.*'layers\.\*\.up'"):
+        autoshard(_Stack(), 2, example_inputs=(torch.randn(2, 4, 16),), strict=True)
+
+
+def test_the_degraded_plan_is_still_equal_and_shown_as_partly_sharded():
+    torch.manual_seed(0)
+    model, x = _Stack(), torch.randn(2, 4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sharded = autoshard(model, 2, example_inputs=(x,))
+    torch.testing.assert_close(sharded(x), model(x))
+    text = sharded.explain(format="text")
+    assert "PARTLY SHARDED" in text or "NOT SHARDED" in text
+
+
+def test_a_tp_that_splits_no_head_count_raises_with_the_tp_values_that_do():
+    model = build_model(CONFIGS / "llama.json")  # 4 heads, 2 KV heads, hidden 64
+    args, kwargs = random_batch(model)
+    with pytest.raises(DivisibilityError, match=r"tp=3.*tp values that split them: 2, 4\."):
+        autoshard(model, 3, example_inputs=args, example_kwargs=kwargs)
+
+
+def test_kv_heads_below_tp_are_replicated_as_nxd_does_and_said_so():
+    model, _, args, kwargs = sharded_family("llama", 2)
+    messages = _warnings_of(lambda: autoshard(model, 4, example_inputs=args, example_kwargs=kwargs))
+    kv = [m for m in messages if "k_proj" in m]
+    assert kv and "as NxD does" in kv[0] and "v_proj" in kv[0]
+
+
+def test_the_families_in_the_suite_shard_without_a_degradation_warning():
+    model, _, args, kwargs = sharded_family("llama", 2)
+    messages = _warnings_of(lambda: autoshard(model, 2, example_inputs=args, example_kwargs=kwargs))
+    assert not [m for m in messages if "stay replicated" in m]
