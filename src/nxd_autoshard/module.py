@@ -1,4 +1,4 @@
-"""ShardedModule: the nn.Module `autoshard()` returns, a facade over the compiled plan and a runtime.
+"""ShardedModule: the nn.Module `autoshard()` returns, a facade over the plan and a runtime.
 
 It keeps the original parameter names and the plan (placements, stages, history); everything
 that depends on where it runs (one process for all ranks, or one rank of a mesh) is the
@@ -78,7 +78,8 @@ class ShardedModule(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, *, tp: int, styles: dict[str, str], auto: bool,
-                 runtime: Runtime | None = None, pipeline: PipelineConfig | None = None, loss_fn=None):
+                 runtime: Runtime | None = None, pipeline: PipelineConfig | None = None,
+                 loss_fn=None):
         super().__init__()
         self.tp = tp
         self.pipeline = pipeline or PipelineConfig()
@@ -242,10 +243,6 @@ class ShardedModule(torch.nn.Module):
             if id(full) in padded_by_id:
                 self.padded[name] = padded_by_id[id(full)]
 
-    def _local_stages(self) -> list[int]:
-        """Indices of the stages this rank runs (all of them in the simulator)."""
-        return self.runtime.local_stages(self)
-
     def _install_state(self, entry: LocalProgram) -> None:
         """Register what the runtime installs: this rank's stages' shards, or every full tensor."""
         self._installed = True
@@ -318,7 +315,7 @@ class ShardedModule(torch.nn.Module):
         return self.runtime.optimizer(list(self.parameters()), optimizer_class, zero=zero, **kwargs)
 
     def sync_grads(self) -> None:
-        """Sum gradients of weights shared by stages (tied embeddings), then average them over dp."""
+        """Sum gradients of weights shared by stages (tied embeddings), then average over dp."""
         self.runtime.sync_grads(self)
 
     def save_checkpoint(self, directory) -> None:

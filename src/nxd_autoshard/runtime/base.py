@@ -10,9 +10,10 @@ never asks which runtime it has; a new backend (torch.compile, torch-xla) is a n
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -73,8 +74,13 @@ class Runtime(ABC):
         """Indices of the pipeline stages this runtime runs."""
 
     @abstractmethod
-    def local_state(self, host: Host, entry: LocalProgram, full: dict[str, torch.nn.Parameter],
-                    buffers: dict[str, torch.Tensor]) -> LocalState:
+    def local_state(
+        self,
+        host: Host,
+        entry: LocalProgram,
+        full: dict[str, torch.nn.Parameter],
+        buffers: dict[str, torch.Tensor],
+    ) -> LocalState:
         """The parameters and buffers to install from the first captured program."""
 
     @abstractmethod
@@ -106,9 +112,10 @@ class Runtime(ABC):
         """The full-shape tensor of parameter `name` from this runtime's piece of it."""
 
     @abstractmethod
-    def optimizer(self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool,
-                  **kwargs) -> torch.optim.Optimizer:
-        """An optimizer over `params`; zero=True shards its state over dp where there is a dp axis."""
+    def optimizer(
+        self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool, **kwargs
+    ) -> torch.optim.Optimizer:
+        """An optimizer over `params`; zero=True shards its state over dp where dp exists."""
 
     @abstractmethod
     def save_checkpoint(self, host: Host, directory: Path) -> None:
@@ -116,24 +123,39 @@ class Runtime(ABC):
 
 
 def loss_of(output: Any, target: Any, loss_fn: Callable | None, model_name: str) -> torch.Tensor:
-    """The training loss: loss_fn(output, target), else the model's own (`output.loss`, a scalar)."""
+    """The loss: loss_fn(output, target), else the model's own (`output.loss`, a scalar)."""
     if loss_fn is not None:
         return loss_fn(output, target)
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
         loss = output
-    if loss is None and isinstance(output, (tuple, list)) and output and \
-            isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+    if (
+        loss is None
+        and isinstance(output, (tuple, list))
+        and output
+        and isinstance(output[0], torch.Tensor)
+        and output[0].dim() == 0
+    ):
         loss = output[0]
     if loss is None:
-        raise ValueError(f"{model_name} returned no loss: pass the labels its forward takes "
-                         "(e.g. labels=...) or give autoshard(..., loss_fn=fn(output, target))")
+        raise ValueError(
+            f"{model_name} returned no loss: pass the labels its forward takes "
+            "(e.g. labels=...) or give autoshard(..., loss_fn=fn(output, target))"
+        )
     return loss
 
 
-def write_checkpoint(host: Host, directory: Path, tensors: dict[str, torch.Tensor], *, stage: int,
-                     writer: bool, everyone: list[tuple[int, list[str]]], n_files: int,
-                     index_writer: bool) -> None:
+def write_checkpoint(
+    host: Host,
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    stage: int,
+    writer: bool,
+    everyone: list[tuple[int, list[str]]],
+    n_files: int,
+    index_writer: bool,
+) -> None:
     """Write this rank's share of a checkpoint: its stage's file if `writer`, the index and config
     if `index_writer`. `everyone` is each writer's (stage, tensor names), to give a tied weight
     held by two stages to the first."""
@@ -145,8 +167,14 @@ def write_checkpoint(host: Host, directory: Path, tensors: dict[str, torch.Tenso
     for s, names in sorted(everyone):
         for name in names:
             owner.setdefault(name, s)
-    file_of = {s: ("model.safetensors" if n_files == 1 else f"model-{s + 1:05d}-of-{n_files:05d}.safetensors")
-               for s in range(n_files)}
+    file_of = {
+        s: (
+            "model.safetensors"
+            if n_files == 1
+            else f"model-{s + 1:05d}-of-{n_files:05d}.safetensors"
+        )
+        for s in range(n_files)
+    }
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
         own = {n: t.contiguous() for n, t in tensors.items() if owner[n] == stage}
@@ -154,7 +182,10 @@ def write_checkpoint(host: Host, directory: Path, tensors: dict[str, torch.Tenso
     if index_writer:
         directory.mkdir(parents=True, exist_ok=True)
         if n_files > 1:
-            index = {"metadata": {}, "weight_map": {n: file_of[s] for n, s in sorted(owner.items())}}
+            index = {
+                "metadata": {},
+                "weight_map": {n: file_of[s] for n, s in sorted(owner.items())},
+            }
             (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         if host._config is not None:
             host._config.to_json_file(str(directory / "config.json"))
@@ -163,5 +194,7 @@ def write_checkpoint(host: Host, directory: Path, tensors: dict[str, torch.Tenso
 def checkpoint_tensors(host: Host) -> dict[str, torch.Tensor]:
     """Full parameters (a tp collective on a mesh: every rank takes part) and persistent buffers."""
     tensors = host.full_state_dict()
-    tensors.update({n: b.detach().clone() for n, b in host.named_buffers() if n in host._persistent})
+    tensors.update(
+        {n: b.detach().clone() for n, b in host.named_buffers() if n in host._persistent}
+    )
     return tensors

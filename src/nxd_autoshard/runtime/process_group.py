@@ -15,11 +15,22 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from nxd_autoshard.ir.placements import Replicate, Shard, shard_tensor
-from nxd_autoshard.runtime.base import Host, LocalState, Runtime, checkpoint_tensors, write_checkpoint
+from nxd_autoshard.runtime.base import (
+    Host,
+    LocalState,
+    Runtime,
+    checkpoint_tensors,
+    write_checkpoint,
+)
 from nxd_autoshard.runtime.collectives import axis_groups
 from nxd_autoshard.runtime.groups import MeshGroups
-from nxd_autoshard.runtime.pipeline import StageModule, build_schedule, chunk_batch, stage_ranks, \
-    unpack_last_outputs
+from nxd_autoshard.runtime.pipeline import (
+    StageModule,
+    build_schedule,
+    chunk_batch,
+    stage_ranks,
+    unpack_last_outputs,
+)
 
 if TYPE_CHECKING:
     from nxd_autoshard.compiler.driver import LocalProgram
@@ -50,8 +61,13 @@ class ProcessGroupRuntime(Runtime):
         mine = self.groups.coord("pp")
         return [s for s, r in enumerate(_stage_ranks(host)) if r == mine]
 
-    def local_state(self, host: Host, entry: LocalProgram, full: dict[str, torch.nn.Parameter],
-                    buffers: dict[str, torch.Tensor]) -> LocalState:
+    def local_state(
+        self,
+        host: Host,
+        entry: LocalProgram,
+        full: dict[str, torch.nn.Parameter],
+        buffers: dict[str, torch.Tensor],
+    ) -> LocalState:
         held = set(full)
         if entry.stages is not None and self.groups is not None:
             held = {n for s in self.local_stages(host) for n in entry.stages[s].state_names}
@@ -64,8 +80,14 @@ class ProcessGroupRuntime(Runtime):
             if name not in held:
                 continue
             if id(p) not in pieces:
-                piece = shard_tensor(p.detach(), host.placements[name], host.tp, self.rank,
-                                     host.blocks.get(name, 1), host.padded.get(name))
+                piece = shard_tensor(
+                    p.detach(),
+                    host.placements[name],
+                    host.tp,
+                    self.rank,
+                    host.blocks.get(name, 1),
+                    host.padded.get(name),
+                )
                 pieces[id(p)] = torch.nn.Parameter(piece.clone(), requires_grad=p.requires_grad)
             state.parameters[name] = pieces[id(p)]
         for name, buf in buffers.items():
@@ -73,8 +95,10 @@ class ProcessGroupRuntime(Runtime):
                 state.buffers[name] = buf
         return state
 
-    def _tied_groups(self, host: Host, stages: list[StageProgram]) -> list[tuple[object, list[str]]]:
-        """Process groups joining the pp ranks that hold the same parameter (e.g. tied embeddings)."""
+    def _tied_groups(
+        self, host: Host, stages: list[StageProgram]
+    ) -> list[tuple[object, list[str]]]:
+        """Process groups joining the pp ranks that hold one parameter (e.g. tied embeddings)."""
         where = _stage_ranks(host)
         holders: dict[str, set[int]] = {}
         for stage in stages:
@@ -103,9 +127,11 @@ class ProcessGroupRuntime(Runtime):
     # ------------------------------------------------------------------ running
     def forward(self, host: Host, args: tuple, kwargs: dict) -> Any:
         if host.pipeline.n_stages > 1:
-            raise RuntimeError("this rank holds pipeline stage(s) "
-                               f"{self.local_stages(host)} of {host.pipeline.n_stages}, not the whole "
-                               "model: run a step with sharded.train_step(*inputs, **kwargs)")
+            raise RuntimeError(
+                "this rank holds pipeline stage(s) "
+                f"{self.local_stages(host)} of {host.pipeline.n_stages}, not the whole "
+                "model: run a step with sharded.train_step(*inputs, **kwargs)"
+            )
         entry, flat = host._program_for(args, kwargs)
         program = entry.program
         state = [host._state_value(program, n) for n in program.state_names]
@@ -114,8 +140,10 @@ class ProcessGroupRuntime(Runtime):
         return pytree.tree_unflatten(list(outs), program.out_spec)
 
     def simulate(self, host: Host, args: tuple, kwargs: dict) -> Any:
-        raise RuntimeError("simulate() runs the all-rank program; this module is one rank's "
-                           "(it was built inside a process group): call it directly instead")
+        raise RuntimeError(
+            "simulate() runs the all-rank program; this module is one rank's "
+            "(it was built inside a process group): call it directly instead"
+        )
 
     def train_step(self, host: Host, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
         kwargs = host._with_defaults(kwargs)
@@ -123,7 +151,9 @@ class ProcessGroupRuntime(Runtime):
         if host.pipeline.n_stages == 1:
             total = torch.zeros(())
             chunks = chunk_batch(args, kwargs, m) if m > 1 else [(args, kwargs)]
-            targets = target.chunk(m) if isinstance(target, torch.Tensor) and m > 1 else [target] * m
+            targets = (
+                target.chunk(m) if isinstance(target, torch.Tensor) and m > 1 else [target] * m
+            )
             for (a, k), t in zip(chunks, targets):
                 loss = host._loss_from(host(*a, **k), t) / m
                 loss.backward()
@@ -137,8 +167,9 @@ class ProcessGroupRuntime(Runtime):
         if self.groups is None or host.pipeline.n_stages == 1:
             loss = host._loss_from(host(*args, **kwargs), target)
         else:
-            loss = self._pipeline_step(host, tuple(args), host._with_defaults(kwargs), target,
-                                       backward=False)
+            loss = self._pipeline_step(
+                host, tuple(args), host._with_defaults(kwargs), target, backward=False
+            )
         return self._dp_mean(host, loss).detach()
 
     def _dp_mean(self, host: Host, loss: torch.Tensor) -> torch.Tensor:
@@ -148,8 +179,9 @@ class ProcessGroupRuntime(Runtime):
             loss /= host.mesh.dp
         return loss
 
-    def _pipeline_step(self, host: Host, args: tuple, kwargs: dict, target,
-                       backward: bool = True) -> torch.Tensor:
+    def _pipeline_step(
+        self, host: Host, args: tuple, kwargs: dict, target, backward: bool = True
+    ) -> torch.Tensor:
         m = host.pipeline.microbatches
         first_args, first_kwargs = chunk_batch(args, kwargs, m)[0]
         entry, _ = host._program_for(first_args, first_kwargs)
@@ -158,7 +190,8 @@ class ProcessGroupRuntime(Runtime):
         schedule, local = entry.runtime
         flat = [x for x in host._flatten(entry, args, kwargs) if isinstance(x, torch.Tensor)]
         losses: list[torch.Tensor] = []
-        # the schedule hands each microbatch's target to loss_fn; a dummy one when the model has its own loss
+        # the schedule hands each microbatch's target to loss_fn; a dummy one when the model
+        # has its own loss
         target = target if target is not None else torch.zeros(m)
         # outputs stay per microbatch: the losses come back through `losses`
         inputs = flat if 0 in local else ()
@@ -167,24 +200,41 @@ class ProcessGroupRuntime(Runtime):
         else:
             schedule.eval(*inputs, target=target, losses=losses)
         last = host.pipeline.n_stages - 1
-        total = torch.stack([x.detach() for x in losses]).sum() if last in local else torch.zeros(())
-        src = host.mesh.rank(dp=self.groups.coord("dp"), tp=self.groups.coord("tp"),
-                             pp=_stage_ranks(host)[last])
+        total = (
+            torch.stack([x.detach() for x in losses]).sum() if last in local else torch.zeros(())
+        )
+        src = host.mesh.rank(
+            dp=self.groups.coord("dp"), tp=self.groups.coord("tp"), pp=_stage_ranks(host)[last]
+        )
         dist.broadcast(total, src=src, group=self.groups.pp)
         return total
 
     def _build_schedule(self, host: Host, entry: LocalProgram):
         local = self.local_stages(host)
-        state = {n: host._state_value(entry.program, n) for s in local for n in entry.stages[s].state_names}
-        modules = [StageModule(entry.stages[s], state, set(host._full_shapes), self.group) for s in local]
+        state = {
+            n: host._state_value(entry.program, n)
+            for s in local
+            for n in entry.stages[s].state_names
+        }
+        modules = [
+            StageModule(entry.stages[s], state, set(host._full_shapes), self.group) for s in local
+        ]
         m = host.pipeline.microbatches
 
         def loss_fn(outputs, target):
             flat = unpack_last_outputs(outputs, entry.stages[-1])
             return host._loss_from(pytree.tree_unflatten(flat, entry.program.out_spec), target) / m
 
-        schedule = build_schedule(modules, local, host.pipeline.n_stages, self.groups.pp, host._device(),
-                                  m, host.pipeline.schedule, loss_fn)
+        schedule = build_schedule(
+            modules,
+            local,
+            host.pipeline.n_stages,
+            self.groups.pp,
+            host._device(),
+            m,
+            host.pipeline.schedule,
+            loss_fn,
+        )
         return schedule, local
 
     # ------------------------------------------------------------------ gradients and state
@@ -216,28 +266,48 @@ class ProcessGroupRuntime(Runtime):
         full = torch.cat([torch.cat([r[b] for r in per_rank], p.dim) for b in range(blocks)], p.dim)
         return full.narrow(p.dim, 0, host._full_shapes[name][p.dim])  # drop vocab padding
 
-    def optimizer(self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool,
-                  **kwargs) -> torch.optim.Optimizer:
+    def optimizer(
+        self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool, **kwargs
+    ) -> torch.optim.Optimizer:
         if not zero or self.groups is None or self.groups.mesh.dp == 1:
             return optimizer_class(params, **kwargs)
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class,
-                                       process_group=self.groups.dp, **kwargs)
+        return ZeroRedundancyOptimizer(
+            params, optimizer_class=optimizer_class, process_group=self.groups.dp, **kwargs
+        )
 
     def save_checkpoint(self, host: Host, directory: Path) -> None:
         tensors = checkpoint_tensors(host)  # a tp collective: every rank takes part
-        if self.groups is None:  # a tp group alone: every rank holds the whole model's gathered weights
-            write_checkpoint(host, directory, tensors, stage=0, writer=True,
-                             everyone=[(0, sorted(tensors))], n_files=1, index_writer=True)
+        if (
+            self.groups is None
+        ):  # a tp group alone: every rank holds the whole model's gathered weights
+            write_checkpoint(
+                host,
+                directory,
+                tensors,
+                stage=0,
+                writer=True,
+                everyone=[(0, sorted(tensors))],
+                n_files=1,
+                index_writer=True,
+            )
             return
         where = self.groups.mesh.coords(self.groups.rank)
         writer = where["dp"] == 0 and where["tp"] == 0
         mine = (where["pp"], sorted(tensors) if writer else [])
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        write_checkpoint(host, directory, tensors, stage=where["pp"], writer=writer, everyone=everyone,
-                         n_files=host.mesh.pp, index_writer=self.groups.rank == 0)
+        write_checkpoint(
+            host,
+            directory,
+            tensors,
+            stage=where["pp"],
+            writer=writer,
+            everyone=everyone,
+            n_files=host.mesh.pp,
+            index_writer=self.groups.rank == 0,
+        )
         dist.barrier()
 
 

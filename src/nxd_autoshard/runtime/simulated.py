@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
-from nxd_autoshard.runtime.base import Host, LocalState, Runtime, checkpoint_tensors, write_checkpoint
+from nxd_autoshard.runtime.base import (
+    Host,
+    LocalState,
+    Runtime,
+    checkpoint_tensors,
+    write_checkpoint,
+)
 from nxd_autoshard.runtime.pipeline import chunk_batch, merge_chunk_outputs, simulate_stages
 from nxd_autoshard.runtime.simulator import PerRank, scatter_to_ranks, simulate_graph
 
@@ -39,7 +45,8 @@ class _ReplicaJoin(torch.autograd.Function):
 def _join(outs: list) -> list:
     """Rank 0's copy of every replicated output (its backward feeds every rank)."""
     return [
-        _ReplicaJoin.apply(*o) if isinstance(o, PerRank) and isinstance(o[0], torch.Tensor)
+        _ReplicaJoin.apply(*o)
+        if isinstance(o, PerRank) and isinstance(o[0], torch.Tensor)
         else (o[0] if isinstance(o, PerRank) else o)
         for o in outs
     ]
@@ -51,8 +58,13 @@ class SimulatorRuntime(Runtime):
     def local_stages(self, host: Host) -> list[int]:
         return list(range(host.pipeline.n_stages))
 
-    def local_state(self, host: Host, entry: LocalProgram, full: dict[str, torch.nn.Parameter],
-                    buffers: dict[str, torch.Tensor]) -> LocalState:
+    def local_state(
+        self,
+        host: Host,
+        entry: LocalProgram,
+        full: dict[str, torch.nn.Parameter],
+        buffers: dict[str, torch.Tensor],
+    ) -> LocalState:
         # the full tensors themselves: gradients of the simulated ranks accumulate into them
         return LocalState(dict(full), dict(buffers), keep_full=True)
 
@@ -69,13 +81,18 @@ class SimulatorRuntime(Runtime):
             entry, flat = host._program_for(args, kwargs)
             program = entry.program
             inputs = [_rank_state(host, program, n, scattered) for n in program.state_names] + flat
-            return pytree.tree_unflatten(_join(simulate_graph(program.gm, host.tp, inputs)),
-                                         program.out_spec)
+            return pytree.tree_unflatten(
+                _join(simulate_graph(program.gm, host.tp, inputs)), program.out_spec
+            )
         outs = []
         for chunk_args, chunk_kwargs in chunk_batch(args, kwargs, self.step_chunks(host)):
             entry, flat = host._program_for(chunk_args, chunk_kwargs)
-            last = simulate_stages(entry.stages, host.tp,
-                                   lambda n, p=entry.program: _rank_state(host, p, n, scattered), flat)
+            last = simulate_stages(
+                entry.stages,
+                host.tp,
+                lambda n, p=entry.program: _rank_state(host, p, n, scattered),
+                flat,
+            )
             outs.append(_join(last))
         return pytree.tree_unflatten(merge_chunk_outputs(outs), entry.program.out_spec)
 
@@ -94,14 +111,23 @@ class SimulatorRuntime(Runtime):
     def gather_full(self, host: Host, name: str, local: torch.Tensor) -> torch.Tensor:
         return local.detach().clone()
 
-    def optimizer(self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool,
-                  **kwargs) -> torch.optim.Optimizer:
+    def optimizer(
+        self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool, **kwargs
+    ) -> torch.optim.Optimizer:
         return optimizer_class(params, **kwargs)  # no dp group to shard the state over
 
     def save_checkpoint(self, host: Host, directory: Path) -> None:
         tensors = checkpoint_tensors(host)
-        write_checkpoint(host, directory, tensors, stage=0, writer=True, everyone=[(0, sorted(tensors))],
-                         n_files=1, index_writer=True)
+        write_checkpoint(
+            host,
+            directory,
+            tensors,
+            stage=0,
+            writer=True,
+            everyone=[(0, sorted(tensors))],
+            n_files=1,
+            index_writer=True,
+        )
 
 
 def _rank_state(host: Host, program: CapturedProgram, name: str, cache: dict) -> PerRank:
@@ -109,8 +135,13 @@ def _rank_state(host: Host, program: CapturedProgram, name: str, cache: dict) ->
     if name not in cache:
         value = host._state_value(program, name)
         if name in host._full_shapes:
-            cache[name] = scatter_to_ranks(value, host.placements[name], host.tp,
-                                           host.blocks.get(name, 1), host.padded.get(name))
+            cache[name] = scatter_to_ranks(
+                value,
+                host.placements[name],
+                host.tp,
+                host.blocks.get(name, 1),
+                host.padded.get(name),
+            )
         else:
             cache[name] = PerRank([value] * host.tp)
     return cache[name]
