@@ -15,11 +15,14 @@ from nxd_autoshard.compiler.split import (
 )
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.module import PipelineConfig, ShardedModule
+from nxd_autoshard.runtime.base import Runtime
 from nxd_autoshard.runtime.groups import build_groups
 from nxd_autoshard.runtime.pipeline import (
     check_schedule,
     chunk_batch,
 )
+from nxd_autoshard.runtime.process_group import ProcessGroupRuntime
+from nxd_autoshard.runtime.simulated import SimulatorRuntime
 
 __all__ = ["autoshard"]
 
@@ -84,17 +87,25 @@ def autoshard(
     rules = {} if plan == "auto" else load_plan(plan)
     styles = resolve_styles(model, rules)
     auto = (plan == "auto" or isinstance(plan, Mapping)) if auto is None else auto
-    groups = None
-    if group is None and on_mesh:
-        groups = build_groups(Mesh(dp, pp, tp), _device_type(model))
-    sharded = ShardedModule(model, tp=tp, styles=styles, auto=auto, group=group, groups=groups,
+    runtime = _choose_runtime(model, Mesh(dp, pp, tp), group, on_mesh)
+    sharded = ShardedModule(model, tp=tp, styles=styles, auto=auto, runtime=runtime,
                             pipeline=pipeline, loss_fn=loss_fn, strict=strict)
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if pipeline.n_stages > 1:
-        chunks = microbatches * (1 if groups is not None else dp)
+        chunks = runtime.step_chunks(sharded)
         example_inputs, example_kwargs = chunk_batch(example_inputs, example_kwargs, chunks)[0]
     sharded._program_for(example_inputs, example_kwargs)
     return sharded
+
+
+def _choose_runtime(model: torch.nn.Module, mesh: Mesh, group, on_mesh: bool) -> Runtime:
+    """The one place that decides how the module runs: a given tp group, the world's mesh, or
+    (no process group initialised) every rank simulated in this process."""
+    if group is not None:
+        return ProcessGroupRuntime(group=group)
+    if on_mesh:
+        return ProcessGroupRuntime(build_groups(mesh, _device_type(model)))
+    return SimulatorRuntime()
 
 
 def _device_type(model: torch.nn.Module) -> str:

@@ -1,11 +1,15 @@
-"""`autoshard()` and the ShardedModule it returns: capture, plan, propagate, partition, run."""
+"""ShardedModule: the nn.Module `autoshard()` returns, a facade over the plan and a runtime.
+
+It keeps the original parameter names and the plan (placements, stages, history); everything
+that depends on where it runs (one process for all ranks, or one rank of a mesh) is the
+runtime's, chosen once by `autoshard` (see `runtime/base.py`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from nxd_autoshard.compiler.capture import _default_kwargs, meta_shadow
@@ -13,19 +17,10 @@ from nxd_autoshard.compiler.driver import LocalProgram, compile_call
 from nxd_autoshard.compiler.plan import CompileSettings, Plan
 from nxd_autoshard.inspect.history import History
 from nxd_autoshard.ir.mesh import Mesh
-from nxd_autoshard.ir.placements import Replicate, Shard, shard_tensor
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram, input_signature
-from nxd_autoshard.runtime.collectives import axis_groups
-from nxd_autoshard.runtime.groups import MeshGroups
-from nxd_autoshard.runtime.pipeline import (
-    _attach,
-    chunk_batch,
-    merge_chunk_outputs,
-    simulate_stages,
-    stage_ranks,
-)
-from nxd_autoshard.runtime.simulator import PerRank, scatter_to_ranks, simulate_graph
-from nxd_autoshard.runtime.training import TrainingMixin
+from nxd_autoshard.runtime.base import Runtime, loss_of
+from nxd_autoshard.runtime.pipeline import _attach
+from nxd_autoshard.runtime.simulated import SimulatorRuntime
 
 __all__ = ["ShardedModule", "PipelineConfig"]
 
@@ -47,39 +42,24 @@ class PipelineConfig:
         return self.pp * self.virtual
 
 
-class _ReplicaJoin(torch.autograd.Function):
-    """Rank 0's copy of a replicated output; backward hands the gradient to every rank."""
-
-    @staticmethod
-    def forward(ctx, *xs):
-        ctx.n = len(xs)
-        return xs[0].clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return tuple(grad for _ in range(ctx.n))
-
-
-class ShardedModule(TrainingMixin, torch.nn.Module):
+class ShardedModule(torch.nn.Module):
     """A model rewritten for tensor parallelism; parameters keep their original names.
 
-    With a process group, parameters are this rank's shards and forward runs the local
-    program with real collectives. Without one, parameters are the full tensors and
-    forward (or `simulate`) runs every rank in one process with emulated collectives.
+    With a process group (`ProcessGroupRuntime`), parameters are this rank's shards and
+    forward runs the local program with real collectives. Without one (`SimulatorRuntime`),
+    parameters are the full tensors and forward (or `simulate`) runs every rank in one process
+    with emulated collectives.
     """
 
     def __init__(self, model: torch.nn.Module, *, tp: int, styles: dict[str, str], auto: bool,
-                 group=None, groups: MeshGroups | None = None, pipeline: PipelineConfig | None = None,
+                 runtime: Runtime | None = None, pipeline: PipelineConfig | None = None,
                  loss_fn=None, strict: bool = False):
         super().__init__()
         self.tp = tp
         self.pipeline = pipeline or PipelineConfig()
         self.mesh = Mesh(self.pipeline.dp, self.pipeline.pp, tp)
-        self._groups = groups
-        self.group = groups.tp if groups is not None else group
-        self.rank = dist.get_rank(self.group) if self.group is not None else None
+        self.runtime = runtime if runtime is not None else SimulatorRuntime()
         self.loss_fn = loss_fn
-        self._tied: list[tuple[object, list[str]]] = []  # (group, params) summed across stages
         self._installed = False
         self._shadow = [meta_shadow(model)]  # in a list: not a registered submodule
         self._model_name = type(model).__name__
@@ -130,42 +110,16 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def _stage_ranks(self) -> list[int]:
-        """The pp rank that runs each stage."""
-        return stage_ranks(self.pipeline.pp, self.pipeline.virtual, self.pipeline.schedule)
-
-    def _local_stages(self) -> list[int]:
-        """Indices of the stages this rank runs (all of them without a process group)."""
-        if self._groups is None:
-            return list(range(self.pipeline.n_stages))
-        mine = self._groups.coord("pp")
-        return [s for s, r in enumerate(self._stage_ranks()) if r == mine]
 
     def _install_state(self, entry: LocalProgram) -> None:
-        """Register this rank's parameters (its stages' shards, or every full tensor when simulating)."""
+        """Register what the runtime installs: this rank's stages' shards, or every full tensor."""
         self._installed = True
-        held = set(self._full)
-        if entry.stages is not None and self._groups is not None:
-            held = {n for s in self._local_stages() for n in entry.stages[s].state_names}
-            held_ids = {id(self._full[n]) for n in held if n in self._full}
-            held |= {n for n, full in self._full.items() if id(full) in held_ids}  # tied aliases
-            self._tied = self._tied_groups(entry.stages)
-        local: dict[int, torch.nn.Parameter] = {}
-        for name, full in self._full.items():
-            if name not in held:
-                continue
-            if id(full) not in local:
-                if self.group is None:
-                    local[id(full)] = full
-                else:
-                    piece = shard_tensor(full.detach(), self.placements[name], self.tp, self.rank,
-                                         self.blocks.get(name, 1), self.padded.get(name))
-                    local[id(full)] = torch.nn.Parameter(piece.clone(), requires_grad=full.requires_grad)
-            _attach(self, name, local[id(full)], parameter=True)
-        for name, buf in self._buffers_full.items():
-            if entry.stages is None or name in held or self._groups is None:
-                _attach(self, name, buf, parameter=False, persistent=name in self._persistent)
-        if self.group is not None or self._groups is not None:
+        state = self.runtime.local_state(self, entry, self._full, self._buffers_full)
+        for name, param in state.parameters.items():
+            _attach(self, name, param, parameter=True)
+        for name, buf in state.buffers.items():
+            _attach(self, name, buf, parameter=False, persistent=name in self._persistent)
+        if not state.keep_full:
             self._full = {}  # the full weights are no longer needed on this rank
 
     def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]:
@@ -189,19 +143,16 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
             return program.constants[name]
         return self.get_parameter(name) if name in self._full_shapes else self.get_buffer(name)
 
+    def _with_defaults(self, kwargs: dict) -> dict:
+        """`kwargs` with the model's defaults for the keyword arguments the call left out."""
+        return _default_kwargs(self._shadow[0], dict(kwargs))
+
+    def _loss_from(self, output, target) -> torch.Tensor:
+        return loss_of(output, target, self.loss_fn, self._model_name)
+
+    # ------------------------------------------------------------------ running (the runtime's)
     def forward(self, *args, **kwargs):
-        if self.group is None and self._groups is None:
-            return self.simulate(*args, **kwargs)
-        if self.pipeline.n_stages > 1:
-            raise RuntimeError("this rank holds pipeline stage(s) "
-                               f"{self._local_stages()} of {self.pipeline.n_stages}, not the whole "
-                               "model: run a step with sharded.train_step(*inputs, **kwargs)")
-        entry, flat = self._program_for(args, kwargs)
-        program = entry.program
-        state = [self._state_value(program, n) for n in program.state_names]
-        with axis_groups({"tp": self.group}):
-            outs = program.gm(*state, *flat)
-        return pytree.tree_unflatten(list(outs), program.out_spec)
+        return self.runtime.forward(self, args, kwargs)
 
     def simulate(self, *args, **kwargs):
         """Run every rank (all tp ranks, all stages) in this process with emulated collectives.
@@ -209,34 +160,43 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
         Returns what the original model returns. With pipeline stages the batch is cut into
         dp x microbatches chunks as on the mesh; their losses are averaged, other outputs concatenated.
         """
-        if self.group is not None or self._groups is not None:
-            raise RuntimeError("simulate() runs the all-rank program; this module is one rank's "
-                               "(it was built inside a process group): call it directly instead")
-        scattered: dict[str, PerRank] = {}
-        if self.pipeline.n_stages == 1:
-            entry, flat = self._program_for(args, kwargs)
-            program = entry.program
-            inputs = [self._rank_state(program, n, scattered) for n in program.state_names] + flat
-            return pytree.tree_unflatten(_join(simulate_graph(program.gm, self.tp, inputs)),
-                                         program.out_spec)
-        outs = []
-        for chunk_args, chunk_kwargs in chunk_batch(args, kwargs, self.pipeline.dp * self.pipeline.microbatches):
-            entry, flat = self._program_for(chunk_args, chunk_kwargs)
-            last = simulate_stages(entry.stages, self.tp,
-                                   lambda n, p=entry.program: self._rank_state(p, n, scattered), flat)
-            outs.append(_join(last))
-        return pytree.tree_unflatten(merge_chunk_outputs(outs), entry.program.out_spec)
+        return self.runtime.simulate(self, args, kwargs)
 
-    def _rank_state(self, program: CapturedProgram, name: str, cache: dict) -> PerRank:
-        """Each rank's piece of a parameter (scattered once per call, so tied uses share a gradient)."""
-        if name not in cache:
-            value = self._state_value(program, name)
-            if name in self._full_shapes:
-                cache[name] = scatter_to_ranks(value, self.placements[name], self.tp,
-                                               self.blocks.get(name, 1), self.padded.get(name))
-            else:
-                cache[name] = PerRank([value] * self.tp)
-        return cache[name]
+    def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
+        """Forward and backward of one batch; returns the loss. Gradients end up in `.grad`, summed
+        across pipeline stages for tied weights and averaged across data-parallel replicas.
+
+        On a mesh, `args`/`kwargs` are this data-parallel replica's batch; in simulation they are
+        the whole batch. The loss is the model's own (`output.loss`, e.g. with `labels=`) unless
+        autoshard got `loss_fn(output, target)`. Call `optimizer.step()` afterwards.
+        """
+        return self.runtime.train_step(self, args, kwargs, target)
+
+    @torch.no_grad()
+    def eval_step(self, *args, target=None, **kwargs) -> torch.Tensor:
+        """The loss of one batch without backward (pipeline: the schedule's forward-only pass)."""
+        return self.runtime.eval_step(self, args, kwargs, target)
+
+    def optimizer(self, optimizer_class=torch.optim.AdamW, *, zero: bool = False, **kwargs):
+        """An optimizer over this rank's parameters; zero=True shards its state over dp (ZeRO-1,
+        torch's ZeroRedundancyOptimizer)."""
+        return self.runtime.optimizer(list(self.parameters()), optimizer_class, zero=zero, **kwargs)
+
+    def sync_grads(self) -> None:
+        """Sum gradients of weights shared by stages (tied embeddings), then average over dp."""
+        self.runtime.sync_grads(self)
+
+    def save_checkpoint(self, directory) -> None:
+        """Write the full, unsharded weights as a transformers-style safetensors checkpoint.
+
+        Call it on every rank. Each pipeline stage's first rank (dp 0, tp 0) writes that stage's
+        tensors to model-0000k-of-0000n.safetensors (model.safetensors without pipelining);
+        global rank 0 writes model.safetensors.index.json and the model's config.json, so
+        `AutoModel*.from_pretrained(directory)` and `safetensors.torch.load_file` read it.
+        """
+        from pathlib import Path
+
+        self.runtime.save_checkpoint(self, Path(directory))
 
     # ------------------------------------------------------------------ inspection
     def programs(self) -> list[CapturedProgram]:
@@ -287,26 +247,11 @@ class ShardedModule(TrainingMixin, torch.nn.Module):
         return grads
 
     def _gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        p = self.placements.get(name, Replicate())
-        if self.group is None or not isinstance(p, Shard):
-            return local.detach().clone()
-        parts = [torch.empty_like(local) for _ in range(self.tp)]
-        dist.all_gather(parts, local.detach().contiguous(), group=self.group)
-        blocks = self.blocks.get(name, 1)
-        per_rank = [t.chunk(blocks, p.dim) for t in parts]
-        full = torch.cat([torch.cat([r[b] for r in per_rank], p.dim) for b in range(blocks)], p.dim)
-        return full.narrow(p.dim, 0, self._full_shapes[name][p.dim])  # drop vocab padding
+        return self.runtime.gather_full(self, name, local)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters gathered back to full shape, by original name."""
         return {name: self._gather_full(name, p.detach()) for name, p in self.named_parameters()}
 
 
-def _join(outs: list) -> list:
-    """Rank 0's copy of every replicated output (its backward feeds every rank)."""
-    return [
-        _ReplicaJoin.apply(*o) if isinstance(o, PerRank) and isinstance(o[0], torch.Tensor)
-        else (o[0] if isinstance(o, PerRank) else o)
-        for o in outs
-    ]
 

@@ -1,0 +1,147 @@
+"""SimulatorRuntime: every rank (all tp ranks, all pipeline stages) in this process.
+
+Parameters are the full tensors; each call scatters them to per-rank pieces and runs the
+partitioned program with emulated collectives, so loss and gradients land on the full weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from nxd_autoshard.runtime.base import (
+    Host,
+    LocalState,
+    Runtime,
+    checkpoint_tensors,
+    write_checkpoint,
+)
+from nxd_autoshard.runtime.pipeline import chunk_batch, merge_chunk_outputs, simulate_stages
+from nxd_autoshard.runtime.simulator import PerRank, scatter_to_ranks, simulate_graph
+
+if TYPE_CHECKING:
+    from nxd_autoshard.compiler.driver import LocalProgram
+    from nxd_autoshard.ir.program import CapturedProgram
+
+__all__ = ["SimulatorRuntime"]
+
+
+class _ReplicaJoin(torch.autograd.Function):
+    """Rank 0's copy of a replicated output; backward hands the gradient to every rank."""
+
+    @staticmethod
+    def forward(ctx, *xs):
+        ctx.n = len(xs)
+        return xs[0].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(grad for _ in range(ctx.n))
+
+
+def _join(outs: list) -> list:
+    """Rank 0's copy of every replicated output (its backward feeds every rank)."""
+    return [
+        _ReplicaJoin.apply(*o)
+        if isinstance(o, PerRank) and isinstance(o[0], torch.Tensor)
+        else (o[0] if isinstance(o, PerRank) else o)
+        for o in outs
+    ]
+
+
+class SimulatorRuntime(Runtime):
+    """All ranks in one process: full parameters, emulated collectives, nothing to sync."""
+
+    def local_stages(self, host: Host) -> list[int]:
+        return list(range(host.pipeline.n_stages))
+
+    def local_state(
+        self,
+        host: Host,
+        entry: LocalProgram,
+        full: dict[str, torch.nn.Parameter],
+        buffers: dict[str, torch.Tensor],
+    ) -> LocalState:
+        # the full tensors themselves: gradients of the simulated ranks accumulate into them
+        return LocalState(dict(full), dict(buffers), keep_full=True)
+
+    def step_chunks(self, host: Host) -> int:
+        # the whole batch is here: dp replicas x microbatches, as the mesh would cut it
+        return host.pipeline.dp * host.pipeline.microbatches
+
+    def forward(self, host: Host, args: tuple, kwargs: dict) -> Any:
+        return self.simulate(host, args, kwargs)
+
+    def simulate(self, host: Host, args: tuple, kwargs: dict) -> Any:
+        scattered: dict[str, PerRank] = {}
+        if host.pipeline.n_stages == 1:
+            entry, flat = host._program_for(args, kwargs)
+            program = entry.program
+            inputs = [_rank_state(host, program, n, scattered) for n in program.state_names] + flat
+            return pytree.tree_unflatten(
+                _join(simulate_graph(program.gm, host.tp, inputs)), program.out_spec
+            )
+        outs = []
+        for chunk_args, chunk_kwargs in chunk_batch(args, kwargs, self.step_chunks(host)):
+            entry, flat = host._program_for(chunk_args, chunk_kwargs)
+            last = simulate_stages(
+                entry.stages,
+                host.tp,
+                lambda n, p=entry.program: _rank_state(host, p, n, scattered),
+                flat,
+            )
+            outs.append(_join(last))
+        return pytree.tree_unflatten(merge_chunk_outputs(outs), entry.program.out_spec)
+
+    def train_step(self, host: Host, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
+        loss = host._loss_from(self.simulate(host, args, kwargs), target)
+        loss.backward()
+        return loss.detach()
+
+    def eval_step(self, host: Host, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
+        return host._loss_from(host(*args, **kwargs), target).detach()
+
+    def sync_grads(self, host: Host) -> None:
+        # tied weights are one tensor and dp replicas are one batch here: nothing to sync
+        return None
+
+    def gather_full(self, host: Host, name: str, local: torch.Tensor) -> torch.Tensor:
+        return local.detach().clone()
+
+    def optimizer(
+        self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool, **kwargs
+    ) -> torch.optim.Optimizer:
+        return optimizer_class(params, **kwargs)  # no dp group to shard the state over
+
+    def save_checkpoint(self, host: Host, directory: Path) -> None:
+        tensors = checkpoint_tensors(host)
+        write_checkpoint(
+            host,
+            directory,
+            tensors,
+            stage=0,
+            writer=True,
+            everyone=[(0, sorted(tensors))],
+            n_files=1,
+            index_writer=True,
+        )
+
+
+def _rank_state(host: Host, program: CapturedProgram, name: str, cache: dict) -> PerRank:
+    """Each rank's piece of a parameter (scattered once per call, so tied uses share a gradient)."""
+    if name not in cache:
+        value = host._state_value(program, name)
+        if name in host._full_shapes:
+            cache[name] = scatter_to_ranks(
+                value,
+                host.placements[name],
+                host.tp,
+                host.blocks.get(name, 1),
+                host.padded.get(name),
+            )
+        else:
+            cache[name] = PerRank([value] * host.tp)
+    return cache[name]
