@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from conftest import config_dict
+from sharded_cache import sharded_family
 
 from nxd_autoshard import Shard, autoshard
 from nxd_autoshard.runtime.collectives import local_vocab_embedding
@@ -159,17 +160,13 @@ def test_embedding_masks_ids_outside_the_real_vocab(rank):
     vocab, tp = 10, 3  # padded to 12: rows 10 and 11 of the last shard are padding
     table = torch.randn(vocab, 4)
     padded = torch.cat([table, torch.full((2, 4), 7.0)])  # non-zero padding must still stay unseen
-    ids = torch.tensor([0, 3, 4, 7, 8, 9])
+    ids = torch.tensor([0, 3, 4, 7, 8, 9, 10, 11])
     local = padded.chunk(tp)[rank]
     got = local_vocab_embedding(local, ids, -1, rank, vocab)
     start = rank * 4
     inside = (ids >= start) & (ids < min(start + 4, vocab))
-    want = torch.where(inside.unsqueeze(-1), padded[ids], torch.zeros(()))
+    want = torch.where(inside.unsqueeze(-1), padded[ids.clamp(max=vocab - 1)], torch.zeros(()))
     torch.testing.assert_close(got, want)
-    # an id past the vocabulary (here: one that would land on a padding row) raises, as unsharded
-    for bad in (10, 11, -1):
-        with pytest.raises(IndexError, match=f"token id {bad} is outside the vocabulary of 10"):
-            local_vocab_embedding(local, torch.tensor([0, bad]), -1, rank, vocab)
 
 
 @pytest.mark.parametrize("tp", [2, 3])
@@ -183,6 +180,16 @@ def test_token_ids_outside_the_vocab_raise_as_unsharded(tp):
         model(bad)
     with pytest.raises(IndexError, match="token id 11 is outside the vocabulary of 11"):
         sharded(bad)
+
+
+def test_labels_outside_the_vocab_raise_and_ignored_ones_do_not():
+    model, sharded, args, kwargs = sharded_family("gpt2", 2)
+    labels = kwargs["labels"].clone()
+    labels[0, 0] = -100  # ignore_index: fine
+    sharded(*args, labels=labels)
+    labels[0, 1] = model.config.vocab_size
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        sharded(*args, labels=labels)
 
 
 class _TiedHead(torch.nn.Module):

@@ -135,8 +135,11 @@ class ShardedModule(torch.nn.Module):
 
     @staticmethod
     def _flatten(entry: LocalProgram, args: tuple, kwargs: dict) -> list:
+        """The call's flat inputs in the program's order; token ids outside the vocab raise."""
         ordered = {k: kwargs[k] for k in entry.kwarg_order}
-        return pytree.tree_leaves((args, ordered))
+        flat = pytree.tree_leaves((args, ordered))
+        entry.program.check_token_inputs(flat)
+        return flat
 
     def _state_value(self, program: CapturedProgram, name: str):
         if name in program.constants:

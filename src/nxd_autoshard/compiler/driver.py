@@ -27,6 +27,7 @@ from nxd_autoshard.compiler.partition import partition
 from nxd_autoshard.compiler.plan import CompileSettings, Plan, decide_placements
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.compiler.split import split_stages
+from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.printer import graph_text
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram
 
@@ -95,7 +96,34 @@ def _propagate(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram
 
 def _partition(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
     """The one local program every tp rank runs, with collectives."""
-    return partition(program, ctx.result, ctx.settings.tp)
+    program = partition(program, ctx.result, ctx.settings.tp)
+    program.token_inputs = _token_inputs(program)
+    return program
+
+
+# ops that move or copy ids without changing them: a token input is found through them
+_ID_PATH = {"view", "reshape", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand",
+            "clone", "contiguous", "_to_copy", "to", "constant_pad_nd", "pad", "alias", "detach"}
+
+
+def _token_inputs(program: CapturedProgram) -> list[tuple[int, int, int | None]]:
+    """The user inputs that vocab-parallel ops read as token ids, with vocab and ignore index."""
+    user = {n: i - program.num_state
+            for i, n in enumerate(n for n in program.gm.graph.nodes if n.op == "placeholder")}
+    found = []
+    for node in program.gm.graph.nodes:
+        if node.target is ops.vocab_parallel_embedding:
+            ids, vocab, ignore = node.args[1], node.args[3], None
+        elif node.target is ops.vocab_parallel_cross_entropy:
+            ids, vocab, ignore = node.args[1], node.args[4], node.args[3]
+        else:
+            continue
+        while isinstance(ids, torch.fx.Node) and ids.op == "call_function" and getattr(
+                getattr(ids.target, "overloadpacket", None), "__name__", "") in _ID_PATH:
+            ids = ids.args[0]
+        if isinstance(ids, torch.fx.Node) and user.get(ids, -1) >= 0:
+            found.append((user[ids], int(vocab), ignore))
+    return found
 
 
 def _retarget(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:

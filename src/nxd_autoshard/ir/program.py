@@ -11,6 +11,26 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, *, ignore_index: int | None = None) -> None:
+    """Raise as the unsharded embedding / cross-entropy would on an id outside the vocabulary.
+
+    A rank masks ids outside its vocab shard, so without this an id past the vocabulary would
+    quietly embed to zeros (or add no loss) instead of failing as in the original model. It runs
+    on the user's inputs (`CapturedProgram.token_inputs`), not inside the op, whose pipeline
+    warm-up runs see uninitialised buffers.
+    """
+    if torch.compiler.is_compiling() or ids.device.type == "meta" or ids.numel() == 0:
+        return
+    real = ids if ignore_index is None else ids[ids != ignore_index]
+    if real.numel() == 0:
+        return
+    low, high = int(real.min()), int(real.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise IndexError(f"token id {bad} is outside the vocabulary of {vocab_size} (ids must be in "
+                         f"[0, {vocab_size})); the unsharded model raises here too")
+
+
 @dataclass
 class CapturedProgram:
     """A captured forward: `gm(*state, *flat_user_inputs)` returns the flat user outputs.
@@ -30,6 +50,16 @@ class CapturedProgram:
     static_dims: list[tuple[int, ...] | None] = field(default_factory=list)
     history: list = field(default_factory=list)  # history.PassRecord per pass run on `gm`
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (flat user-input index, vocab size, ignore index or None) of token ids a vocab-parallel
+    # op reads: checked against the vocabulary at every call, as the unsharded ops would
+    token_inputs: list[tuple[int, int, int | None]] = field(default_factory=list)
+
+    def check_token_inputs(self, flat_inputs: list[Any]) -> None:
+        """IndexError when a token id input is outside the vocabulary (see `check_token_ids`)."""
+        for index, vocab, ignore in self.token_inputs:
+            value = flat_inputs[index] if index < len(flat_inputs) else None
+            if isinstance(value, torch.Tensor):
+                check_token_ids(value, vocab, ignore_index=ignore)
 
     @property
     def num_state(self) -> int:

@@ -183,27 +183,8 @@ def vocab_parallel_embedding(
     return local_vocab_embedding(weight, ids, padding_idx, rank, vocab_size)
 
 
-def check_token_ids(ids: torch.Tensor, vocab_size: int, *, ignore_index: int | None = None) -> None:
-    """Raise as the unsharded embedding / cross-entropy would on an id outside the vocabulary.
-
-    A rank masks ids outside its vocab shard, so without this an id past the vocabulary would
-    quietly embed to zeros (or add no loss) instead of failing as in the original model.
-    """
-    if torch.compiler.is_compiling() or ids.device.type == "meta" or ids.numel() == 0:
-        return
-    real = ids if ignore_index is None else ids[ids != ignore_index]
-    if real.numel() == 0:
-        return
-    low, high = int(real.min()), int(real.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise IndexError(f"token id {bad} is outside the vocabulary of {vocab_size} (ids must be in "
-                         f"[0, {vocab_size})); the unsharded model raises here too")
-
-
 def local_vocab_embedding(weight, ids, padding_idx: int, rank: int, vocab_size: int) -> torch.Tensor:
     """Lookup of `ids` among rows [rank*V_local, (rank+1)*V_local) of the full table; zeros elsewhere."""
-    check_token_ids(ids, vocab_size)
     local_vocab = weight.shape[0]
     start = rank * local_vocab
     local_ids, outside = _embedding_mask(ids, start, local_vocab)
@@ -218,7 +199,6 @@ def local_vocab_embedding(weight, ids, padding_idx: int, rank: int, vocab_size: 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, vocab_size, group):
-        check_token_ids(target, vocab_size, ignore_index=ignore_index)
         _, rank = _size_rank(group)
         local_vocab = logits.shape[-1]
         start = rank * local_vocab

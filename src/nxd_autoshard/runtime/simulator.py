@@ -12,7 +12,7 @@ import torch.fx
 
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.placements import Placement, Shard
-from nxd_autoshard.runtime.collectives import check_token_ids, local_vocab_embedding, reduce_loss
+from nxd_autoshard.runtime.collectives import local_vocab_embedding, reduce_loss
 
 __all__ = ["PerRank", "simulate_graph", "scatter_to_ranks", "trace_collectives"]
 
@@ -119,7 +119,6 @@ class _SimVocabCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, target, ignore_index, vocab_size, *logits):
-        check_token_ids(target, vocab_size, ignore_index=ignore_index)
         per_token = torch.empty(target.shape, dtype=torch.float32, device="meta")  # real ones reduce fp32
         for kind in ("all_reduce(max)", "all_reduce", "all_reduce"):
             _record(kind, "forward", per_token)
