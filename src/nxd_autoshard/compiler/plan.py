@@ -156,10 +156,7 @@ def _report_replicated(program: CapturedProgram, settings: CompileSettings, plan
         names = list(dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
         line = (f"{', '.join(repr(n) for n in names)} ({len(modules)} matmul(s)) stay replicated on "
                 f"every rank (the full weight, no split): {_with_op(example, program)}")
-        if cause in allowed:
-            warnings.warn(f"nxd-autoshard: {line} (replicated as NxD does when a head count is below tp)",
-                          stacklevel=5)
-        else:
+        if cause not in allowed:  # KV heads below tp: the optimum (NxD replicates them too)
             problems.append(line)
     if not problems:
         return
