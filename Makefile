@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean test-torch29
+.PHONY: demo test lint venv clean test-torch29
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,8 +18,14 @@ venv: $(BIN)/.installed
 demo: venv
 	OMP_NUM_THREADS=1 $(BIN)/python examples/demo.py
 
-test: venv
+test: venv lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests
+
+# code health: imports point one way (import-linter layers contract), ruff lint and format
+lint: venv
+	$(BIN)/lint-imports
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 # Optional, not part of CI: the suite on the oldest supported torch. torch 2.9.0 comes from PyPI
 # as a CUDA build of several GB (it runs on CPU); the rest resolves as for `make test`.

@@ -32,5 +32,7 @@ def machine() -> str:
         hf = f", transformers {transformers.__version__}"
     except ImportError:
         hf = ""
-    return (f"torch {torch.__version__}{hf}, Python {platform.python_version()}; "
-            f"{os.cpu_count()} CPU cores, {platform.system()} {platform.release()}")
+    return (
+        f"torch {torch.__version__}{hf}, Python {platform.python_version()}; "
+        f"{os.cpu_count()} CPU cores, {platform.system()} {platform.release()}"
+    )

@@ -59,28 +59,56 @@ HIDDEN = 128
 BATCH, SEQ = 2, 16
 LAYERS = (2, 4)  # per-layer = difference / 2; totals from the larger one
 
-_LLAMA_LIKE = dict(hidden_size=HIDDEN, num_attention_heads=8, num_key_value_heads=8,
-                   intermediate_size=256)
+_LLAMA_LIKE = dict(
+    hidden_size=HIDDEN, num_attention_heads=8, num_key_value_heads=8, intermediate_size=256
+)
 _IDS = dict(max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # (row name, config file, overrides). Dropout is set to 0 so that train mode is deterministic.
 CASES = [
     ("llama", "llama", _LLAMA_LIKE),
     ("mistral", "mistral", _LLAMA_LIKE),
     ("qwen2", "qwen2", _LLAMA_LIKE),
-    ("gpt2", "gpt2", dict(n_embd=HIDDEN, n_head=8, resid_pdrop=0.0, embd_pdrop=0.0,
-                          attn_pdrop=0.0)),
-    ("gpt_neox", "gpt_neox", dict(hidden_size=HIDDEN, num_attention_heads=8,
-                                  intermediate_size=256)),
-    ("bert", "bert", dict(hidden_size=HIDDEN, num_attention_heads=8, intermediate_size=256,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    (
+        "gpt2",
+        "gpt2",
+        dict(n_embd=HIDDEN, n_head=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    ),
+    (
+        "gpt_neox",
+        "gpt_neox",
+        dict(hidden_size=HIDDEN, num_attention_heads=8, intermediate_size=256),
+    ),
+    (
+        "bert",
+        "bert",
+        dict(
+            hidden_size=HIDDEN,
+            num_attention_heads=8,
+            intermediate_size=256,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+    ),
     ("llama GQA (8 q / 2 kv heads)", "llama", dict(_LLAMA_LIKE, num_key_value_heads=2)),
     # architectures with no plan file (auto plan); file None: the overrides are the whole config
     ("phi3 (fused qkv, gate_up; auto)", None, dict(_LLAMA_LIKE, model_type="phi3", **_IDS)),
-    ("falcon (x @ W.T, parallel attn+MLP; auto)", None,
-     dict(model_type="falcon", hidden_size=HIDDEN, num_attention_heads=8, multi_query=False,
-          new_decoder_architecture=False, **_IDS)),
-    ("mixtral (4 experts, top 2; auto)", None,
-     dict(_LLAMA_LIKE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, **_IDS)),
+    (
+        "falcon (x @ W.T, parallel attn+MLP; auto)",
+        None,
+        dict(
+            model_type="falcon",
+            hidden_size=HIDDEN,
+            num_attention_heads=8,
+            multi_query=False,
+            new_decoder_architecture=False,
+            **_IDS,
+        ),
+    ),
+    (
+        "mixtral (4 experts, top 2; auto)",
+        None,
+        dict(_LLAMA_LIKE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, **_IDS),
+    ),
 ]
 
 MEGATRON_FWD = Counter({"all_reduce": 2})
@@ -101,8 +129,8 @@ def make_config(file: str, overrides: dict, layers: int) -> dict:
 def trace_step(cfg: dict) -> dict:
     """One simulated tp-8 training step; returns the collective log and correctness numbers."""
     from nxd_autoshard import autoshard
-    from nxd_autoshard.tools.hf import build_model
     from nxd_autoshard.runtime.simulator import trace_collectives
+    from nxd_autoshard.tools.hf import build_model
 
     model = build_model(cfg, seed=0)
     model.train()
@@ -114,8 +142,9 @@ def trace_step(cfg: dict) -> dict:
 
     ref = model(ids, labels=labels)
     ref.loss.backward()
-    ref_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
-                 if p.grad is not None}
+    ref_grads = {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
     model.zero_grad(set_to_none=True)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -131,8 +160,10 @@ def trace_step(cfg: dict) -> dict:
         if n in ref_grads and p.grad is not None:
             grad_err = max(grad_err, float((p.grad - ref_grads[n]).abs().max()))
     replicated = sorted(
-        n for n, pl in sharded.placements.items()
-        if type(pl).__name__ == "Replicate" and n.endswith("weight")
+        n
+        for n, pl in sharded.placements.items()
+        if type(pl).__name__ == "Replicate"
+        and n.endswith("weight")
         and any(k in n for k in ("proj", "query", "key", "value", "attn", "dense", "fc"))
         and "norm" not in n.lower()
     )
@@ -182,8 +213,9 @@ def label_nonlayer(kind: str, phase: str, shape: tuple) -> str:
     for s in shape:
         numel *= s
     activation = numel == BATCH * SEQ * HIDDEN
-    if kind == "all_reduce(max)" or (kind == "all_reduce" and len(shape) == 1
-                                     and shape[0] == BATCH * SEQ):
+    if kind == "all_reduce(max)" or (
+        kind == "all_reduce" and len(shape) == 1 and shape[0] == BATCH * SEQ
+    ):
         return "loss: vocab-parallel cross-entropy (max, sum-exp, target logit)"
     if kind == "all_gather" and phase == "forward" and shape[-1] == VOCAB // TP:
         return "logits gather: vocab-sharded logits -> full `out.logits`"
@@ -269,15 +301,18 @@ def main(argv=None) -> int:
         dl = abs(run["loss"] - run["ref_loss"])
         match_ok = dl <= 1e-5 and run["grad_err"] <= 1e-5
         ok &= match_ok
-        rows.append({
-            "name": name,
-            "total": total,
-            "per_layer": per_layer,
-            "verdict": verdict(per_layer),
-            "check": f"{dl:.0e} / {run['grad_err']:.0e}" + ("" if match_ok else " FAIL"),
-        })
-        for (k, ph, shape, b), c in sorted(rest.items(), key=lambda kv: (kv[0][1] != "forward",
-                                                                          kv[0][0])):
+        rows.append(
+            {
+                "name": name,
+                "total": total,
+                "per_layer": per_layer,
+                "verdict": verdict(per_layer),
+                "check": f"{dl:.0e} / {run['grad_err']:.0e}" + ("" if match_ok else " FAIL"),
+            }
+        )
+        for (k, ph, shape, b), c in sorted(
+            rest.items(), key=lambda kv: (kv[0][1] != "forward", kv[0][0])
+        ):
             if c > 0:
                 nonlayer_rows.append((name, label_nonlayer(k, ph, shape), k, ph, shape, int(c), b))
         for fb in run["fallbacks"]:
@@ -285,26 +320,45 @@ def main(argv=None) -> int:
         if run["replicated_matmul_weights"]:
             reps = run["replicated_matmul_weights"]
             layer0 = [n for n in reps if re.search(r"\.0\.", n)] or reps
-            notes.append(f"{name}: replicated (unsharded) matmul weights (layer 0 only if in a layer): "
-                         + ", ".join(f"`{n}`" for n in layer0))
+            notes.append(
+                f"{name}: replicated (unsharded) matmul weights (layer 0 only if in a layer): "
+                + ", ".join(f"`{n}`" for n in layer0)
+            )
         print(f"{name:<30} done ({time.monotonic() - t0:.1f}s)", flush=True)
     elapsed = time.monotonic() - t0
 
     # ------------------------------------------------------------------ tables
-    head = ["model", "fwd colls (4L)", "bwd colls (4L)", "fwd bytes/rank", "bwd bytes/rank",
-            "per layer fwd", "per layer bwd", "per layer bytes/rank (ring)", "vs Megatron 2+2",
-            "loss / grad err"]
+    head = [
+        "model",
+        "fwd colls (4L)",
+        "bwd colls (4L)",
+        "fwd bytes/rank",
+        "bwd bytes/rank",
+        "per layer fwd",
+        "per layer bwd",
+        "per layer bytes/rank (ring)",
+        "vs Megatron 2+2",
+        "loss / grad err",
+    ]
     table = []
     for r in rows:
         t, p = r["total"], r["per_layer"]
         pl_bytes = p["forward"]["bytes"] + p["backward"]["bytes"]
         pl_ring = p["forward"]["ring"] + p["backward"]["ring"]
-        table.append([
-            r["name"], f"{t['forward']['n']:g}", f"{t['backward']['n']:g}",
-            fmt_bytes(t["forward"]["bytes"]), fmt_bytes(t["backward"]["bytes"]),
-            fmt_kinds(p["forward"]["kinds"]), fmt_kinds(p["backward"]["kinds"]),
-            f"{fmt_bytes(pl_bytes)} ({fmt_bytes(pl_ring)})", r["verdict"], r["check"],
-        ])
+        table.append(
+            [
+                r["name"],
+                f"{t['forward']['n']:g}",
+                f"{t['backward']['n']:g}",
+                fmt_bytes(t["forward"]["bytes"]),
+                fmt_bytes(t["backward"]["bytes"]),
+                fmt_kinds(p["forward"]["kinds"]),
+                fmt_kinds(p["backward"]["kinds"]),
+                f"{fmt_bytes(pl_bytes)} ({fmt_bytes(pl_ring)})",
+                r["verdict"],
+                r["check"],
+            ]
+        )
     # families with the same non-layer collectives share one group of rows
     groups: dict[tuple, list[str]] = {}
     per_model: dict[str, list[tuple]] = {}
@@ -316,8 +370,17 @@ def main(argv=None) -> int:
     nl_table = []
     for items, names in groups.items():
         for i, (what, k, ph, s, c, b) in enumerate(items):
-            nl_table.append([", ".join(names) if i == 0 else '"', what, k, ph,
-                             "x".join(map(str, s)), str(c), fmt_bytes(b * c)])
+            nl_table.append(
+                [
+                    ", ".join(names) if i == 0 else '"',
+                    what,
+                    k,
+                    ph,
+                    "x".join(map(str, s)),
+                    str(c),
+                    fmt_bytes(b * c),
+                ]
+            )
 
     def print_table(h, body):
         widths = [max(len(str(x)) for x in col) for col in zip(h, *body)]
@@ -326,8 +389,10 @@ def main(argv=None) -> int:
             print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
     print()
-    print(f"Collectives of one training step (forward + backward) at tp {TP}, simulator, "
-          f"batch {BATCH} x seq {SEQ}, hidden {HIDDEN}, vocab {VOCAB}")
+    print(
+        f"Collectives of one training step (forward + backward) at tp {TP}, simulator, "
+        f"batch {BATCH} x seq {SEQ}, hidden {HIDDEN}, vocab {VOCAB}"
+    )
     print_table(head, table)
     print("\nNon-layer collectives (same for any layer count)")
     print_table(nl_head, nl_table)
@@ -369,8 +434,7 @@ def main(argv=None) -> int:
         md += ["| " + " | ".join(row) + " |" for row in table]
         md += [
             "",
-            "Non-layer collectives (what is left at 0 layers: 2 x log(2 layers) - "
-            "log(4 layers)):",
+            "Non-layer collectives (what is left at 0 layers: 2 x log(2 layers) - log(4 layers)):",
             "",
             "| " + " | ".join(nl_head) + " |",
             "|---|---|---|---|---|---:|---:|",
@@ -396,11 +460,12 @@ def main(argv=None) -> int:
                 "alternative (e.g. NxD's GQA QKV layer with kv replication) gives each rank a "
                 "copy of only the kv head it needs and sums the k/v weight gradients over the "
                 "ranks sharing a head: weight-sized traffic once per step instead of "
-                "activation-sized traffic in every layer's backward.")
+                "activation-sized traffic in every layer's backward."
+            )
         md += [
             "- Transformer layers of all families hit the Megatron optimum exactly (2 + 2 "
-            "all-reduces, no all-gather / reduce-scatter)." if all(
-                r["verdict"].startswith("=") for r in rows if "GQA" not in r["name"])
+            "all-reduces, no all-gather / reduce-scatter)."
+            if all(r["verdict"].startswith("=") for r in rows if "GQA" not in r["name"])
             else "- Not every family hits the Megatron optimum per layer (see table).",
             "- The logits gather is there only because the HF output carries full "
             "`logits`; the loss itself uses the vocab-parallel cross-entropy (3 all-reduces of "

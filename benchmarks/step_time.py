@@ -287,14 +287,14 @@ def launch(phase, fn, world, fn_args, timeout_s, start_method):
     """One run_ranks launch. Returns (results {phase: {rank: payload}}, errors
     [(phase, rank, traceback)], notes list); never raises for a failed phase."""
     try:
-        out = run_ranks(fn, world, args=fn_args, timeout_s=timeout_s,
-                        start_method=start_method)
+        out = run_ranks(fn, world, args=fn_args, timeout_s=timeout_s, start_method=start_method)
     except RankError as err:
         msg = str(err)
         parts = re.split(r"^--- rank (\d+) ---\n", msg, flags=re.M)
         if len(parts) > 1:  # "header\n--- rank r ---\n<traceback>..." -> per-rank tracebacks
-            errors = [(phase, int(parts[i]), parts[i + 1].rstrip())
-                      for i in range(1, len(parts) - 1, 2)]
+            errors = [
+                (phase, int(parts[i]), parts[i + 1].rstrip()) for i in range(1, len(parts) - 1, 2)
+            ]
         else:  # timeout: no tracebacks, just the summary line
             errors = [(phase, -1, msg)]
         return {}, errors, [f"{phase}: {msg.splitlines()[0]}"]
@@ -328,9 +328,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
     ap.add_argument("--start-method", choices=["auto", "fork", "spawn"], default="auto")
-    ap.add_argument("--timeout", type=float, default=600.0,
-                    help="deadline per launch (reference, DTensor, ours), seconds "
-                         "(default 600); run_ranks kills all ranks when it passes")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="deadline per launch (reference, DTensor, ours), seconds "
+        "(default 600); run_ranks kills all ranks when it passes",
+    )
     ap.add_argument("--no-ours", action="store_true", help="skip nxd_autoshard")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
@@ -342,8 +346,7 @@ def main(argv=None) -> int:
 
     # (1) reference, 1 process; (2) DTensor and (3) ours, TP gloo processes each
     r_res, r_err, r_notes = launch("unsharded", ref_rank, 1, steps_args, args.timeout, method)
-    t_res, t_err, t_notes = launch("dtensor", dtensor_rank, TP, steps_args, args.timeout,
-                                   method)
+    t_res, t_err, t_notes = launch("dtensor", dtensor_rank, TP, steps_args, args.timeout, method)
     if not args.no_ours:
         o_res, o_err, o_notes = launch("ours", ours_rank, TP, steps_args, args.timeout, method)
         t_res.update(o_res)
@@ -365,8 +368,11 @@ def main(argv=None) -> int:
         if phase not in res or 0 not in res[phase]:
             return None
         d = res[phase][0]
-        return {"ms": statistics.median(d["times"]) * 1e3, "loss": d["loss"],
-                "grad_norm": d["grad_norm"]}
+        return {
+            "ms": statistics.median(d["times"]) * 1e3,
+            "loss": d["loss"],
+            "grad_norm": d["grad_norm"],
+        }
 
     ref = summary(r_res, "unsharded")
     dt = summary(t_res, "dtensor")
@@ -375,10 +381,15 @@ def main(argv=None) -> int:
     def why(errs, phase, default):
         """Root cause: prefer a real exception over a peer's follow-on gloo error."""
         errs = [e for e in errs if e[0] == phase]
-        secondary = ("Connection closed by peer", "Connection reset", "Timed out",
-                     "timed out", "Broken pipe")
+        secondary = (
+            "Connection closed by peer",
+            "Connection reset",
+            "Timed out",
+            "timed out",
+            "Broken pipe",
+        )
         primary = [e for e in errs if not any(m in e[2] for m in secondary)]
-        for ph, _rank, tb in primary or errs:
+        for _ph, _rank, tb in primary or errs:
             return _short_error(tb)
         return default
 
@@ -400,28 +411,36 @@ def main(argv=None) -> int:
         checks.append(
             f"DTensor tp{TP} loss {dt['loss']:.7f} vs unsharded {ref['loss']:.7f}: "
             f"|diff| = {dl:.2e} ({'OK' if dl_ok else 'FAIL'}, tol 1e-5); "
-            f"grad-norm rel diff {gn_rel:.1e}")
+            f"grad-norm rel diff {gn_rel:.1e}"
+        )
     if ref and ours:
         dl = abs(ours["loss"] - ref["loss"])
         gn_rel = abs(ours["grad_norm"] - ref["grad_norm"]) / max(ref["grad_norm"], 1e-12)
-        checks.append(f"ours tp{TP} loss {ours['loss']:.7f} vs unsharded {ref['loss']:.7f}: "
-                      f"|diff| = {dl:.2e} ({'OK' if dl <= 1e-5 else 'MISMATCH'}, tol 1e-5); "
-                      f"grad-norm rel diff {gn_rel:.1e} (full grads via gather_grads)")
+        checks.append(
+            f"ours tp{TP} loss {ours['loss']:.7f} vs unsharded {ref['loss']:.7f}: "
+            f"|diff| = {dl:.2e} ({'OK' if dl <= 1e-5 else 'MISMATCH'}, tol 1e-5); "
+            f"grad-norm rel diff {gn_rel:.1e} (full grads via gather_grads)"
+        )
 
     fmt = lambda s: f"{s['ms']:.2f}" if s else "n/a"  # noqa: E731
     rows = [
         ("unsharded (1 proc)", fmt(ref), f"{ref['loss']:.6f}" if ref else "n/a"),
         (f"DTensor tp{TP} (gloo)", fmt(dt), f"{dt['loss']:.6f}" if dt else "n/a"),
-        (f"ours tp{TP} (gloo)", fmt(ours) if ours else "unavailable",
-         f"{ours['loss']:.6f}" if ours else "n/a"),
+        (
+            f"ours tp{TP} (gloo)",
+            fmt(ours) if ours else "unavailable",
+            f"{ours['loss']:.6f}" if ours else "n/a",
+        ),
     ]
     ratio_od = f"{ours['ms'] / dt['ms']:.2f}x" if ours and dt else "n/a"
     ratio_du = f"{dt['ms'] / ref['ms']:.2f}x" if dt and ref else "n/a"
 
     print()
-    print(f"Step time (forward+backward), Llama 4L h256 vocab{VOCAB}, batch {BATCH} x seq "
-          f"{SEQ}, median of {args.steps} steps after {args.warmup} warm-up, "
-          f"start method {method}")
+    print(
+        f"Step time (forward+backward), Llama 4L h256 vocab{VOCAB}, batch {BATCH} x seq "
+        f"{SEQ}, median of {args.steps} steps after {args.warmup} warm-up, "
+        f"start method {method}"
+    )
     w = max(len(r[0]) for r in rows)
     print(f"{'setup':<{w}}  {'median ms/step':>14}  loss")
     for name, ms, loss in rows:
@@ -434,7 +453,8 @@ def main(argv=None) -> int:
 
     if not args.no_write:
         cmd = "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(
-            shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + sys.argv[1:])
+            shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + sys.argv[1:]
+        )
         today = _dt.date.today().isoformat()
         md = [
             SECTION,

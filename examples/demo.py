@@ -3,7 +3,6 @@ the original, train a few steps, print the plan and the pipeline stages."""
 
 from __future__ import annotations
 
-
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -14,9 +13,18 @@ from nxd_autoshard.tools.launch import run_ranks
 from nxd_autoshard.tools.verify import compare
 
 TP = 2
-CONFIG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CONFIG = LlamaConfig(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 STEPS = 3
 
 
@@ -47,15 +55,21 @@ def rank_main(rank, world):
         opt.step()
         losses.append(loss.item())
     local = {n: tuple(p.shape) for n, p in sharded.named_parameters()}
-    return dict(losses=losses, grads=first_grads if rank == 0 else None, local=local,
-                placements={n: str(p) for n, p in sharded.placements.items()},
-                program=sharded.graph_module.code)
+    return dict(
+        losses=losses,
+        grads=first_grads if rank == 0 else None,
+        local=local,
+        placements={n: str(p) for n, p in sharded.placements.items()},
+        program=sharded.graph_module.code,
+    )
 
 
 def main():
     console = Console()
-    console.print(f"[bold]nxd-autoshard demo[/]: Llama ({CONFIG.num_hidden_layers} layers, "
-                  f"hidden {CONFIG.hidden_size}) at tp={TP} on a local gloo mesh")
+    console.print(
+        f"[bold]nxd-autoshard demo[/]: Llama ({CONFIG.num_hidden_layers} layers, "
+        f"hidden {CONFIG.hidden_size}) at tp={TP} on a local gloo mesh"
+    )
     results = run_ranks(rank_main, TP)
     ref = build()
     ids, labels = batch()
@@ -80,19 +94,27 @@ def main():
     console.print(table)
 
     checks = [compare(f"grad {n}", results[0]["grads"][n], g) for n, g in ref_grads.items()]
-    checks += [compare(f"loss step {i}", torch.tensor(a), torch.tensor(b))
-               for i, (a, b) in enumerate(zip(results[0]["losses"], ref_losses))]
+    checks += [
+        compare(f"loss step {i}", torch.tensor(a), torch.tensor(b))
+        for i, (a, b) in enumerate(zip(results[0]["losses"], ref_losses))
+    ]
     same_program = all(r["program"] == results[0]["program"] for r in results)
     bad = [c for c in checks if not c.ok]
     console.print(f"losses sharded   {['%.6f' % x for x in results[0]['losses']]}")
     console.print(f"losses unsharded {['%.6f' % x for x in ref_losses]}")
-    console.print(f"gradient checks: {len(checks) - len(bad)} ok, {len(bad)} mismatched "
-                  f"(worst rel {max(c.max_rel for c in checks):.1e}); "
-                  f"every rank runs the same program: {same_program}")
-    collectives = [line.strip() for line in results[0]["program"].splitlines() if "collectives" in line]
-    console.print(f"collectives in the forward program: {len(collectives)} (all_reduce: "
-                  f"{sum('all_reduce(' in c and 'grad_' not in c for c in collectives)}, grad_all_reduce: "
-                  f"{sum('grad_all_reduce' in c for c in collectives)})")
+    console.print(
+        f"gradient checks: {len(checks) - len(bad)} ok, {len(bad)} mismatched "
+        f"(worst rel {max(c.max_rel for c in checks):.1e}); "
+        f"every rank runs the same program: {same_program}"
+    )
+    collectives = [
+        line.strip() for line in results[0]["program"].splitlines() if "collectives" in line
+    ]
+    console.print(
+        f"collectives in the forward program: {len(collectives)} (all_reduce: "
+        f"{sum('all_reduce(' in c and 'grad_' not in c for c in collectives)}, grad_all_reduce: "
+        f"{sum('grad_all_reduce' in c for c in collectives)})"
+    )
     if bad or not same_program:
         for c in bad:
             console.print(c.line())
@@ -108,8 +130,14 @@ def pipeline_rank_main(rank, world):
     """tp x pp: the same one line with pp=; a step is sharded.train_step (torch pipelining 1F1B)."""
     model = build()
     ids, labels = batch()
-    sharded = autoshard(model, tp=PP_TP, pp=PP, microbatches=2, example_inputs=(ids,),
-                        example_kwargs={"labels": labels})
+    sharded = autoshard(
+        model,
+        tp=PP_TP,
+        pp=PP,
+        microbatches=2,
+        example_inputs=(ids,),
+        example_kwargs={"labels": labels},
+    )
     opt = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
     losses, first_grads = [], None
     for step in range(STEPS):
@@ -118,18 +146,35 @@ def pipeline_rank_main(rank, world):
         if step == 0:
             first_grads = sharded.gather_grads()
         opt.step()
-    stages = [(s.index, s.blocks, len(s.state_names), len(s.inputs),
-               sum(c.flops for c, st in zip(sharded.unit_costs, sharded.stage_of_unit) if st == s.index))
-              for s in sharded.stages()]
-    return dict(losses=losses, grads=first_grads if rank % PP_TP == 0 else None, stages=stages,
-                stage_of_block=sharded.stage_of_block)
+    stages = [
+        (
+            s.index,
+            s.blocks,
+            len(s.state_names),
+            len(s.inputs),
+            sum(
+                c.flops for c, st in zip(sharded.unit_costs, sharded.stage_of_unit) if st == s.index
+            ),
+        )
+        for s in sharded.stages()
+    ]
+    return dict(
+        losses=losses,
+        grads=first_grads if rank % PP_TP == 0 else None,
+        stages=stages,
+        stage_of_block=sharded.stage_of_block,
+    )
 
 
 def pipeline_demo(console, ref_losses, ref_grads):
-    console.print(f"\n[bold]tp={PP_TP} x pp={PP}[/] on {PP_TP * PP} gloo processes, 2 microbatches, 1F1B")
+    console.print(
+        f"\n[bold]tp={PP_TP} x pp={PP}[/] on {PP_TP * PP} gloo processes, 2 microbatches, 1F1B"
+    )
     results = run_ranks(pipeline_rank_main, PP_TP * PP)
     first = results[0]
-    table = Table(title="Pipeline stages (balanced by forward FLOPs; embedding and LM head counted)")
+    table = Table(
+        title="Pipeline stages (balanced by forward FLOPs; embedding and LM head counted)"
+    )
     for col in ("stage", "blocks", "state tensors", "tensors received", "MFLOP"):
         table.add_column(col)
     for index, blocks, n_state, n_in, flops in first["stages"]:
@@ -139,13 +184,17 @@ def pipeline_demo(console, ref_losses, ref_grads):
     for r in results:
         grads.update(r["grads"] or {})
     checks = [compare(f"grad {n}", grads[n], g) for n, g in ref_grads.items() if n in grads]
-    checks += [compare(f"loss step {i}", torch.tensor(a), torch.tensor(b))
-               for i, (a, b) in enumerate(zip(first["losses"], ref_losses))]
+    checks += [
+        compare(f"loss step {i}", torch.tensor(a), torch.tensor(b))
+        for i, (a, b) in enumerate(zip(first["losses"], ref_losses))
+    ]
     missing = [n for n in ref_grads if n not in grads]
     bad = [c for c in checks if not c.ok]
     console.print(f"losses tp x pp   {['%.6f' % x for x in first['losses']]}")
-    console.print(f"gradient checks: {len(checks) - len(bad)} ok, {len(bad)} mismatched, "
-                  f"{len(missing)} missing")
+    console.print(
+        f"gradient checks: {len(checks) - len(bad)} ok, {len(bad)} mismatched, "
+        f"{len(missing)} missing"
+    )
     if bad or missing:
         for c in bad:
             console.print(c.line())

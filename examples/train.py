@@ -17,16 +17,26 @@ import torch
 import torch.distributed as dist
 
 from nxd_autoshard import autoshard
-from nxd_autoshard.tools.hf import build_model, random_batch
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.runtime.pipeline import chunk_batch
+from nxd_autoshard.tools.hf import build_model, random_batch
 
 
 def tiny_llama(layers: int) -> dict:
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=256,
-                hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def main() -> None:
@@ -52,8 +62,15 @@ def main() -> None:
     dp = world // (ns.tp * ns.pp)
     mine = chunk_batch(args, kwargs, dp)[Mesh(dp, ns.pp, ns.tp).coords(rank)["dp"]]
 
-    sharded = autoshard(model, tp=ns.tp, pp=ns.pp, microbatches=ns.microbatches,
-                        schedule=ns.schedule, example_inputs=mine[0], example_kwargs=mine[1])
+    sharded = autoshard(
+        model,
+        tp=ns.tp,
+        pp=ns.pp,
+        microbatches=ns.microbatches,
+        schedule=ns.schedule,
+        example_inputs=mine[0],
+        example_kwargs=mine[1],
+    )
     optimizer = sharded.optimizer(torch.optim.AdamW, lr=ns.lr)
     for step in range(ns.steps):
         optimizer.zero_grad()

@@ -13,7 +13,9 @@ from nxd_autoshard.tools.launch import run_ranks
 
 
 def _layers(family: str, n: int, **extra) -> dict:
-    return config_dict(family, **{"n_layer" if family == "gpt2" else "num_hidden_layers": n}, **extra)
+    return config_dict(
+        family, **{"n_layer" if family == "gpt2" else "num_hidden_layers": n}, **extra
+    )
 
 
 def _merged(directory) -> dict[str, torch.Tensor]:
@@ -45,8 +47,10 @@ def test_tp2_pp2_checkpoint_merges_back_bit_for_bit(family, tmp_path):
     cfg = _layers(family, 3)
     run_ranks(_save_worker, 4, args=(cfg, str(tmp_path), 0))
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
-                                                        "model-00002-of-00002.safetensors"]
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     model = build_model(cfg, seed=0)
     merged = _merged(tmp_path)
     state = model.state_dict()

@@ -39,8 +39,13 @@ def test_unknown_family_plan(llama):
 
 def test_user_rule_overrides_auto(llama):
     args, kwargs = random_batch(llama)
-    sharded = autoshard(llama, 2, example_inputs=args, example_kwargs=kwargs,
-                        plan={"model.layers.*.mlp.(gate|up|down)_proj": "replicate"})
+    sharded = autoshard(
+        llama,
+        2,
+        example_inputs=args,
+        example_kwargs=kwargs,
+        plan={"model.layers.*.mlp.(gate|up|down)_proj": "replicate"},
+    )
     assert str(sharded.placements["model.layers.0.mlp.up_proj.weight"]) == "R"
     assert str(sharded.placements["model.layers.0.self_attn.q_proj.weight"]) == "S(0)"
 
@@ -93,8 +98,9 @@ def test_unsupported_op_is_gathered_with_a_warning():
     model = Odd()
     x = torch.randn(3, 8)
     with pytest.warns(UserWarning, match="no sharding rule.*flip"):
-        sharded = autoshard(model, 2, example_inputs=(x,), plan={"up": "column", "down": "row"},
-                            auto=False)
+        sharded = autoshard(
+            model, 2, example_inputs=(x,), plan={"up": "column", "down": "row"}, auto=False
+        )
     torch.testing.assert_close(sharded(x), model(x))
 
 

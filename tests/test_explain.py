@@ -12,15 +12,22 @@ from nxd_autoshard.ir import ops as C
 from nxd_autoshard.runtime.simulator import trace_collectives
 from nxd_autoshard.tools.hf import build_model, random_batch
 
-COMMUNICATING = {C.all_reduce: "all_reduce", C.all_gather: "all_gather",
-                 C.reduce_scatter: "reduce_scatter", C.shard: "shard",
-                 C.grad_all_reduce: "grad_all_reduce",
-                 C.vocab_parallel_cross_entropy: "vocab_parallel_cross_entropy"}
+COMMUNICATING = {
+    C.all_reduce: "all_reduce",
+    C.all_gather: "all_gather",
+    C.reduce_scatter: "reduce_scatter",
+    C.shard: "shard",
+    C.grad_all_reduce: "grad_all_reduce",
+    C.vocab_parallel_cross_entropy: "vocab_parallel_cross_entropy",
+}
 
 
 def _graph_collectives(sharded) -> Counter:
-    return Counter(COMMUNICATING[n.target] for n in sharded.graph_module.graph.nodes
-                   if n.op == "call_function" and n.target in COMMUNICATING)
+    return Counter(
+        COMMUNICATING[n.target]
+        for n in sharded.graph_module.graph.nodes
+        if n.op == "call_function" and n.target in COMMUNICATING
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -53,9 +60,18 @@ def _assert_report_matches_trace(sharded, model, args, kwargs):
 def test_backward_collectives_are_counted_only_where_a_gradient_arrives():
     # T5 shards the position bias added to every attention's scores (`shard`); in cross-attention
     # that bias is only a mask, with no gradient, so its shard's conjugate all-gather never runs
-    config = {"model_type": "t5", "vocab_size": 128, "d_model": 64, "d_kv": 16, "d_ff": 128,
-              "num_layers": 2, "num_heads": 4, "pad_token_id": 0, "eos_token_id": 1,
-              "decoder_start_token_id": 0}
+    config = {
+        "model_type": "t5",
+        "vocab_size": 128,
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }
     model = build_model(config)
     args, kwargs = random_batch(model)
     sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)
@@ -66,8 +82,10 @@ def test_backward_collectives_are_counted_only_where_a_gradient_arrives():
 
 def test_a_block_with_nothing_sharded_is_called_out():
     model, _, args, kwargs = sharded_family("llama", 2)
-    replicated = {"model.layers.*.self_attn.(q|k|v|o)_proj": "replicate",
-                  "model.layers.*.mlp.(gate|up|down)_proj": "replicate"}
+    replicated = {
+        "model.layers.*.self_attn.(q|k|v|o)_proj": "replicate",
+        "model.layers.*.mlp.(gate|up|down)_proj": "replicate",
+    }
     sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs, plan=replicated)
     report = _assert_report_matches_trace(sharded, model, args, kwargs)
     assert [b.replicated for b in report.blocks] == [True, True]
@@ -93,7 +111,12 @@ def test_parameters_have_placement_local_shape_and_bytes():
     rows = {p.name: p for p in report.parameters}
     assert set(rows) == set(sharded.placements)
     q = rows["model.layers.0.self_attn.q_proj.weight"]
-    assert (q.placement, q.full_shape, q.local_shape, q.bytes_per_rank) == ("S(0)", [64, 64], [32, 64], 32 * 64 * 4)
+    assert (q.placement, q.full_shape, q.local_shape, q.bytes_per_rank) == (
+        "S(0)",
+        [64, 64],
+        [32, 64],
+        32 * 64 * 4,
+    )
     assert rows["model.norm.weight"].placement == "R"
     local = sum(p.numel() * p.element_size() for p in sharded.parameters()) // 1
     full_total = report.totals["param_bytes_full"]
@@ -115,8 +138,11 @@ def test_single_stage_holds_every_block_until_pipelines_exist():
     assert stage.blocks == ["model.layers.0", "model.layers.1"]
     assert stage.param_bytes == report.totals["param_bytes_per_rank"]
     # 2 * tokens * (local weights of every matmul) is a floor for the matmul FLOPs
-    assert stage.matmul_flops > 2 * 32 * sum(p.local_shape[0] * p.local_shape[1] for p in report.parameters
-                                             if p.name.endswith("proj.weight"))
+    assert stage.matmul_flops > 2 * 32 * sum(
+        p.local_shape[0] * p.local_shape[1]
+        for p in report.parameters
+        if p.name.endswith("proj.weight")
+    )
     assert "<table>" in stage._repr_html_()
 
 
@@ -139,16 +165,29 @@ def test_json_text_and_html_forms_carry_the_same_report():
 def test_history_lists_each_pass_and_diffs_two_steps():
     _, sharded, _, _ = sharded_family("llama", 2)
     history = sharded.history
-    assert [r.name for r in history] == ["capture", "drop_assertions", "linear_from_matmul",
-                                         "expert_linear_from_grouped_mm", "split_bias", "propagate",
-                                         "partition", "retarget_device"]
+    assert [r.name for r in history] == [
+        "capture",
+        "drop_assertions",
+        "linear_from_matmul",
+        "expert_linear_from_grouped_mm",
+        "split_bias",
+        "propagate",
+        "partition",
+        "retarget_device",
+    ]
     partition = history.step("partition")
     inserted = sum(_graph_collectives(sharded).values())
     assert partition.ops_after - partition.ops_before == inserted - 1  # the CE replaces a loss op
     assert all(r.seconds >= 0 for r in history)
     diff = history.diff("propagate", "partition")
-    added = [line for line in diff.splitlines() if line.startswith("+") and "all_reduce[tp](" in line]
-    assert len(added) == _graph_collectives(sharded)["all_reduce"] + _graph_collectives(sharded)["grad_all_reduce"]
+    added = [
+        line for line in diff.splitlines() if line.startswith("+") and "all_reduce[tp](" in line
+    ]
+    assert (
+        len(added)
+        == _graph_collectives(sharded)["all_reduce"]
+        + _graph_collectives(sharded)["grad_all_reduce"]
+    )
     assert history.diff("partition", "partition") == ""
     with pytest.raises(KeyError, match="passes: capture"):
         history.step("no_such_pass")

@@ -30,7 +30,7 @@ class FilledKeys(torch.nn.Module):
         q = self.q(x).view(b, s, h, d).transpose(1, 2)
         k = q.new_empty(b, h, s, d)
         k[..., : d // 2] = self.k_nope(x).view(b, s, h, d // 2).transpose(1, 2)
-        k[..., d // 2:] = self.k_rope(x).view(b, s, h, d // 2).transpose(1, 2)
+        k[..., d // 2 :] = self.k_rope(x).view(b, s, h, d // 2).transpose(1, 2)
         v = self.v(x).view(b, s, h, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out = self.o(out.transpose(1, 2).reshape(b, s, h * d))

@@ -67,8 +67,14 @@ _SEPARATE = textwrap.dedent("""
 def test_golden_is_the_same_in_a_separate_process():
     code = _SEPARATE.format(tests=str(Path(__file__).parent))
     env = {"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout
     assert out == golden_text(sharded_family("llama", 2)[1])
     assert out == (GOLDENS / "llama_tp2.txt").read_text()
 
@@ -87,7 +93,7 @@ def test_changed_plan_fails_with_a_readable_diff():
     assert "--update-goldens" in message
 
 
-_PLUGIN_TEST = textwrap.dedent('''
+_PLUGIN_TEST = textwrap.dedent("""
     import torch
     from nxd_autoshard import autoshard
 
@@ -108,8 +114,8 @@ _PLUGIN_TEST = textwrap.dedent('''
 
     def test_megatron(assert_golden):
         assert_golden(shard({"up": "column", "down": "row"}), "mlp")
-''')
-_CHANGED = textwrap.dedent('''
+""")
+_CHANGED = textwrap.dedent("""
 
     def test_replicated(assert_golden):
         assert_golden(shard({"up": "replicate", "down": "replicate"}), "mlp")
@@ -117,14 +123,35 @@ _CHANGED = textwrap.dedent('''
 
     def test_never_pinned(assert_golden):
         assert_golden(shard({"up": "column", "down": "row"}), "never_pinned")
-''')
+""")
 
 
-def _pytest(folder: Path, *extra: str, env_update: dict | None = None) -> subprocess.CompletedProcess:
+def _pytest(
+    folder: Path, *extra: str, env_update: dict | None = None
+) -> subprocess.CompletedProcess:
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **(env_update or {})}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-p", "no:xdist", "-W", "ignore::DeprecationWarning", *extra, str(folder)],
-                          capture_output=True, text=True, env=env, cwd=folder, timeout=300, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            "-W",
+            "ignore::DeprecationWarning",
+            *extra,
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=folder,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_pytest_plugin_writes_only_when_asked_and_shows_the_diff(tmp_path):

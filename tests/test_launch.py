@@ -217,8 +217,10 @@ def test_concurrent_launches_do_not_meet() -> None:
     import subprocess
 
     code = _LAUNCH_AND_PRINT.format(tests=str(Path(__file__).parent))
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0]
     assert outs == ["[3.0, 3.0]"] * 3

@@ -23,8 +23,9 @@ def _outputs(cell) -> dict:
 
 def test_example_notebook_runs_and_shows_the_views(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError naming the cell if any cell fails
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "every code cell ran"
@@ -39,7 +40,14 @@ def test_example_notebook_runs_and_shows_the_views(tmp_path):
     assert "x 1 more identical blocks" in by_source["report.svg()"]["image/svg+xml"]
     assert "captured (global)" in by_source["report.before_after()"]["text/html"]
     assert "partition" in by_source["sharded.history"]["text/html"]
-    assert "+" in by_source['print(sharded.history.diff("propagate", "partition", context=0)[:2500])']["text"]
-    losses = by_source['print(f"sharded loss {out.loss.item():.6f}  unsharded {ref.loss.item():.6f}")']["text"]
+    assert (
+        "+"
+        in by_source['print(sharded.history.diff("propagate", "partition", context=0)[:2500])'][
+            "text"
+        ]
+    )
+    losses = by_source[
+        'print(f"sharded loss {out.loss.item():.6f}  unsharded {ref.loss.item():.6f}")'
+    ]["text"]
     sharded_loss, unsharded_loss = losses.split()[2], losses.split()[4]
     assert abs(float(sharded_loss) - float(unsharded_loss)) < 1e-4

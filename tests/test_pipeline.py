@@ -30,21 +30,33 @@ def _assert_all_ok(checks):
 
 # ---------------------------------------------------------------- equivalence (simulator)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("tp,pp,dp,n_layers", [(1, 2, 1, 3), (1, 4, 1, 5), (2, 2, 1, 3), (2, 1, 2, 2)])
+@pytest.mark.parametrize(
+    "tp,pp,dp,n_layers", [(1, 2, 1, 3), (1, 4, 1, 5), (2, 2, 1, 3), (2, 1, 2, 2)]
+)
 def test_simulator_pipeline_matches_unsharded(family, tp, pp, dp, n_layers):
     _assert_all_ok(verify_config(layers(family, n_layers), tp, pp=pp, dp=dp, world="sim"))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_simulator_tp8_pp4(family):
-    cfg = layers(family, 4, **({"n_head": 8} if family == "gpt2" else
-                               {"num_attention_heads": 8, "num_key_value_heads": 8}))
+    cfg = layers(
+        family,
+        4,
+        **(
+            {"n_head": 8}
+            if family == "gpt2"
+            else {"num_attention_heads": 8, "num_key_value_heads": 8}
+        ),
+    )
     _assert_all_ok(verify_config(cfg, 8, pp=4, microbatches=4, world="sim"))
 
 
 def test_simulator_interleaved_uneven_layers():
-    _assert_all_ok(verify_config(layers("llama", 5), 2, pp=2, dp=2, microbatches=4,
-                                 schedule="interleaved", world="sim"))
+    _assert_all_ok(
+        verify_config(
+            layers("llama", 5), 2, pp=2, dp=2, microbatches=4, schedule="interleaved", world="sim"
+        )
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "bert", "qwen2"])
@@ -66,8 +78,9 @@ def test_gloo_tp2_pp2(family):
 @pytest.mark.parametrize("schedule", ["gpipe", "looped_bfs", "zero_bubble", "zbv"])
 def test_gloo_other_schedules_with_tied_embeddings(schedule):
     # zbv puts the first and last stage (both holding the tied wte/lm_head) on one rank
-    _assert_all_ok(verify_config(layers("gpt2", 4), 1, pp=2, microbatches=4, schedule=schedule,
-                                 world="gloo"))
+    _assert_all_ok(
+        verify_config(layers("gpt2", 4), 1, pp=2, microbatches=4, schedule=schedule, world="gloo")
+    )
 
 
 def test_gloo_dp2_tp2():
@@ -79,8 +92,9 @@ def test_gloo_float_transport_between_stages(monkeypatch, schedule):
     # the path torch 2.9 takes (ids, labels, masks cross stages as float64), forced on any torch;
     # the ranks are forked, so they see the patch
     monkeypatch.setattr(pipeline, "stage_io_must_be_float", lambda: True)
-    _assert_all_ok(verify_config(layers("gpt2", 4), 1, pp=2, microbatches=4, schedule=schedule,
-                                 world="gloo"))
+    _assert_all_ok(
+        verify_config(layers("gpt2", 4), 1, pp=2, microbatches=4, schedule=schedule, world="gloo")
+    )
 
 
 def test_zbv_without_torch_runtime_says_which_torch(monkeypatch):
@@ -93,15 +107,20 @@ def test_zbv_without_torch_runtime_says_which_torch(monkeypatch):
 
 def test_gloo_interleaved_dp2_tp2_pp2():
     # the acceptance command: 8 processes, 2 stages per pp rank
-    _assert_all_ok(verify_config(layers("llama", 5), 2, pp=2, dp=2, microbatches=4,
-                                 schedule="interleaved", world="gloo"))
+    _assert_all_ok(
+        verify_config(
+            layers("llama", 5), 2, pp=2, dp=2, microbatches=4, schedule="interleaved", world="gloo"
+        )
+    )
 
 
 # ---------------------------------------------------------------- training tracks the unsharded model
 def test_adamw_steps_track_unsharded_pp2_tp2():
     model = build_model(layers("llama", 3), seed=0)
     ref = copy.deepcopy(model)
-    sharded = autoshard(model, 2, pp=2, microbatches=2, example_inputs=random_batch(model, batch=4)[0])
+    sharded = autoshard(
+        model, 2, pp=2, microbatches=2, example_inputs=random_batch(model, batch=4)[0]
+    )
     opt = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     got, want = [], []
@@ -126,7 +145,9 @@ def test_adamw_steps_track_unsharded_pp2_tp2():
 @pytest.mark.parametrize("n_layers,pp", [(2, 2), (3, 2), (5, 3), (7, 4), (6, 6)])
 def test_every_parameter_lands_on_exactly_one_stage(n_layers, pp):
     model = build_model(layers("gpt2", n_layers), seed=0)
-    sharded = autoshard(model, 1, pp=pp, microbatches=pp, example_inputs=random_batch(model, batch=pp)[0])
+    sharded = autoshard(
+        model, 1, pp=pp, microbatches=pp, example_inputs=random_batch(model, batch=pp)[0]
+    )
     stages = sharded.stages()
     assert len(stages) == pp
     by_name = dict(model.named_parameters(remove_duplicate=False))
@@ -182,16 +203,24 @@ def test_balance_puts_fewer_layers_with_the_lm_head():
 
 def test_pipeline_cuts_by_name():
     model = build_model(layers("llama", 4), seed=0)
-    sharded = autoshard(model, 1, pp=2, example_inputs=random_batch(model, batch=2)[0],
-                        pipeline_cuts=["model.layers.1"])
+    sharded = autoshard(
+        model,
+        1,
+        pp=2,
+        example_inputs=random_batch(model, batch=2)[0],
+        pipeline_cuts=["model.layers.1"],
+    )
     assert sharded.stage_of_block == [0, 1, 1, 1]
 
 
 def test_mesh_rank_order_tp_fastest_then_pp_then_dp():
     mesh = Mesh(dp=2, pp=2, tp=2)
     assert [mesh.coords(r) for r in (0, 1, 2, 5)] == [
-        {"dp": 0, "pp": 0, "tp": 0}, {"dp": 0, "pp": 0, "tp": 1},
-        {"dp": 0, "pp": 1, "tp": 0}, {"dp": 1, "pp": 0, "tp": 1}]
+        {"dp": 0, "pp": 0, "tp": 0},
+        {"dp": 0, "pp": 0, "tp": 1},
+        {"dp": 0, "pp": 1, "tp": 0},
+        {"dp": 1, "pp": 0, "tp": 1},
+    ]
     assert mesh.groups("tp")[:2] == [[0, 1], [2, 3]]
     assert mesh.groups("pp")[:2] == [[0, 2], [1, 3]]
     assert mesh.groups("dp")[0] == [0, 4]
@@ -204,16 +233,29 @@ def llama3():
     return model, random_batch(model, batch=4)
 
 
-@pytest.mark.parametrize("options, error, message", [
-    (dict(pp=4), PlanError, r"pp=4 stages need at least 4 blocks.*has 3"),
-    (dict(pp=2, microbatches=3, schedule="gpipe"), ValueError, r"batch of 4 cannot be split into 3"),
-    (dict(pp=2, microbatches=1), ValueError,
-     r"'1f1b' needs at least as many microbatches.*microbatches=1 < pp=2"),
-    (dict(pp=2, microbatches=2, schedule="interleaved"), PlanError,
-     r"pp=4 stages need at least 4 blocks.*2 stages per pp rank"),
-    (dict(pp=2, schedule="zb"), ValueError, r"unknown pipeline schedule 'zb'.*1f1b"),
-    (dict(pp=2, balance="speed"), ValueError, r"balance must be one of flops, memory, even"),
-])
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(pp=4), PlanError, r"pp=4 stages need at least 4 blocks.*has 3"),
+        (
+            dict(pp=2, microbatches=3, schedule="gpipe"),
+            ValueError,
+            r"batch of 4 cannot be split into 3",
+        ),
+        (
+            dict(pp=2, microbatches=1),
+            ValueError,
+            r"'1f1b' needs at least as many microbatches.*microbatches=1 < pp=2",
+        ),
+        (
+            dict(pp=2, microbatches=2, schedule="interleaved"),
+            PlanError,
+            r"pp=4 stages need at least 4 blocks.*2 stages per pp rank",
+        ),
+        (dict(pp=2, schedule="zb"), ValueError, r"unknown pipeline schedule 'zb'.*1f1b"),
+        (dict(pp=2, balance="speed"), ValueError, r"balance must be one of flops, memory, even"),
+    ],
+)
 def test_bad_pipeline_arguments(llama3, options, error, message):
     model, (args, _) = llama3
     with pytest.raises(error, match=message):
@@ -225,14 +267,17 @@ def test_cut_name_matching_nothing(llama3):
     with pytest.raises(PlanError, match=r"cut 'model.layer.1' matches no block.*model\.layers\.1"):
         autoshard(model, 1, pp=2, example_inputs=args, pipeline_cuts=["model.layer.1"])
     with pytest.raises(PlanError, match=r"2 pipeline cuts make 3 stages, not 2"):
-        autoshard(model, 1, pp=2, example_inputs=args, pipeline_cuts=["model.layers.1", "model.layers.2"])
+        autoshard(
+            model, 1, pp=2, example_inputs=args, pipeline_cuts=["model.layers.1", "model.layers.2"]
+        )
 
 
 def test_model_without_blocks_cannot_be_pipelined():
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
     with pytest.raises(PlanError, match="no repeated blocks"):
-        autoshard(mlp, 1, pp=2, example_inputs=(torch.randn(4, 8),),
-                  loss_fn=lambda out, target: out.sum())
+        autoshard(
+            mlp, 1, pp=2, example_inputs=(torch.randn(4, 8),), loss_fn=lambda out, target: out.sum()
+        )
 
 
 def test_train_step_without_a_loss_says_what_to_pass(llama3):
@@ -248,8 +293,9 @@ def _zero1_worker(rank, world, cfg):
     model = build_model(cfg, seed=0)
     args, kwargs = random_batch(model, batch=4, seed=1)
     mine = chunk_batch(args, kwargs, 2)[rank // 2]  # dp replica of this rank (pp=2, tp=1)
-    sharded = autoshard(model, 1, pp=2, dp=2, microbatches=2, example_inputs=mine[0],
-                        example_kwargs=mine[1])
+    sharded = autoshard(
+        model, 1, pp=2, dp=2, microbatches=2, example_inputs=mine[0], example_kwargs=mine[1]
+    )
     opt = sharded.optimizer(torch.optim.AdamW, zero=True, lr=1e-3)
     losses = []
     for _ in range(3):
@@ -303,5 +349,6 @@ def test_eval_mode_recapture_keeps_the_stages():
 
 def test_gloo_padded_tied_vocab_across_stages():
     # vocab 127 at tp 2 is padded to 128; the tied wte/lm_head sits on the first and last stage
-    _assert_all_ok(verify_config(layers("gpt2", 3, vocab_size=127), 2, pp=2, microbatches=2,
-                                 world="gloo"))
+    _assert_all_ok(
+        verify_config(layers("gpt2", 3, vocab_size=127), 2, pp=2, microbatches=2, world="gloo")
+    )

@@ -18,8 +18,9 @@ GOLDENS = Path(__file__).parent / "goldens"
 @pytest.fixture(scope="module")
 def meta_plan():
     steps = []
-    sharded = plan_on_meta(CONFIGS / "llama.json", 2, batch=2, seq=16,
-                           step=lambda name, seconds: steps.append(name))
+    sharded = plan_on_meta(
+        CONFIGS / "llama.json", 2, batch=2, seq=16, step=lambda name, seconds: steps.append(name)
+    )
     return sharded, steps
 
 
@@ -43,17 +44,42 @@ def test_meta_plan_is_the_plan_of_real_weights(meta_plan):
         assert meta[key] == cpu[key], key
     assert _without_node_numbers(meta["collectives"]) == _without_node_numbers(cpu["collectives"])
     assert meta["totals"] == cpu["totals"]
-    meta_ops = [line.split(" = ", 1)[1] for line in golden_text(sharded).splitlines() if " = " in line]
-    cpu_ops = [line.split(" = ", 1)[1] for line in (GOLDENS / "llama_tp2.txt").read_text().splitlines()
-               if " = " in line]
-    extra = [op.split("(")[0] for op in meta_ops if op.split("(")[0] not in {o.split("(")[0] for o in cpu_ops}]
+    meta_ops = [
+        line.split(" = ", 1)[1] for line in golden_text(sharded).splitlines() if " = " in line
+    ]
+    cpu_ops = [
+        line.split(" = ", 1)[1]
+        for line in (GOLDENS / "llama_tp2.txt").read_text().splitlines()
+        if " = " in line
+    ]
+    extra = [
+        op.split("(")[0]
+        for op in meta_ops
+        if op.split("(")[0] not in {o.split("(")[0] for o in cpu_ops}
+    ]
     assert set(extra) <= {"aten.contiguous"}, extra
 
 
 def test_plan_json_is_the_explain_report(tmp_path, meta_plan):
     out = tmp_path / "plan.json"
-    rc = main(["plan", "--config", str(CONFIGS / "llama.json"), "--tp", "2", "--batch", "2",
-               "--seq", "16", "--format", "json", "-o", str(out), "--quiet"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            str(CONFIGS / "llama.json"),
+            "--tp",
+            "2",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--format",
+            "json",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     same = meta_plan[0].explain(format="json")
@@ -63,8 +89,19 @@ def test_plan_json_is_the_explain_report(tmp_path, meta_plan):
 
 def test_plan_html_is_a_page_with_the_picture(tmp_path, capsys):
     out = tmp_path / "plan.html"
-    rc = main(["plan", "--config", str(CONFIGS / "gpt2.json"), "--tp", "2", "--format", "html",
-               "-o", str(out)])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            str(CONFIGS / "gpt2.json"),
+            "--tp",
+            "2",
+            "--format",
+            "html",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     page = out.read_text()
     assert page.startswith("<!doctype html>") and "<svg" in page and "Pipeline stages" in page
@@ -72,10 +109,13 @@ def test_plan_html_is_a_page_with_the_picture(tmp_path, capsys):
     assert "capture:" in err and f"wrote {out}" in err  # progress lines name each pass
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--pp", "4"], "pp=4 stages need at least 4 blocks, but LlamaForCausalLM has 2"),
-    (["--sequence-parallel"], "--sequence-parallel is not implemented yet"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--pp", "4"], "pp=4 stages need at least 4 blocks, but LlamaForCausalLM has 2"),
+        (["--sequence-parallel"], "--sequence-parallel is not implemented yet"),
+    ],
+)
 def test_plan_refuses_what_is_not_built_yet(flags, message, capsys):
     rc = main(["plan", "--config", str(CONFIGS / "llama.json"), "--tp", "2", *flags])
     assert rc == 2
@@ -86,8 +126,22 @@ def test_plan_with_pipeline_stages(tmp_path):
     cfg = json.loads((CONFIGS / "llama.json").read_text()) | {"num_hidden_layers": 4}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "plan.json"
-    rc = main(["plan", "--config", str(tmp_path), "--tp", "2", "--pp", "2", "--format", "json",
-               "-o", str(out), "--quiet"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            str(tmp_path),
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--format",
+            "json",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     stages = data["stages"]

@@ -13,10 +13,21 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _screenshot(page: Path, png: Path, profile: Path) -> None:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run",
-           f"--user-data-dir={profile}", "--hide-scrollbars", "--window-size=1200,1800",
-           f"--screenshot={png}", page.as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--hide-scrollbars",
+        "--window-size=1200,1800",
+        f"--screenshot={png}",
+        page.as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=120, check=True)
 
 
@@ -26,13 +37,18 @@ def _png_size(png: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
-                    "(Debian: apt-get install chromium; .ci/run installs it in CI)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed "
+    "(Debian: apt-get install chromium; .ci/run installs it in CI)",
+)
 def test_html_report_renders_in_headless_chromium(tmp_path):
     report = sharded_family("llama", 2)[1].explain()
     page = tmp_path / "report.html"
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'></head><body>{report.to_html()}"
-                    "</body></html>")
+    page.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'></head><body>{report.to_html()}"
+        "</body></html>"
+    )
     blank = tmp_path / "blank.html"
     blank.write_text("<!doctype html><html><body></body></html>")
     SHOTS.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,24 @@ def test_torchrun_tp2_pp2_trains_like_the_unsharded_model():
         pytest.skip("torchrun is not installed beside this python")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node", "4", str(ROOT / "examples" / "train.py"),
-         "--tp", "2", "--pp", "2", "--steps", "3"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "4",
+            str(ROOT / "examples" / "train.py"),
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"step \d+ loss ([0-9.]+)", out.stdout)]
     assert len(losses) == 3 and losses[2] < losses[0]

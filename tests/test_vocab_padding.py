@@ -23,8 +23,13 @@ PADDED = [
     ("gpt2", {"vocab_size": 1022}, 4),
     ("bert", {"vocab_size": 1023}, 2),  # tied decoder plus a replicated [vocab] bias, padded to add
 ]
-VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight",
-                "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight")
+VOCAB_PARAMS = (
+    "model.embed_tokens.weight",
+    "lm_head.weight",
+    "transformer.wte.weight",
+    "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.weight",
+)
 
 
 def _assert_all_ok(checks):
@@ -93,8 +98,9 @@ def test_adamw_steps_track_unsharded():
             opt.step()
             losses[name].append(loss.item())
     assert losses["ref"][-1] < losses["ref"][0]
-    torch.testing.assert_close(torch.tensor(losses["sharded"]), torch.tensor(losses["ref"]),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(losses["sharded"]), torch.tensor(losses["ref"]), rtol=1e-4, atol=1e-5
+    )
     assert dict(sharded.named_parameters())["lm_head.weight"].shape == (1022, 64)  # full, unpadded
 
 
@@ -104,8 +110,11 @@ def _train_padded_gloo(rank, world, cfg, steps):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="nxd-autoshard")
         sharded = autoshard(model, world, example_inputs=args, example_kwargs=kwargs)
-    shapes = {n: tuple(p.shape) for n, p in sharded.named_parameters(remove_duplicate=False)
-              if n in VOCAB_PARAMS}
+    shapes = {
+        n: tuple(p.shape)
+        for n, p in sharded.named_parameters(remove_duplicate=False)
+        if n in VOCAB_PARAMS
+    }
     opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
     losses, first = [], None
     for _ in range(steps):
@@ -117,7 +126,7 @@ def _train_padded_gloo(rank, world, cfg, steps):
         opt.step()
         losses.append(out.loss.item())
     wte = sharded.get_parameter("transformer.wte.weight").detach()
-    padding_rows = wte[cfg["vocab_size"] - rank * wte.shape[0]:]  # empty except on the last rank
+    padding_rows = wte[cfg["vocab_size"] - rank * wte.shape[0] :]  # empty except on the last rank
     state = sharded.full_state_dict()
     return shapes, first, losses, padding_rows, state
 
@@ -145,13 +154,17 @@ def test_gloo_tied_gpt2_tp2_matches_and_trains():
         assert shapes == {"transformer.wte.weight": (512, 64), "lm_head.weight": (512, 64)}
         assert padding_rows.shape[0] == (1 if rank == 1 else 0)
         assert torch.count_nonzero(padding_rows) == 0, "padding rows must never be updated"
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(want_losses), rtol=1e-4, atol=1e-5
+        )
     (loss, logits, grads), state = results[0][1], results[0][4]
     checks = [compare("loss", loss, first[0]), compare("logits", logits, first[1])]
     checks += [compare(f"grad {n}", grads[n], g) for n, g in first[2].items()]
     # after the steps, compare the padded tied table; Adam turns the round-off-sized gradients of
     # some other parameters (attention key biases, whose true gradient is zero) into lr-sized steps
-    checks.append(compare("trained wte", state["transformer.wte.weight"], ref.transformer.wte.weight))
+    checks.append(
+        compare("trained wte", state["transformer.wte.weight"], ref.transformer.wte.weight)
+    )
     _assert_all_ok(checks)
 
 

@@ -61,8 +61,10 @@ def autoshard(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not example_inputs and not example_kwargs:
-        raise ValueError("autoshard needs example inputs to capture the model: "
-                         "autoshard(model, tp, example_inputs=(input_ids,))")
+        raise ValueError(
+            "autoshard needs example inputs to capture the model: "
+            "autoshard(model, tp, example_inputs=(input_ids,))"
+        )
     if balance not in BALANCE:
         raise ValueError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
     microbatches = microbatches or (pp if pp > 1 else 1)
@@ -74,22 +76,44 @@ def autoshard(
         world = dist.get_world_size()
         dp = dp or max(1, world // (tp * pp))
     if group is not None and (pp > 1 or dp > 1):
-        raise ValueError("group= gives the tp group only; for pp/dp let autoshard build the mesh "
-                         "from the world (dp x pp x tp ranks)")
-    pipeline = PipelineConfig(pp=pp, dp=dp, microbatches=microbatches, schedule=schedule,
-                              virtual=virtual, cuts=pipeline_cuts, balance=balance)
+        raise ValueError(
+            "group= gives the tp group only; for pp/dp let autoshard build the mesh "
+            "from the world (dp x pp x tp ranks)"
+        )
+    pipeline = PipelineConfig(
+        pp=pp,
+        dp=dp,
+        microbatches=microbatches,
+        schedule=schedule,
+        virtual=virtual,
+        cuts=pipeline_cuts,
+        balance=balance,
+    )
     if pipeline.n_stages > 1:  # fail before the (slow) capture
         n_blocks = len(find_blocks(model))
         if n_blocks:
-            check_stage_count(pipeline.n_stages, n_blocks, type(model).__name__,
-                              f" (schedule '{schedule}' runs {virtual} stages per pp rank)"
-                              if virtual > 1 else "")
+            check_stage_count(
+                pipeline.n_stages,
+                n_blocks,
+                type(model).__name__,
+                f" (schedule '{schedule}' runs {virtual} stages per pp rank)"
+                if virtual > 1
+                else "",
+            )
     rules = {} if plan == "auto" else load_plan(plan)
     styles = resolve_styles(model, rules)
     auto = (plan == "auto" or isinstance(plan, Mapping)) if auto is None else auto
     runtime = _choose_runtime(model, Mesh(dp, pp, tp), group, on_mesh)
-    sharded = ShardedModule(model, tp=tp, styles=styles, auto=auto, runtime=runtime,
-                            pipeline=pipeline, loss_fn=loss_fn, strict=strict)
+    sharded = ShardedModule(
+        model,
+        tp=tp,
+        styles=styles,
+        auto=auto,
+        runtime=runtime,
+        pipeline=pipeline,
+        loss_fn=loss_fn,
+        strict=strict,
+    )
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if pipeline.n_stages > 1:
         chunks = runtime.step_chunks(sharded)
@@ -112,4 +136,3 @@ def _device_type(model: torch.nn.Module) -> str:
     for t in model.parameters():
         return t.device.type
     return "cpu"
-

@@ -51,9 +51,18 @@ class ShardedModule(torch.nn.Module):
     with emulated collectives.
     """
 
-    def __init__(self, model: torch.nn.Module, *, tp: int, styles: dict[str, str], auto: bool,
-                 runtime: Runtime | None = None, pipeline: PipelineConfig | None = None,
-                 loss_fn=None, strict: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        tp: int,
+        styles: dict[str, str],
+        auto: bool,
+        runtime: Runtime | None = None,
+        pipeline: PipelineConfig | None = None,
+        loss_fn=None,
+        strict: bool = False,
+    ):
         super().__init__()
         self.tp = tp
         self.pipeline = pipeline or PipelineConfig()
@@ -63,8 +72,14 @@ class ShardedModule(torch.nn.Module):
         self._installed = False
         self._shadow = [meta_shadow(model)]  # in a list: not a registered submodule
         self._model_name = type(model).__name__
-        self._config = getattr(model, "config", None) if hasattr(getattr(model, "config", None), "to_json_file") else None
-        self._full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+        self._config = (
+            getattr(model, "config", None)
+            if hasattr(getattr(model, "config", None), "to_json_file")
+            else None
+        )
+        self._full_shapes = {
+            n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
+        }
         self._full = dict(model.named_parameters(remove_duplicate=False))
         self._buffers_full = dict(model.named_buffers(remove_duplicate=False))
         self._persistent = {
@@ -78,18 +93,31 @@ class ShardedModule(torch.nn.Module):
             aliases.setdefault(id(full), []).append(name)
         self.plan = Plan()  # decided by the first capture
         self._settings = CompileSettings(
-            tp=tp, styles=dict(styles), auto=auto, model_name=self._model_name,
-            full_shapes=dict(self._full_shapes), device=self._device(),
+            tp=tp,
+            styles=dict(styles),
+            auto=auto,
+            model_name=self._model_name,
+            full_shapes=dict(self._full_shapes),
+            device=self._device(),
             aliases=tuple(tuple(names) for names in aliases.values() if len(names) > 1),
-            n_stages=self.pipeline.n_stages, cuts=self.pipeline.cuts, balance=self.pipeline.balance,
-            strict=strict)
+            n_stages=self.pipeline.n_stages,
+            cuts=self.pipeline.cuts,
+            balance=self.pipeline.balance,
+            strict=strict,
+        )
         self._programs: dict[tuple, list[LocalProgram]] = {}
         self.train(model.training)
 
     # ------------------------------------------------------------------ building
     def _capture(self, args: tuple, kwargs: dict) -> LocalProgram:
-        entry = compile_call(self._shadow[0], args, kwargs, training=self.training,
-                             settings=self._settings, plan=self.plan)
+        entry = compile_call(
+            self._shadow[0],
+            args,
+            kwargs,
+            training=self.training,
+            settings=self._settings,
+            plan=self.plan,
+        )
         if not self._installed:
             self._install_state(entry)
         return entry
@@ -109,7 +137,6 @@ class ShardedModule(torch.nn.Module):
         for t in list(self._full.values()) + list(self._buffers_full.values()):
             return t.device
         return torch.device("cpu")
-
 
     def _install_state(self, entry: LocalProgram) -> None:
         """Register what the runtime installs: this rank's stages' shards, or every full tensor."""
@@ -255,6 +282,3 @@ class ShardedModule(torch.nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters gathered back to full shape, by original name."""
         return {name: self._gather_full(name, p.detach()) for name, p in self.named_parameters()}
-
-
-

@@ -31,7 +31,9 @@ def meta_shadow(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def fake_shadow(model: torch.nn.Module, mode, device: torch.device | None = None) -> torch.nn.Module:
+def fake_shadow(
+    model: torch.nn.Module, mode, device: torch.device | None = None
+) -> torch.nn.Module:
     """A copy of `model` whose tensors are fake tensors of `mode` on their real device (no storage).
 
     Fake tensors keep the device, so model code that branches on `x.device.type` (HF's MoE
@@ -73,7 +75,9 @@ class _ModuleTracker:
         self.deepest: list[str] = []
         self.handles = []
         for name, mod in model.named_modules():
-            self.handles.append(mod.register_forward_pre_hook(self._enter(name or type(model).__name__)))
+            self.handles.append(
+                mod.register_forward_pre_hook(self._enter(name or type(model).__name__))
+            )
             self.handles.append(mod.register_forward_hook(self._leave))
 
     def _enter(self, name):
@@ -127,7 +131,9 @@ def capture(
     try:
         try:
             dyn = _dynamic_shapes(shadow, meta_args, meta_kwargs) if dynamic else None
-            ep = torch.export.export(shadow, meta_args, meta_kwargs, dynamic_shapes=dyn, strict=False)
+            ep = torch.export.export(
+                shadow, meta_args, meta_kwargs, dynamic_shapes=dyn, strict=False
+            )
         except CaptureError:
             raise
         except Exception:
@@ -153,8 +159,13 @@ def capture(
 
 def _mutating_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """Nodes that write into a tensor in place (`copy_`, `index_put_`, `add_`, ...)."""
-    return [n for n in gm.graph.nodes if n.op == "call_function"
-            and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and isinstance(n.target, torch._ops.OpOverload)
+        and n.target._schema.is_mutable
+    ]
 
 
 def functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -172,7 +183,8 @@ def functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProg
     if left:
         raise CaptureError(
             f"in-place op {left[0].target} (node '{left[0].name}') survived functionalization; "
-            "write that update out of place (x = x + y instead of x += y)")
+            "write that update out of place (x = x + y instead of x += y)"
+        )
     _differentiable_copies(functional.graph_module)
     _views_as_reshapes(functional.graph_module)
     return functional
@@ -207,8 +219,10 @@ def _differentiable_copies(gm: torch.fx.GraphModule) -> None:
                 out = graph.call_function(aten._to_copy.default, (out,), {"dtype": dval.dtype})
                 out.meta["val"] = sval.to(dval.dtype)
             if [str(d) for d in sval.shape] != [str(d) for d in dval.shape]:
-                sizes = [d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (dst, i))
-                         for i, d in enumerate(dval.shape)]
+                sizes = [
+                    d if isinstance(d, int) else graph.call_function(aten.sym_size.int, (dst, i))
+                    for i, d in enumerate(dval.shape)
+                ]
                 for i, size in enumerate(sizes):
                     if isinstance(size, torch.fx.Node):
                         size.meta["val"] = dval.shape[i]
@@ -258,7 +272,9 @@ def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedPro
         elif spec.kind == InputKind.USER_INPUT:
             user_names.append(spec.arg.name)
         else:
-            raise CaptureError(f"unsupported exported input kind {spec.kind.name} for '{spec.target}'")
+            raise CaptureError(
+                f"unsupported exported input kind {spec.kind.name} for '{spec.target}'"
+            )
     gm = ep.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     # printers (goldens, history) name inputs by what they are, not by export's node names
@@ -266,7 +282,7 @@ def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedPro
     for node, name, kind in zip(placeholders, state_names + user_names, kinds):
         node.meta["nxd_name"], node.meta["nxd_kind"] = name, kind
     static_dims = []
-    for node in placeholders[len(state_names):]:
+    for node in placeholders[len(state_names) :]:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             static_dims.append(tuple(int(s) if isinstance(s, int) else -1 for s in val.shape))
@@ -294,4 +310,3 @@ def _real_constant(value) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor) and value.device.type != "meta":
         return value.detach().clone()
     return None
-

@@ -31,8 +31,16 @@ from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.printer import graph_text
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram
 
-__all__ = ["PASSES", "LocalProgram", "Pass", "PassRecord", "compile_call", "count_ops", "on_pass",
-           "pass_names"]
+__all__ = [
+    "PASSES",
+    "LocalProgram",
+    "Pass",
+    "PassRecord",
+    "compile_call",
+    "count_ops",
+    "on_pass",
+    "pass_names",
+]
 
 _LISTENERS: list[Callable[[PassRecord], None]] = []
 
@@ -102,14 +110,32 @@ def _partition(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram
 
 
 # ops that move or copy ids without changing them: a token input is found through them
-_ID_PATH = {"view", "reshape", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand",
-            "clone", "contiguous", "_to_copy", "to", "constant_pad_nd", "pad", "alias", "detach"}
+_ID_PATH = {
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "clone",
+    "contiguous",
+    "_to_copy",
+    "to",
+    "constant_pad_nd",
+    "pad",
+    "alias",
+    "detach",
+}
 
 
 def _token_inputs(program: CapturedProgram) -> list[tuple[int, int, int | None]]:
     """The user inputs that vocab-parallel ops read as token ids, with vocab and ignore index."""
-    user = {n: i - program.num_state
-            for i, n in enumerate(n for n in program.gm.graph.nodes if n.op == "placeholder")}
+    user = {
+        n: i - program.num_state
+        for i, n in enumerate(n for n in program.gm.graph.nodes if n.op == "placeholder")
+    }
     found = []
     for node in program.gm.graph.nodes:
         if node.target is ops.vocab_parallel_embedding:
@@ -118,8 +144,11 @@ def _token_inputs(program: CapturedProgram) -> list[tuple[int, int, int | None]]
             ids, vocab, ignore = node.args[1], node.args[4], node.args[3]
         else:
             continue
-        while isinstance(ids, torch.fx.Node) and ids.op == "call_function" and getattr(
-                getattr(ids.target, "overloadpacket", None), "__name__", "") in _ID_PATH:
+        while (
+            isinstance(ids, torch.fx.Node)
+            and ids.op == "call_function"
+            and getattr(getattr(ids.target, "overloadpacket", None), "__name__", "") in _ID_PATH
+        ):
             ids = ids.args[0]
         if isinstance(ids, torch.fx.Node) and user.get(ids, -1) >= 0:
             found.append((user[ids], int(vocab), ignore))
@@ -162,12 +191,17 @@ def count_ops(gm: torch.fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function")
 
 
-def _record(history: list, name: str, gms: list[torch.fx.GraphModule], ops_before: int,
-            started: float) -> None:
-    text = graph_text(gms[0]) if len(gms) == 1 else "\n".join(
-        f"# stage {i}\n{graph_text(g)}" for i, g in enumerate(gms))
-    record = PassRecord(name, ops_before, sum(count_ops(g) for g in gms),
-                        time.perf_counter() - started, text)
+def _record(
+    history: list, name: str, gms: list[torch.fx.GraphModule], ops_before: int, started: float
+) -> None:
+    text = (
+        graph_text(gms[0])
+        if len(gms) == 1
+        else "\n".join(f"# stage {i}\n{graph_text(g)}" for i, g in enumerate(gms))
+    )
+    record = PassRecord(
+        name, ops_before, sum(count_ops(g) for g in gms), time.perf_counter() - started, text
+    )
     history.append(record)
     for listener in _LISTENERS:
         listener(record)
@@ -183,13 +217,26 @@ def on_pass(callback: Callable[[PassRecord], None]) -> Iterator[None]:
         _LISTENERS.remove(callback)
 
 
-def compile_call(model: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
-                 settings: CompileSettings, plan: Plan) -> LocalProgram:
+def compile_call(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    training: bool,
+    settings: CompileSettings,
+    plan: Plan,
+) -> LocalProgram:
     """Capture one call of `model` (its meta shadow) and run every pass; fills `plan` the first time."""
     started = time.perf_counter()
     # stage programs are static per microbatch shape: values crossing a cut must be tensors
-    program = capture(model, args, kwargs, training=training, device=settings.device,
-                      dynamic=settings.n_stages == 1)
+    program = capture(
+        model,
+        args,
+        kwargs,
+        training=training,
+        device=settings.device,
+        dynamic=settings.n_stages == 1,
+    )
     _record(program.history, "capture", [program.gm], 0, started)
     ctx = CompileContext(settings, plan, model)
     for step in PASSES:

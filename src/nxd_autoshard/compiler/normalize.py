@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-__all__ = ["drop_assertions", "linear_from_matmul", "expert_linear_from_grouped_mm", "split_bias",
-           "retarget_device"]
+__all__ = [
+    "drop_assertions",
+    "linear_from_matmul",
+    "expert_linear_from_grouped_mm",
+    "split_bias",
+    "retarget_device",
+]
 
 
 aten = torch.ops.aten
@@ -34,8 +39,12 @@ def _transposed_param(node, ndim: int) -> torch.fx.Node | None:
     if not isinstance(node, torch.fx.Node) or node.op != "call_function" or not node.args:
         return None
     w = node.args[0]
-    if not (isinstance(w, torch.fx.Node) and w.meta.get("nxd_kind") == "parameter"
-            and isinstance(w.meta.get("val"), torch.Tensor) and w.meta["val"].dim() == ndim):
+    if not (
+        isinstance(w, torch.fx.Node)
+        and w.meta.get("nxd_kind") == "parameter"
+        and isinstance(w.meta.get("val"), torch.Tensor)
+        and w.meta["val"].dim() == ndim
+    ):
         return None
     packet = getattr(node.target, "overloadpacket", None)
     last_two = [ndim - 2, ndim - 1]
@@ -43,7 +52,10 @@ def _transposed_param(node, ndim: int) -> torch.fx.Node | None:
         return w
     if packet is aten.transpose and sorted(a % ndim for a in node.args[1:3]) == last_two:
         return w
-    if packet is aten.permute and [a % ndim for a in node.args[1]] == [*range(ndim - 2), *last_two[::-1]]:
+    if packet is aten.permute and [a % ndim for a in node.args[1]] == [
+        *range(ndim - 2),
+        *last_two[::-1],
+    ]:
         return w
     return None
 
@@ -103,7 +115,9 @@ def split_bias(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         with graph.inserting_after(node):
             add = graph.call_function(aten.add.Tensor, (node, bias))
         node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
-        add.meta = {k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")}
+        add.meta = {
+            k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")
+        }
         node.meta["nxd_bias"] = bias
     return _finish(gm)
 
@@ -125,4 +139,3 @@ def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.
         node.kwargs = {k: swap(v) for k, v in node.kwargs.items()}
     gm.recompile()
     return gm
-

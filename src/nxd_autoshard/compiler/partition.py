@@ -106,8 +106,11 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
             anchor = value if value.op != "placeholder" else _last_placeholder(graph)
             with graph.inserting_after(anchor):
                 node = graph.call_function(C.grad_all_reduce, (value, AXIS))
-            node.meta.update(nxd_placement=Replicate(), val=value.meta.get("val"),
-                             nn_module_stack=value.meta.get("nn_module_stack", {}))
+            node.meta.update(
+                nxd_placement=Replicate(),
+                val=value.meta.get("val"),
+                nn_module_stack=value.meta.get("nn_module_stack", {}),
+            )
             cache[key] = node
         return cache[key]
 
@@ -176,8 +179,12 @@ def _lower(node: torch.fx.Node, step: Lower, tp: int) -> None:
 
 
 # how each kind of localisation a rule returns changes the node in the local program
-LOCALISE = {DivideSize: _divide_size, SplitSizes: _split_sizes, SliceBlock: _slice_block,
-            Lower: _lower}
+LOCALISE = {
+    DivideSize: _divide_size,
+    SplitSizes: _split_sizes,
+    SliceBlock: _slice_block,
+    Lower: _lower,
+}
 
 
 def _real_size_if_padded(value: torch.fx.Node, placed: Placement) -> int | None:
@@ -220,4 +227,3 @@ def _localise_outputs(node: torch.fx.Node, convert) -> None:
         return arg
 
     node.args = torch.fx.node.map_arg(node.args, fix)
-

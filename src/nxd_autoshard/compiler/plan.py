@@ -64,7 +64,9 @@ class Plan:
         return tuple(shape)
 
 
-def decide_placements(program: CapturedProgram, settings: CompileSettings, plan: Plan) -> PropagationResult:
+def decide_placements(
+    program: CapturedProgram, settings: CompileSettings, plan: Plan
+) -> PropagationResult:
     """Propagate, dropping auto/plan column choices that a later op would have to gather.
 
     The first capture decides the plan (and commits it); later ones propagate from it.
@@ -75,13 +77,19 @@ def decide_placements(program: CapturedProgram, settings: CompileSettings, plan:
     undone: dict[str, str] = {}  # module -> why its auto/plan split was undone
     for _ in range(16):
         result = propagate_placements(
-            program, settings.tp, styles=styles, fixed=plan.placements,
-            auto=settings.auto and first, veto=veto, padded=plan.padded,
+            program,
+            settings.tp,
+            styles=styles,
+            fixed=plan.placements,
+            auto=settings.auto and first,
+            veto=veto,
+            padded=plan.padded,
         )
         # auto choices that end in a gather are undone; a rule the user wrote is kept
         # (and its gather warned about) unless the size simply does not split
         failed = {
-            m: why for m, why in result.failed_columns.items()
+            m: why
+            for m, why in result.failed_columns.items()
             if m not in veto and (m in result.auto_styles or "not divisible" in why)
         }
         if not failed or not first:
@@ -92,7 +100,9 @@ def decide_placements(program: CapturedProgram, settings: CompileSettings, plan:
         veto |= roots
         styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
     for line in result.fallbacks:
-        warnings.warn(f"nxd-autoshard: gathered to replicate (no sharding rule): {line}", stacklevel=4)
+        warnings.warn(
+            f"nxd-autoshard: gathered to replicate (no sharding rule): {line}", stacklevel=4
+        )
     if first:
         _commit(result, settings, plan)
         _report_replicated(program, settings, plan, undone)
@@ -111,8 +121,13 @@ def _block_matmuls(program: CapturedProgram):
         name = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "")
         if name not in _LINEAR_OPS:
             continue
-        weights = [a for a in node.args[:3] if isinstance(a, torch.fx.Node)
-                   and a.meta.get("nxd_kind") == "parameter" and a.meta["val"].dim() >= 2]
+        weights = [
+            a
+            for a in node.args[:3]
+            if isinstance(a, torch.fx.Node)
+            and a.meta.get("nxd_kind") == "parameter"
+            and a.meta["val"].dim() >= 2
+        ]
         if not weights:
             continue
         weight = weights[0].meta["nxd_name"]
@@ -121,15 +136,19 @@ def _block_matmuls(program: CapturedProgram):
             yield module, node, weight
 
 
-def _report_replicated(program: CapturedProgram, settings: CompileSettings, plan: Plan,
-                       undone: dict[str, str]) -> None:
+def _report_replicated(
+    program: CapturedProgram, settings: CompileSettings, plan: Plan, undone: dict[str, str]
+) -> None:
     """Warn (or raise, strict) once per distinct cause when a block's matmul stays replicated.
 
     A tp that splits no matmul of any block is a DivisibilityError with the tp values that do.
     """
     found = list(_block_matmuls(program))
-    replicated = [(m, n, w) for m, n, w in found if isinstance(plan.placements.get(w), Replicate)
-                  and settings.styles.get(w) != "replicate"]  # a user's 'replicate' is not a surprise
+    replicated = [
+        (m, n, w)
+        for m, n, w in found
+        if isinstance(plan.placements.get(w), Replicate) and settings.styles.get(w) != "replicate"
+    ]  # a user's 'replicate' is not a surprise
     if not replicated:
         return
     if len(replicated) == len(found):
@@ -143,7 +162,7 @@ def _report_replicated(program: CapturedProgram, settings: CompileSettings, plan
     replicated = [(m, n, w) for m, n, w in replicated if size[w] * 50 >= per_block[block_of(m)]]
     causes: dict[str, list[str]] = {}
     allowed: set[str] = set()
-    for module, node, weight in replicated:
+    for module, _node, weight in replicated:
         why = undone.get(module) or _why_not_split(weight, settings)
         # one warning per distinct cause: layer indices and node names differ between layers
         key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why))
@@ -154,27 +173,36 @@ def _report_replicated(program: CapturedProgram, settings: CompileSettings, plan
     for cause, modules in causes.items():
         example = undone.get(modules[0]) or _why_not_split(modules[0] + ".weight", settings)
         names = list(dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
-        line = (f"{', '.join(repr(n) for n in names)} ({len(modules)} matmul(s)) stay replicated on "
-                f"every rank (the full weight, no split): {_with_op(example, program)}")
+        line = (
+            f"{', '.join(repr(n) for n in names)} ({len(modules)} matmul(s)) stay replicated on "
+            f"every rank (the full weight, no split): {_with_op(example, program)}"
+        )
         if cause not in allowed:  # KV heads below tp: the optimum (NxD replicates them too)
             problems.append(line)
     if not problems:
         return
     if settings.strict:
-        raise PlanError("autoshard(strict=True): matmuls of repeated blocks are not sharded:\n  "
-                        + "\n  ".join(problems)
-                        + "\nWhat to do: give these modules a style in plan=, or drop strict=True "
-                        "to accept the replication")
+        raise PlanError(
+            "autoshard(strict=True): matmuls of repeated blocks are not sharded:\n  "
+            + "\n  ".join(problems)
+            + "\nWhat to do: give these modules a style in plan=, or drop strict=True "
+            "to accept the replication"
+        )
     for line in problems:
-        warnings.warn(f"nxd-autoshard: {line}; explain() shows the block as partly replicated, "
-                      "strict=True makes this an error", stacklevel=5)
+        warnings.warn(
+            f"nxd-autoshard: {line}; explain() shows the block as partly replicated, "
+            "strict=True makes this an error",
+            stacklevel=5,
+        )
 
 
 def _why_not_split(weight: str, settings: CompileSettings) -> str:
     shape = settings.full_shapes.get(weight, ())
     sizes = " x ".join(map(str, shape))
-    return (f"no column or row split fits its weight [{sizes}] at tp={settings.tp} "
-            "with the placement its input arrives in")
+    return (
+        f"no column or row split fits its weight [{sizes}] at tp={settings.tp} "
+        "with the placement its input arrives in"
+    )
 
 
 def _with_op(why: str, program: CapturedProgram) -> str:
@@ -189,8 +217,9 @@ def _with_op(why: str, program: CapturedProgram) -> str:
     return why.replace(match.group(0), f"{match.group(0)} (op {op})", 1)
 
 
-def _raise_if_another_tp_splits(program: CapturedProgram, settings: CompileSettings,
-                                weights: list[str]) -> None:
+def _raise_if_another_tp_splits(
+    program: CapturedProgram, settings: CompileSettings, weights: list[str]
+) -> None:
     """No matmul of any block splits at this tp: a DivisibilityError naming the tp values that
     would split them, when there are any (otherwise the caller warns about the replication)."""
     from math import gcd
@@ -216,14 +245,17 @@ def _raise_if_another_tp_splits(program: CapturedProgram, settings: CompileSetti
     raise DivisibilityError(
         f"{settings.model_name} cannot be split across tp={settings.tp}: no matmul of any repeated "
         f"block divides (e.g. '{example}', weight {list(settings.full_shapes.get(weights[0], ()))}; "
-        f"the head counts and feature sizes must be multiples of tp); {advice}.")
+        f"the head counts and feature sizes must be multiples of tp); {advice}."
+    )
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _check_divisibility(result: PropagationResult, failed: dict[str, str], settings: CompileSettings) -> None:
+def _check_divisibility(
+    result: PropagationResult, failed: dict[str, str], settings: CompileSettings
+) -> None:
     """KV projections that cannot be split are replicated; a layer with no split at all is an error."""
     by_input: dict[str, list[str]] = {}
     for mod, x in result.column_inputs.items():
@@ -269,7 +301,9 @@ def _commit(result: PropagationResult, settings: CompileSettings, plan: Plan) ->
     for name in settings.full_shapes:
         plan.placements.setdefault(name, Replicate())
     for names in settings.aliases:
-        sharded = [plan.placements[n] for n in names if not isinstance(plan.placements[n], Replicate)]
+        sharded = [
+            plan.placements[n] for n in names if not isinstance(plan.placements[n], Replicate)
+        ]
         padded = [plan.padded[n] for n in names if n in plan.padded]
         for n in names:
             if sharded:

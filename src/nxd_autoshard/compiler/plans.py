@@ -43,8 +43,10 @@ def plan_file(name: str) -> Path:
     path = _passes_dir() / f"{FAMILY_PLANS.get(name, name)}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in _passes_dir().glob("*.yaml"))
-        raise PlanError(f"no plan file for '{name}'; shipped plans: {', '.join(known)}; "
-                        "pass plan='auto' to infer one, or a dict of pattern -> style")
+        raise PlanError(
+            f"no plan file for '{name}'; shipped plans: {', '.join(known)}; "
+            "pass plan='auto' to infer one, or a dict of pattern -> style"
+        )
     return path
 
 
@@ -61,8 +63,10 @@ def load_plan(plan: str | Path | Mapping[str, str]) -> dict[str, str]:
             raise PlanError(f"plan file {path} must map module patterns to styles")
     for pattern, style in rules.items():
         if style not in STYLES:
-            raise PlanError(f"plan rule '{pattern}: {style}': unknown style '{style}'; "
-                            f"use one of {', '.join(STYLES)}")
+            raise PlanError(
+                f"plan rule '{pattern}: {style}': unknown style '{style}'; "
+                f"use one of {', '.join(STYLES)}"
+            )
     return rules
 
 
@@ -103,4 +107,3 @@ def resolve_styles(model: torch.nn.Module, rules: Mapping[str, str]) -> dict[str
             for n in names:
                 styles.setdefault(n, chosen[0])
     return styles
-

@@ -55,7 +55,9 @@ class PropagationResult:
     padded: dict[str, int] = field(default_factory=dict)  # param -> padded size of its shard dim
 
 
-def weight_role(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None, int, torch.fx.Node] | None:
+def weight_role(
+    node: torch.fx.Node,
+) -> tuple[torch.fx.Node, torch.fx.Node | None, int, torch.fx.Node] | None:
     """For a linear-like node: (weight, bias, out-feature dim of the weight, activation)."""
     packet = getattr(node.target, "overloadpacket", None)
     split_off = node.meta.get("nxd_bias")  # set by split_bias
@@ -154,8 +156,22 @@ def propagate_placements(
             continue
         ins = tensor_inputs(node)
         # seed linear / embedding weights from styles (or auto) on first use
-        _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, param_of,
-                      auto_styles, column_module, column_inputs, padded, vocab_sizes)
+        _seed_weights(
+            node,
+            program,
+            tp,
+            styles,
+            auto,
+            veto,
+            chosen,
+            placements,
+            param_of,
+            auto_styles,
+            column_module,
+            column_inputs,
+            padded,
+            vocab_sizes,
+        )
         pls = {n: placements[n] for n in ins}
         decision = _decide_node(node, pls, tp)
         # gathers break the column shards flowing in: remember which ones
@@ -168,8 +184,10 @@ def propagate_placements(
                 for origin in origins.get(n, ()):
                     failed.setdefault(origin, f"resharded at {_where(node)}")
         if decision.note and decision.note.startswith("no sharding rule"):
-            fallbacks.append(f"{_where(node)}: {node.target} on "
-                             + ", ".join(f"{n.name}={_placed_str(pls[n], n)}" for n in ins))
+            fallbacks.append(
+                f"{_where(node)}: {node.target} on "
+                + ", ".join(f"{n.name}={_placed_str(pls[n], n)}" for n in ins)
+            )
         if decision.note and decision.note.startswith("blocks="):
             _mark_blocks(node, int(decision.note.split("=")[1]), param_of, blocks)
         decisions[node] = decision
@@ -189,15 +207,18 @@ def propagate_placements(
         node.meta["nxd_placement"] = p
     params = {param_of[n]: placements[n] for n in param_of}
     padded = {name: size for name, size in padded.items() if isinstance(chosen.get(name), Shard)}
-    return PropagationResult(decisions, params, auto_styles, failed, fallbacks, blocks, column_inputs,
-                             padded)
+    return PropagationResult(
+        decisions, params, auto_styles, failed, fallbacks, blocks, column_inputs, padded
+    )
 
 
 def _decide_node(node, pls: dict, tp: int) -> Decision:
     """The rule's decision; inputs it cannot take (no rule, or padding it does not know) are gathered."""
-    unpadded = {} if handles_padding(node.target) else {
-        n: R for n, p in pls.items() if isinstance(p, Shard) and padded_of(n)
-    }
+    unpadded = (
+        {}
+        if handles_padding(node.target)
+        else {n: R for n, p in pls.items() if isinstance(p, Shard) and padded_of(n)}
+    )
     seen = {**pls, **unpadded}
     if all(isinstance(p, Replicate) or p is None for p in seen.values()):
         decision = Decision(_replicated_like(node))
@@ -205,8 +226,11 @@ def _decide_node(node, pls: dict, tp: int) -> Decision:
         rule = rule_for(node.target)
         decision = rule(node, seen, tp) if rule else None
         if decision is None:
-            return Decision(_replicated_like(node), {n: R for n in pls},
-                            note="no sharding rule for these placements")
+            return Decision(
+                _replicated_like(node),
+                {n: R for n in pls},
+                note="no sharding rule for these placements",
+            )
     if unpadded:
         decision.needs = {**unpadded, **decision.needs}
         decision.note = "no sharding rule for a padded vocab dim"
@@ -217,8 +241,11 @@ def _vocab_sizes(program: CapturedProgram) -> set[int]:
     """Row counts of embedding tables read by user token ids: the dims that may be padded."""
     sizes = set()
     for node in program.gm.graph.nodes:
-        if (_packet(node) is aten.embedding and _is_param(node.args[0], program)
-                and _reads_user_input(node.args[1], program)):
+        if (
+            _packet(node) is aten.embedding
+            and _is_param(node.args[0], program)
+            and _reads_user_input(node.args[1], program)
+        ):
             sizes.add(shape_of(node.args[0])[0])
     return sizes
 
@@ -254,13 +281,28 @@ def _all_replicate(p) -> bool:
     return p is None or isinstance(p, Replicate)
 
 
-def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, param_of,
-                  auto_styles, column_module, column_inputs, padded, vocab_sizes):
+def _seed_weights(
+    node,
+    program,
+    tp,
+    styles,
+    auto,
+    veto,
+    chosen,
+    placements,
+    param_of,
+    auto_styles,
+    column_module,
+    column_inputs,
+    padded,
+    vocab_sizes,
+):
     """Give a linear's or embedding's parameters their placements the first time they are used."""
     packet = _packet(node)
     if packet is aten.embedding:
-        _seed_embedding(node, program, tp, styles, auto, veto, chosen, placements, param_of,
-                        auto_styles, padded)
+        _seed_embedding(
+            node, program, tp, styles, auto, veto, chosen, placements, param_of, auto_styles, padded
+        )
         return
     if packet not in LINEAR_OPS:
         return
@@ -312,8 +354,9 @@ def _seed_weights(node, program, tp, styles, auto, veto, chosen, placements, par
             _mark_padded(bias, bname, pad, padded)
 
 
-def _seed_embedding(node, program, tp, styles, auto, veto, chosen, placements, param_of,
-                    auto_styles, padded):
+def _seed_embedding(
+    node, program, tp, styles, auto, veto, chosen, placements, param_of, auto_styles, padded
+):
     """An embedding table read by token ids is vocab-parallel; a vocab tp does not divide is padded."""
     weight = node.args[0]
     name = param_of.get(weight)
@@ -366,4 +409,3 @@ def _mark_blocks(split_node, count, param_of, blocks):
         if not sharded:
             return
         node = sharded[0]
-

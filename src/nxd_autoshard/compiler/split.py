@@ -21,8 +21,18 @@ from nxd_autoshard.ir.errors import PlanError
 from nxd_autoshard.ir.program import BlockCost, CapturedProgram, StageProgram, module_path
 
 __all__ = [
-    "BALANCE", "check_stage_count", "split_stages", "find_blocks", "assign_units", "unit_costs",
-    "balance", "even_split", "split_program", "stage_of_units", "segment_blocks", "Units",
+    "BALANCE",
+    "check_stage_count",
+    "split_stages",
+    "find_blocks",
+    "assign_units",
+    "unit_costs",
+    "balance",
+    "even_split",
+    "split_program",
+    "stage_of_units",
+    "segment_blocks",
+    "Units",
 ]
 
 
@@ -103,12 +113,13 @@ def _unit_name(path: str, block: str) -> str:
     if path == block or not path or block.startswith(path + "."):
         return ""  # the block's own code, or the model's code around it
     if path.startswith(block + "."):
-        return f"{block}.{path[len(block) + 1:].split('.')[0]}"
+        return f"{block}.{path[len(block) + 1 :].split('.')[0]}"
     return path  # code run with this block but outside it (embedding, final norm, LM head)
 
 
-def segment_blocks(program: CapturedProgram, block_of: dict[torch.fx.Node, int],
-                   blocks: list[str]) -> Units:
+def segment_blocks(
+    program: CapturedProgram, block_of: dict[torch.fx.Node, int], blocks: list[str]
+) -> Units:
     """Cut every block into units at its child modules and mark where a stage may start."""
     from nxd_autoshard.compiler.partition import requires_grad_nodes
 
@@ -160,8 +171,12 @@ def segment_blocks(program: CapturedProgram, block_of: dict[torch.fx.Node, int],
 _MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"}
 
 
-def unit_costs(program: CapturedProgram, unit: dict[torch.fx.Node, int], names: list[str],
-               local_numel: dict[str, int]) -> list[BlockCost]:
+def unit_costs(
+    program: CapturedProgram,
+    unit: dict[torch.fx.Node, int],
+    names: list[str],
+    local_numel: dict[str, int],
+) -> list[BlockCost]:
     """Cost of each unit: FLOPs of its nodes and the (per-rank) parameters first read there."""
     costs = [BlockCost(b) for b in names]
     for node in program.gm.graph.nodes:
@@ -177,15 +192,19 @@ def unit_costs(program: CapturedProgram, unit: dict[torch.fx.Node, int], names: 
         val = node.meta.get("val")
         numel = local_numel.get(name, val.numel() if isinstance(val, torch.Tensor) else 0)
         costs[first].params += numel
-        costs[first].param_bytes += numel * (val.element_size() if isinstance(val, torch.Tensor) else 4)
+        costs[first].param_bytes += numel * (
+            val.element_size() if isinstance(val, torch.Tensor) else 4
+        )
     return costs
 
 
 def check_stage_count(stages: int, blocks: int, model: str = "the model", note: str = "") -> None:
     """A clear error when there are fewer places to cut (blocks) than pipeline stages."""
     if stages > blocks:
-        raise PlanError(f"pp={stages} stages need at least {stages} blocks, but {model} has {blocks}; "
-                        f"use pp <= {blocks}{note}")
+        raise PlanError(
+            f"pp={stages} stages need at least {stages} blocks, but {model} has {blocks}; "
+            f"use pp <= {blocks}{note}"
+        )
 
 
 def balance(costs: list[float], stages: int, cut_ok: list[bool] | None = None) -> list[int]:
@@ -231,13 +250,21 @@ def even_split(n: int, stages: int) -> list[int]:
 BALANCE = ("flops", "memory", "even")
 
 
-def stage_of_units(blocks: list[str], units: Units, stages: int, costs: list[BlockCost],
-                   cuts: list[str] | None, by: str = "flops") -> list[int]:
+def stage_of_units(
+    blocks: list[str],
+    units: Units,
+    stages: int,
+    costs: list[BlockCost],
+    cuts: list[str] | None,
+    by: str = "flops",
+) -> list[int]:
     """Stage of each unit: from the user's cut names (block starts), else balanced by FLOPs or
     parameter bytes (cuts inside blocks allowed), else whole blocks dealt out evenly."""
     check_stage_count(stages, len(blocks))
     if by != "even" and not cuts:
-        return balance([c.flops if by == "flops" else c.param_bytes for c in costs], stages, units.cut_ok)
+        return balance(
+            [c.flops if by == "flops" else c.param_bytes for c in costs], stages, units.cut_ok
+        )
     per_block = _block_stages(blocks, stages, cuts)
     return [per_block[b] for b in units.block]
 
@@ -247,26 +274,33 @@ def _block_stages(blocks: list[str], stages: int, cuts: list[str] | None) -> lis
         starts = [0]
         for name in cuts:
             if name not in blocks:
-                near = [b for b in blocks if name.split(".")[-1] == b.split(".")[-1]][:3] or blocks[:3]
-                raise PlanError(f"pipeline cut '{name}' matches no block; blocks are named like "
-                                f"{', '.join(near)}")
+                near = [b for b in blocks if name.split(".")[-1] == b.split(".")[-1]][:3] or blocks[
+                    :3
+                ]
+                raise PlanError(
+                    f"pipeline cut '{name}' matches no block; blocks are named like "
+                    f"{', '.join(near)}"
+                )
             starts.append(blocks.index(name))
         starts = sorted(set(starts))
         if len(starts) != stages:
-            raise PlanError(f"{len(cuts)} pipeline cuts make {len(starts)} stages, not {stages}; "
-                            f"give {stages - 1} cut names (the first block of each later stage)")
+            raise PlanError(
+                f"{len(cuts)} pipeline cuts make {len(starts)} stages, not {stages}; "
+                f"give {stages - 1} cut names (the first block of each later stage)"
+            )
         return [sum(1 for s in starts if s <= u) - 1 for u in range(len(blocks))]
     return even_split(len(blocks), stages)
 
 
-def split_program(program: CapturedProgram, units: Units, stage_of_unit: list[int],
-                  blocks: list[str]) -> list[StageProgram]:
+def split_program(
+    program: CapturedProgram, units: Units, stage_of_unit: list[int], blocks: list[str]
+) -> list[StageProgram]:
     """Cut the local program into one GraphModule per stage; crossing values become stage I/O."""
     gm = program.gm
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     state = dict(zip(placeholders, program.state_names))
-    user_inputs = [n for n in placeholders[program.num_state:]]
+    user_inputs = [n for n in placeholders[program.num_state :]]
     n_stages = max(stage_of_unit) + 1
     stage: dict[torch.fx.Node, int] = {}
     for node in nodes:
@@ -276,8 +310,10 @@ def split_program(program: CapturedProgram, units: Units, stage_of_unit: list[in
             continue
         elif node.op == "placeholder":
             if node.users and not isinstance(node.meta.get("val"), torch.Tensor):
-                raise PlanError(f"input '{node.name}' is not a tensor but the graph reads it; "
-                                "pipeline stages can only pass tensors")
+                raise PlanError(
+                    f"input '{node.name}' is not a tensor but the graph reads it; "
+                    "pipeline stages can only pass tensors"
+                )
             stage[node] = 0
         else:
             stage[node] = stage_of_unit[units.of_node[node]]
@@ -286,12 +322,15 @@ def split_program(program: CapturedProgram, units: Units, stage_of_unit: list[in
         return max((stage[u] for u in node.users), default=stage[node])
 
     stages = []
-    carried: list[torch.fx.Node] = [n for n in user_inputs if isinstance(n.meta.get("val"), torch.Tensor)]
+    carried: list[torch.fx.Node] = [
+        n for n in user_inputs if isinstance(n.meta.get("val"), torch.Tensor)
+    ]
     for s in range(n_stages):
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
-        state_used = [p for p in placeholders[: program.num_state]
-                      if any(stage.get(u) == s for u in p.users)]
+        state_used = [
+            p for p in placeholders[: program.num_state] if any(stage.get(u) == s for u in p.users)
+        ]
         for p in state_used:
             env[p] = graph.placeholder(_safe(state[p]))
             env[p].meta = dict(p.meta)
@@ -306,23 +345,37 @@ def split_program(program: CapturedProgram, units: Units, stage_of_unit: list[in
                 continue
             env[node] = graph.node_copy(node, lambda a: env[a])
         if s < n_stages - 1:
-            live = [v for v in list(carried) + [n for n in nodes if stage.get(n) == s and n.op != "placeholder"]
-                    if v in env and last_use(v) > s]
+            live = [
+                v
+                for v in list(carried)
+                + [n for n in nodes if stage.get(n) == s and n.op != "placeholder"]
+                if v in env and last_use(v) > s
+            ]
             out = list(dict.fromkeys(live))
             for v in out:
                 if not isinstance(v.meta.get("val"), torch.Tensor):
-                    raise PlanError(f"value '{v.name}' (module '{module_path(v)}') crosses the pipeline "
-                                    "cut but is not a tensor; choose other cut points")
+                    raise PlanError(
+                        f"value '{v.name}' (module '{module_path(v)}') crosses the pipeline "
+                        "cut but is not a tensor; choose other cut points"
+                    )
             graph.output(tuple(env[v] for v in out))
         else:
             out = []
         stage_gm = torch.fx.GraphModule(gm, graph)
-        stages.append(StageProgram(
-            index=s, gm=stage_gm, state_names=[state[p] for p in state_used],
-            inputs=[v.name for v in carried], outputs=[v.name for v in out],
-            blocks=list(dict.fromkeys(blocks[b] for b, st in zip(units.block, stage_of_unit) if st == s)),
-            units=[u for u, st in zip(units.names, stage_of_unit) if st == s], is_last=s == n_stages - 1,
-        ))
+        stages.append(
+            StageProgram(
+                index=s,
+                gm=stage_gm,
+                state_names=[state[p] for p in state_used],
+                inputs=[v.name for v in carried],
+                outputs=[v.name for v in out],
+                blocks=list(
+                    dict.fromkeys(blocks[b] for b, st in zip(units.block, stage_of_unit) if st == s)
+                ),
+                units=[u for u, st in zip(units.names, stage_of_unit) if st == s],
+                is_last=s == n_stages - 1,
+            )
+        )
         carried = out
     return stages
 
@@ -331,15 +384,21 @@ def _safe(name: str) -> str:
     return name.replace(".", "_")
 
 
-def split_stages(program: CapturedProgram, model: torch.nn.Module, settings, plan) -> list[StageProgram]:
+def split_stages(
+    program: CapturedProgram, model: torch.nn.Module, settings, plan
+) -> list[StageProgram]:
     """Cut the local program into stages; the first capture fixes which units each stage holds."""
     blocks = find_blocks(model)
     if len(blocks) < 2:
-        raise PlanError(f"{settings.model_name} has no repeated blocks (a ModuleList of layers of one "
-                        "class) to cut between, so it cannot be pipelined; use pp=1")
+        raise PlanError(
+            f"{settings.model_name} has no repeated blocks (a ModuleList of layers of one "
+            "class) to cut between, so it cannot be pipelined; use pp=1"
+        )
     units = segment_blocks(program, assign_units(program.gm, blocks), blocks)
-    local = {n: int(torch.Size(plan.local_shape(n, shape, settings.tp)).numel())
-             for n, shape in settings.full_shapes.items()}
+    local = {
+        n: int(torch.Size(plan.local_shape(n, shape, settings.tp)).numel())
+        for n, shape in settings.full_shapes.items()
+    }
     costs = unit_costs(program, units.of_node, units.names, local)
     if plan.stage_of_unit is not None:
         return split_program(program, units, _same_stages(plan, units), blocks)
@@ -347,9 +406,12 @@ def split_stages(program: CapturedProgram, model: torch.nn.Module, settings, pla
     plan.block_costs = [BlockCost(b) for b in blocks]
     for cost, b in zip(costs, units.block):
         for key in ("flops", "params", "param_bytes"):
-            setattr(plan.block_costs[b], key, getattr(plan.block_costs[b], key) + getattr(cost, key))
-    plan.stage_of_unit = stage_of_units(blocks, units, settings.n_stages, costs, settings.cuts,
-                                        settings.balance)
+            setattr(
+                plan.block_costs[b], key, getattr(plan.block_costs[b], key) + getattr(cost, key)
+            )
+    plan.stage_of_unit = stage_of_units(
+        blocks, units, settings.n_stages, costs, settings.cuts, settings.balance
+    )
     plan.stage_of_block = [plan.stage_of_unit[units.first_of_block(b)] for b in range(len(blocks))]
     return split_program(program, units, plan.stage_of_unit, blocks)
 

@@ -60,26 +60,51 @@ def golden_text(obj) -> str:
         if not stages:
             sections.append(_program_section(p, i, len(programs), model=obj._model_name, tp=obj.tp))
         for stage in stages:  # one section per pipeline stage: what that pp rank runs
-            sections.append(_program_section(p, i, len(programs), model=obj._model_name, tp=obj.tp,
-                                             pp=obj.pipeline.pp, stage=stage, n_stages=len(stages)))
+            sections.append(
+                _program_section(
+                    p,
+                    i,
+                    len(programs),
+                    model=obj._model_name,
+                    tp=obj.tp,
+                    pp=obj.pipeline.pp,
+                    stage=stage,
+                    n_stages=len(stages),
+                )
+            )
     return "\n".join(sections)
 
 
-def _program_section(program, index: int, count: int, *, model: str | None, tp: int, pp: int = 1,
-                     stage=None, n_stages: int = 1) -> str:
+def _program_section(
+    program,
+    index: int,
+    count: int,
+    *,
+    model: str | None,
+    tp: int,
+    pp: int = 1,
+    stage=None,
+    n_stages: int = 1,
+) -> str:
     inputs = ", ".join(program.user_input_names)
     mode = "train" if program.training else "eval"
     where = "stage 0 of 1" if stage is None else f"stage {stage.index} of {n_stages}"
     head = [
         f"# nxd-autoshard golden v{GOLDEN_VERSION}",
-        (f"# model {model or '?'} | tp {tp} | pp {pp} | program {index} of {count} ({mode}; "
-         f"inputs {inputs}) | {where}"),
-        ("# one program for every rank of the tp axis; shapes are per rank; "
-         "s0, s1, ... are dynamic sizes"),
+        (
+            f"# model {model or '?'} | tp {tp} | pp {pp} | program {index} of {count} ({mode}; "
+            f"inputs {inputs}) | {where}"
+        ),
+        (
+            "# one program for every rank of the tp axis; shapes are per rank; "
+            "s0, s1, ... are dynamic sizes"
+        ),
     ]
     if stage is not None:
         head.append(f"# units: {', '.join(stage.units)}")
-        head.append(f"# receives: {_crossing(stage, stage.inputs)}; sends: {_crossing(stage, stage.outputs)}")
+        head.append(
+            f"# receives: {_crossing(stage, stage.inputs)}; sends: {_crossing(stage, stage.outputs)}"
+        )
     return "\n".join(head) + "\n" + graph_text(program.gm if stage is None else stage.gm)
 
 
@@ -96,9 +121,15 @@ def _crossing(stage, names: list[str]) -> str:
 
 def unified_diff(expected: str, actual: str, path: str) -> str:
     """Readable diff of golden (expected) text against what the program prints now."""
-    return "\n".join(difflib.unified_diff(expected.splitlines(), actual.splitlines(),
-                                          fromfile=f"{path} (golden)", tofile=f"{path} (now)",
-                                          lineterm=""))
+    return "\n".join(
+        difflib.unified_diff(
+            expected.splitlines(),
+            actual.splitlines(),
+            fromfile=f"{path} (golden)",
+            tofile=f"{path} (now)",
+            lineterm="",
+        )
+    )
 
 
 def assert_golden(obj, path: str | Path, *, update: bool = False) -> str:
@@ -117,4 +148,3 @@ def assert_golden(obj, path: str | Path, *, update: bool = False) -> str:
         diff = unified_diff(expected, text, path.name)
         raise GoldenMismatch(f"program differs from golden {path}:\n{diff}\n\n{UPDATE_HINT}")
     return text
-

@@ -27,7 +27,13 @@ _COLLECTIVES = {fn.__name__ for fn in (*ops.COLLECTIVES, ops.vocab_parallel_cros
 
 
 _WIDTH, _ROW, _PAD = 760, 18, 8
-_FILL = {"coll": "#fd8c3a", "shard": "#ddf4ff", "partial": "#fff8c5", "rep": "#f6f8fa", "more": "#eaeef2"}
+_FILL = {
+    "coll": "#fd8c3a",
+    "shard": "#ddf4ff",
+    "partial": "#fff8c5",
+    "rep": "#f6f8fa",
+    "more": "#eaeef2",
+}
 
 
 def _group_of(path: str, block) -> str:
@@ -48,7 +54,9 @@ def _rows(report, gm: torch.fx.GraphModule):
     groups: list[tuple[str, list]] = []
     current_module = None
     for node in gm.graph.nodes:
-        if node.op != "call_function" or target_name(node.target).rsplit(".", 1)[-1].startswith("_assert"):
+        if node.op != "call_function" or target_name(node.target).rsplit(".", 1)[-1].startswith(
+            "_assert"
+        ):
             continue
         path = display_module(node)
         name = target_name(node.target)
@@ -60,13 +68,25 @@ def _rows(report, gm: torch.fx.GraphModule):
             current_module = None
         rows = groups[-1][1]
         if name in _COLLECTIVES:
-            sends = "; ".join(f"{'fwd' if e.phase == 'forward' else 'bwd'} {e.kind} {fmt_bytes(e.bytes)}"
-                              for e in (c.forward + c.backward)) if c else ""
+            sends = (
+                "; ".join(
+                    f"{'fwd' if e.phase == 'forward' else 'bwd'} {e.kind} {fmt_bytes(e.bytes)}"
+                    for e in (c.forward + c.backward)
+                )
+                if c
+                else ""
+            )
             rows.append(("coll", f"{name}[tp] {c.shape if c else ''}  {sends}"))
             current_module = None
             continue
         placement = node.meta.get("nxd_placement")
-        kind = "shard" if isinstance(placement, Shard) else "partial" if isinstance(placement, Partial) else "rep"
+        kind = (
+            "shard"
+            if isinstance(placement, Shard)
+            else "partial"
+            if isinstance(placement, Partial)
+            else "rep"
+        )
         if current_module != path:
             rows.append([kind, path, Counter(), placement])
             current_module = path
@@ -83,11 +103,16 @@ def _row_text(row, group: str) -> tuple[str, str]:
     if row[0] == "coll" or row[0] == "more":
         return row[0], row[1]
     kind, path, ops, placement = row
-    rel = path[len(group) + 1:] if path.startswith(group + ".") else ("" if path == group else path)
+    rel = (
+        path[len(group) + 1 :] if path.startswith(group + ".") else ("" if path == group else path)
+    )
     top = ", ".join(f"{op}x{n}" if n > 1 else op for op, n in ops.most_common(4))
     more = sum(ops.values())
     tag = f" {placement}" if kind != "rep" and placement is not None else ""
-    return kind, f"{rel or '(self)'}: {more} op{'s' if more > 1 else ''} ({top}{', ...' if len(ops) > 4 else ''}){tag}"
+    return (
+        kind,
+        f"{rel or '(self)'}: {more} op{'s' if more > 1 else ''} ({top}{', ...' if len(ops) > 4 else ''}){tag}",
+    )
 
 
 def graph_svg(report, gm: torch.fx.GraphModule) -> str:
@@ -112,25 +137,38 @@ def graph_svg(report, gm: torch.fx.GraphModule) -> str:
     for group, rows in shown:
         if group:
             height = _ROW * (len(rows) + 1) + _PAD
-            body.append(f"<rect x='10' y='{y}' width='{_WIDTH - 20}' height='{height}' rx='6' "
-                        "fill='white' stroke='#57606a'/>")
+            body.append(
+                f"<rect x='10' y='{y}' width='{_WIDTH - 20}' height='{height}' rx='6' "
+                "fill='white' stroke='#57606a'/>"
+            )
             body.append(f"<text x='18' y='{y + 14}' font-weight='bold'>{html.escape(group)}</text>")
             y += _ROW + 2
         for row in rows:
             kind, text = _row_text(row, group)
-            body.append(f"<rect x='22' y='{y}' width='{_WIDTH - 44}' height='{_ROW - 3}' rx='3' "
-                        f"fill='{_FILL[kind]}' stroke='{'#bc4c00' if kind == 'coll' else '#d0d7de'}'/>")
+            body.append(
+                f"<rect x='22' y='{y}' width='{_WIDTH - 44}' height='{_ROW - 3}' rx='3' "
+                f"fill='{_FILL[kind]}' stroke='{'#bc4c00' if kind == 'coll' else '#d0d7de'}'/>"
+            )
             weight = " font-weight='bold'" if kind in ("coll", "more") else ""
             body.append(f"<text x='28' y='{y + 11}'{weight}>{html.escape(text[:118])}</text>")
             y += _ROW
         y += _PAD + 6 if group else 4
-    legend = ("<text x='10' y='20' font-weight='bold'>legend:</text>"
-              + "".join(f"<rect x='{70 + i * 130}' y='9' width='14' height='14' fill='{_FILL[k]}' "
-                        f"stroke='#57606a'/><text x='{88 + i * 130}' y='20'>{label}</text>"
-                        for i, (k, label) in enumerate((("coll", "collective"), ("shard", "sharded op"),
-                                                        ("partial", "partial sum"), ("rep", "replicated")))))
-    return (f"<svg xmlns='http://www.w3.org/2000/svg' class='nxd-graph' width='{_WIDTH}' "
-            f"height='{y + 10}' font-family='monospace' font-size='11'>{legend}{''.join(body)}</svg>")
+    legend = "<text x='10' y='20' font-weight='bold'>legend:</text>" + "".join(
+        f"<rect x='{70 + i * 130}' y='9' width='14' height='14' fill='{_FILL[k]}' "
+        f"stroke='#57606a'/><text x='{88 + i * 130}' y='20'>{label}</text>"
+        for i, (k, label) in enumerate(
+            (
+                ("coll", "collective"),
+                ("shard", "sharded op"),
+                ("partial", "partial sum"),
+                ("rep", "replicated"),
+            )
+        )
+    )
+    return (
+        f"<svg xmlns='http://www.w3.org/2000/svg' class='nxd-graph' width='{_WIDTH}' "
+        f"height='{y + 10}' font-family='monospace' font-size='11'>{legend}{''.join(body)}</svg>"
+    )
 
 
 _SECTION = re.compile(r"^  \[(.*)\]$")
@@ -160,19 +198,23 @@ def before_after_html(history, block: str) -> str:
     planned = "propagate" if any(r.name == "propagate" for r in history) else "split_bias"
     before = block_lines(history.step(planned).text, block)
     after = block_lines(history.step("partition").text, block)
-    matcher = difflib.SequenceMatcher(a=[_op(x) for x in before], b=[_op(x) for x in after],
-                                      autojunk=False)
+    matcher = difflib.SequenceMatcher(
+        a=[_op(x) for x in before], b=[_op(x) for x in after], autojunk=False
+    )
     rows = []
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+    for _tag, i1, i2, j1, j2 in matcher.get_opcodes():
         left, right = before[i1:i2], after[j1:j2]
         for k in range(max(len(left), len(right))):
             a = left[k] if k < len(left) else ""
             b = right[k] if k < len(right) else ""
             cls = "ins" if not a else "chg" if a.split("  ")[1:] != b.split("  ")[1:] else ""
-            rows.append(f"<tr class='{cls}'><td><pre>{html.escape(a)}</pre></td>"
-                        f"<td><pre>{html.escape(b)}</pre></td></tr>")
-    return (f"<p>block <code>{html.escape(block)}</code>: {len(before)} ops captured, "
-            f"{len(after)} after partition; green rows are inserted collectives, yellow rows "
-            "changed placement or per-rank shape</p><table><thead><tr><th>captured (global), placements planned</th>"
-            "<th>rewritten (one rank)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
-
+            rows.append(
+                f"<tr class='{cls}'><td><pre>{html.escape(a)}</pre></td>"
+                f"<td><pre>{html.escape(b)}</pre></td></tr>"
+            )
+    return (
+        f"<p>block <code>{html.escape(block)}</code>: {len(before)} ops captured, "
+        f"{len(after)} after partition; green rows are inserted collectives, yellow rows "
+        "changed placement or per-rank shape</p><table><thead><tr><th>captured (global), placements planned</th>"
+        "<th>rewritten (one rank)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )

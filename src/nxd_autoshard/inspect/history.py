@@ -26,27 +26,43 @@ class History(list):
         for record in reversed(self):
             if record.name == key:
                 return record
-        raise KeyError(f"no pass named {key!r} in this history; passes: "
-                       f"{', '.join(r.name for r in self)}")
+        raise KeyError(
+            f"no pass named {key!r} in this history; passes: {', '.join(r.name for r in self)}"
+        )
 
     def diff(self, a: int | str, b: int | str, *, context: int = 3) -> str:
         """Unified diff of the program after step `a` and after step `b`."""
         ra, rb = self.step(a), self.step(b)
-        lines = difflib.unified_diff(ra.text.splitlines(), rb.text.splitlines(),
-                                     fromfile=f"after {ra.name}", tofile=f"after {rb.name}",
-                                     n=context, lineterm="")
+        lines = difflib.unified_diff(
+            ra.text.splitlines(),
+            rb.text.splitlines(),
+            fromfile=f"after {ra.name}",
+            tofile=f"after {rb.name}",
+            n=context,
+            lineterm="",
+        )
         return "\n".join(lines)
 
     def rows(self) -> list[dict]:
         """One dict per pass (name, seconds, ops before/after, change) for tables and JSON."""
-        return [{"pass": r.name, "seconds": round(r.seconds, 4), "ops_before": r.ops_before,
-                 "ops_after": r.ops_after, "change": r.ops_after - r.ops_before} for r in self]
+        return [
+            {
+                "pass": r.name,
+                "seconds": round(r.seconds, 4),
+                "ops_before": r.ops_before,
+                "ops_after": r.ops_after,
+                "change": r.ops_after - r.ops_before,
+            }
+            for r in self
+        ]
 
     def __str__(self) -> str:
         lines = [f"{'pass':18s} {'ms':>9s} {'ops':>13s}"]
         for r in self:
-            lines.append(f"{r.name:18s} {r.seconds * 1e3:9.1f} {r.ops_before:>5d} -> {r.ops_after:<5d}"
-                         f" ({r.ops_after - r.ops_before:+d})")
+            lines.append(
+                f"{r.name:18s} {r.seconds * 1e3:9.1f} {r.ops_before:>5d} -> {r.ops_after:<5d}"
+                f" ({r.ops_after - r.ops_before:+d})"
+            )
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -57,8 +73,9 @@ class History(list):
             f"<td style='text-align:right'>{r.ops_after - r.ops_before:+d}</td></tr>"
             for i, r in enumerate(self)
         )
-        return ("<table class='nxd-history'><thead><tr><th>#</th><th>pass</th><th>ms</th>"
-                f"<th>ops</th><th>change</th></tr></thead><tbody>{body}</tbody></table>"
-                "<p><small>diff any two steps: <code>sharded.history.diff('split_bias', "
-                "'partition')</code></small></p>")
-
+        return (
+            "<table class='nxd-history'><thead><tr><th>#</th><th>pass</th><th>ms</th>"
+            f"<th>ops</th><th>change</th></tr></thead><tbody>{body}</tbody></table>"
+            "<p><small>diff any two steps: <code>sharded.history.diff('split_bias', "
+            "'partition')</code></small></p>"
+        )

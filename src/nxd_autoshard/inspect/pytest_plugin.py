@@ -31,13 +31,20 @@ class GoldenUpdated(UserWarning):
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("nxd-autoshard")
-    group.addoption("--update-goldens", action="store_true", default=False,
-                    help=f"rewrite golden graph files that differ (same as {ENV_VAR}=1)")
+    group.addoption(
+        "--update-goldens",
+        action="store_true",
+        default=False,
+        help=f"rewrite golden graph files that differ (same as {ENV_VAR}=1)",
+    )
 
 
 def update_requested(config: pytest.Config) -> bool:
     """Whether this run may rewrite goldens: the flag or the environment variable."""
-    return bool(config.getoption("update_goldens", False)) or os.environ.get(ENV_VAR, "") not in ("", "0")
+    return bool(config.getoption("update_goldens", False)) or os.environ.get(ENV_VAR, "") not in (
+        "",
+        "0",
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -61,9 +68,10 @@ def assert_golden(request: pytest.FixtureRequest):
         before = path.read_text() if path.exists() else None
         check(text, path, update=update)
         if update and before != text:
-            warnings.warn(GoldenUpdated(f"golden {path} {'created' if before is None else 'rewritten'}"),
-                          stacklevel=2)
+            warnings.warn(
+                GoldenUpdated(f"golden {path} {'created' if before is None else 'rewritten'}"),
+                stacklevel=2,
+            )
         return text
 
     return _assert_golden
-

@@ -65,34 +65,60 @@ def summary_lines(report) -> list[str]:
     verdict = _verdict(report)
     sizes = ", ".join(f"{k} = {v}" for k, v in report.sizes.items()) or "static"
     return [
-        (f"{report.model} | tp {report.tp} | pp {report.pp} | sequence parallel "
-         f"{'on' if report.sequence_parallel else 'off'} | program {report.program} of "
-         f"{report.programs} ({report.mode}; inputs {', '.join(report.inputs)})"),
-        (f"parameters: {t['parameters']} tensors, {fmt_bytes(t['param_bytes_per_rank'])} per rank "
-         f"(full model {fmt_bytes(t['param_bytes_full'])})"),
-        (f"collectives: {t['collective_nodes']} nodes; per step forward {_kinds(t['forward'])} "
-         f"({fmt_bytes(t['bytes_forward'])}/rank), backward {_kinds(t['backward'])} "
-         f"({fmt_bytes(t['bytes_backward'])}/rank); bytes at example sizes {sizes}"),
+        (
+            f"{report.model} | tp {report.tp} | pp {report.pp} | sequence parallel "
+            f"{'on' if report.sequence_parallel else 'off'} | program {report.program} of "
+            f"{report.programs} ({report.mode}; inputs {', '.join(report.inputs)})"
+        ),
+        (
+            f"parameters: {t['parameters']} tensors, {fmt_bytes(t['param_bytes_per_rank'])} per rank "
+            f"(full model {fmt_bytes(t['param_bytes_full'])})"
+        ),
+        (
+            f"collectives: {t['collective_nodes']} nodes; per step forward {_kinds(t['forward'])} "
+            f"({fmt_bytes(t['bytes_forward'])}/rank), backward {_kinds(t['backward'])} "
+            f"({fmt_bytes(t['bytes_backward'])}/rank); bytes at example sizes {sizes}"
+        ),
         f"blocks: {t['blocks']}; {verdict}",
-    ] + ([f"pipeline: {len(report.stages)} stages, imbalance (max / mean forward FLOPs) "
-          f"{t['stage_imbalance']:.3f}"] if len(report.stages) > 1 else [])
+    ] + (
+        [
+            f"pipeline: {len(report.stages)} stages, imbalance (max / mean forward FLOPs) "
+            f"{t['stage_imbalance']:.3f}"
+        ]
+        if len(report.stages) > 1
+        else []
+    )
 
 
 def _verdict(report) -> str:
     if not report.blocks:
         return "no repeated blocks"
-    per = Counter((tuple(sorted(b.forward.items())), tuple(sorted(b.backward.items())),
-                   b.optimum_forward, b.optimum_backward, b.replicated,
-                   b.matmuls - b.sharded_matmuls, b.matmuls) for b in report.blocks)
+    per = Counter(
+        (
+            tuple(sorted(b.forward.items())),
+            tuple(sorted(b.backward.items())),
+            b.optimum_forward,
+            b.optimum_backward,
+            b.replicated,
+            b.matmuls - b.sharded_matmuls,
+            b.matmuls,
+        )
+        for b in report.blocks
+    )
     parts = []
     for (f, b, of, ob, replicated, whole, matmuls), n in per.items():
-        state = "= optimum" if sum(dict(f).values()) == of and sum(dict(b).values()) == ob else (
-            f"{sum(dict(f).values()) + sum(dict(b).values()) - of - ob:+d} vs optimum")
+        state = (
+            "= optimum"
+            if sum(dict(f).values()) == of and sum(dict(b).values()) == ob
+            else (f"{sum(dict(f).values()) + sum(dict(b).values()) - of - ob:+d} vs optimum")
+        )
         if replicated:
             state = "NOT SHARDED: every matmul replicated"
         elif whole:  # the optimum is counted over the sharded matmuls only
             state = f"PARTLY SHARDED: {whole} of {matmuls} matmuls replicated, {state}"
-        parts.append(f"{n} x (fwd {_kinds(dict(f))}, bwd {_kinds(dict(b))}; optimum {of} + {ob}: {state})")
+        parts.append(
+            f"{n} x (fwd {_kinds(dict(f))}, bwd {_kinds(dict(b))}; optimum {of} + {ob}: {state})"
+        )
     return "per block " + "; ".join(parts)
 
 
@@ -105,8 +131,14 @@ def rich_renderables(report, *, full: bool = False):
     yield Text("\n".join(summary_lines(report)), style="bold")
 
     params = Table(title="Parameters (per rank)", title_justify="left")
-    for col, kw in (("name", {}), ("placement", {}), ("full shape", {}), ("local shape", {}),
-                    ("dtype", {}), ("bytes/rank", {"justify": "right"})):
+    for col, kw in (
+        ("name", {}),
+        ("placement", {}),
+        ("full shape", {}),
+        ("local shape", {}),
+        ("dtype", {}),
+        ("bytes/rank", {"justify": "right"}),
+    ):
         params.add_column(col, **kw)
     for row in _param_view(report, hidden, stands):
         params.add_row(*map(Text, row))
@@ -137,8 +169,11 @@ def rich_renderables(report, *, full: bool = False):
     for col in ("pass", "ms", "ops"):
         passes.add_column(col)
     for r in report.history:
-        passes.add_row(Text(r["pass"]), f"{r['seconds'] * 1e3:.1f}",
-                       f"{r['ops_before']} -> {r['ops_after']} ({r['change']:+d})")
+        passes.add_row(
+            Text(r["pass"]),
+            f"{r['seconds'] * 1e3:.1f}",
+            f"{r['ops_before']} -> {r['ops_after']} ({r['change']:+d})",
+        )
     yield passes
 
 
@@ -148,8 +183,9 @@ def render_text(report, *, width: int = 140, full: bool = False) -> str:
 
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), width=width, no_color=True, color_system=None,
-                      force_terminal=False)
+    console = Console(
+        file=io.StringIO(), width=width, no_color=True, color_system=None, force_terminal=False
+    )
     for item in rich_renderables(report, full=full):
         console.print(item)
     return console.file.getvalue()
@@ -164,8 +200,14 @@ def _param_view(report, hidden, stands):
         if p.block in hidden:
             continue
         name = p.name + (f" (tied to {p.tied_to})" if p.tied_to else "")
-        yield [name, p.placement, _shape(p.full_shape), _shape(p.local_shape), p.dtype,
-               fmt_bytes(p.bytes_per_rank) if not p.tied_to else "(shared)"]
+        yield [
+            name,
+            p.placement,
+            _shape(p.full_shape),
+            _shape(p.local_shape),
+            p.dtype,
+            fmt_bytes(p.bytes_per_rank) if not p.tied_to else "(shared)",
+        ]
         if p.block in stands and p is _last_of_block(report, p.block):
             yield ["...", f"x {stands[p.block]} more identical blocks", "", "", "", ""]
 
@@ -201,29 +243,58 @@ def _block_view(report, hidden, stands):
         elif b.partly_replicated:
             verdict = f"partly sharded ({b.sharded_matmuls} of {b.matmuls} matmuls), {verdict}"
         name = b.name + (f"  (+{stands[b.name]} identical)" if b.name in stands else "")
-        yield [name, str(b.params), fmt_bytes(b.param_bytes), _kinds(b.forward), _kinds(b.backward),
-               f"{b.optimum_forward} fwd + {b.optimum_backward} bwd", verdict]
+        yield [
+            name,
+            str(b.params),
+            fmt_bytes(b.param_bytes),
+            _kinds(b.forward),
+            _kinds(b.backward),
+            f"{b.optimum_forward} fwd + {b.optimum_backward} bwd",
+            verdict,
+        ]
 
 
-STAGE_COLUMNS = ["stage", "blocks", "params", "param bytes/rank", "receives", "comm fwd / bwd",
-                 "matmul FLOPs/rank"]
+STAGE_COLUMNS = [
+    "stage",
+    "blocks",
+    "params",
+    "param bytes/rank",
+    "receives",
+    "comm fwd / bwd",
+    "matmul FLOPs/rank",
+]
 
 
 def _stage_view(report):
     for s in report.stages:
         names = s.blocks
-        blocks = (f"{names[0]} .. {names[-1]} ({len(names)})" if len(names) > 2 else ", ".join(names)) or "-"
-        yield [str(s.index), blocks, str(s.params), fmt_bytes(s.param_bytes),
-               f"{len(s.received)} tensors" if s.received else "-",
-               f"{fmt_bytes(s.comm_bytes_forward)} / {fmt_bytes(s.comm_bytes_backward)}",
-               fmt_flops(s.matmul_flops)]
+        blocks = (
+            f"{names[0]} .. {names[-1]} ({len(names)})" if len(names) > 2 else ", ".join(names)
+        ) or "-"
+        yield [
+            str(s.index),
+            blocks,
+            str(s.params),
+            fmt_bytes(s.param_bytes),
+            f"{len(s.received)} tensors" if s.received else "-",
+            f"{fmt_bytes(s.comm_bytes_forward)} / {fmt_bytes(s.comm_bytes_backward)}",
+            fmt_flops(s.matmul_flops),
+        ]
 
 
 def _table(head: list[str], rows, *, classes=None) -> str:
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    out = [
+        "<table><thead><tr>",
+        *(f"<th>{html.escape(h)}</th>" for h in head),
+        "</tr></thead><tbody>",
+    ]
     for row in rows:
         cls = classes(row) if classes else ""
-        out.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in row) + "</tr>")
+        out.append(
+            f"<tr class='{cls}'>"
+            + "".join(f"<td>{html.escape(str(x))}</td>" for x in row)
+            + "</tr>"
+        )
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -234,55 +305,98 @@ def _stage_html(stages) -> str:
 
     holder = _R()
     holder.stages = stages
-    return _STYLE + "<div class='nxd-report'>" + _table(
-        STAGE_COLUMNS,
-        list(_stage_view(holder))) + "</div>"
+    return (
+        _STYLE
+        + "<div class='nxd-report'>"
+        + _table(STAGE_COLUMNS, list(_stage_view(holder)))
+        + "</div>"
+    )
 
 
 def render_html(report, *, full: bool = False, graph: bool = True) -> str:
     """The report as one HTML fragment (style included): headline, picture, tables in <details>."""
     hidden, stands = _collapsed(report, full)
     head = summary_lines(report)
-    parts = [_STYLE, "<div class='nxd-report'>",
-             f"<h2>nxd-autoshard plan: {html.escape(report.model)}</h2>",
-             "<p>" + "<br>".join(html.escape(x) for x in head) + "</p>"]
+    parts = [
+        _STYLE,
+        "<div class='nxd-report'>",
+        f"<h2>nxd-autoshard plan: {html.escape(report.model)}</h2>",
+        "<p>" + "<br>".join(html.escape(x) for x in head) + "</p>",
+    ]
     extra, replicated = report.totals["extra_over_optimum"], report.totals["replicated_blocks"]
     partly = report.totals["partly_replicated_blocks"]
     if replicated:
-        verdict = f"{replicated} of {len(report.blocks)} blocks are not sharded (every matmul replicated)"
+        verdict = (
+            f"{replicated} of {len(report.blocks)} blocks are not sharded (every matmul replicated)"
+        )
     elif partly:
-        verdict = (f"{partly} of {len(report.blocks)} blocks are partly sharded: "
-                   f"{report.totals['replicated_block_matmuls']} matmuls run whole on every rank")
+        verdict = (
+            f"{partly} of {len(report.blocks)} blocks are partly sharded: "
+            f"{report.totals['replicated_block_matmuls']} matmuls run whole on every rank"
+        )
     elif extra:
         verdict = f"{extra} collectives over the optimum in blocks"
     else:
-        verdict = ("every block at the optimum (Megatron: one all-reduce per row-parallel output "
-                   "forward, one per column-parallel input backward)")
-    parts.append(f"<p class='{'bad' if extra or replicated or partly else 'ok'}'>{html.escape(verdict)}</p>")
+        verdict = (
+            "every block at the optimum (Megatron: one all-reduce per row-parallel output "
+            "forward, one per column-parallel input backward)"
+        )
+    parts.append(
+        f"<p class='{'bad' if extra or replicated or partly else 'ok'}'>{html.escape(verdict)}</p>"
+    )
     if graph and getattr(report, "_svg", None):
         parts.append("<h3>Rewritten program</h3>" + report._svg)
-    parts.append("<h3>Pipeline stages</h3>" + _table(
-        STAGE_COLUMNS,
-        list(_stage_view(report))))
-    parts.append("<h3>Blocks: collectives vs optimum</h3>" + _table(
-        ["block", "params", "bytes/rank", "forward", "backward", "optimum", "verdict"],
-        list(_block_view(report, hidden, stands))))
-    parts.append("<details open><summary><b>Collectives</b> (" + str(len(report.collectives))
-                 + " nodes)</summary>" + _table(
-                     ["node", "module", "call", "shape", "forward", "backward"],
-                     list(_collective_view(report, hidden, stands)),
-                     classes=lambda r: "coll" if r[0] != "..." else "") + "</details>")
-    parts.append("<details><summary><b>Parameters</b> (" + str(report.totals["parameters"])
-                 + ")</summary>" + _table(
-                     ["name", "placement", "full shape", "local shape", "dtype", "bytes/rank"],
-                     list(_param_view(report, hidden, stands))) + "</details>")
+    parts.append("<h3>Pipeline stages</h3>" + _table(STAGE_COLUMNS, list(_stage_view(report))))
+    parts.append(
+        "<h3>Blocks: collectives vs optimum</h3>"
+        + _table(
+            ["block", "params", "bytes/rank", "forward", "backward", "optimum", "verdict"],
+            list(_block_view(report, hidden, stands)),
+        )
+    )
+    parts.append(
+        "<details open><summary><b>Collectives</b> ("
+        + str(len(report.collectives))
+        + " nodes)</summary>"
+        + _table(
+            ["node", "module", "call", "shape", "forward", "backward"],
+            list(_collective_view(report, hidden, stands)),
+            classes=lambda r: "coll" if r[0] != "..." else "",
+        )
+        + "</details>"
+    )
+    parts.append(
+        "<details><summary><b>Parameters</b> ("
+        + str(report.totals["parameters"])
+        + ")</summary>"
+        + _table(
+            ["name", "placement", "full shape", "local shape", "dtype", "bytes/rank"],
+            list(_param_view(report, hidden, stands)),
+        )
+        + "</details>"
+    )
     if getattr(report, "_before_after", None):
-        parts.append("<details><summary><b>One block before and after partition</b></summary>"
-                     + report._before_after + "</details>")
-    parts.append("<details><summary><b>Passes</b> (sharded.history)</summary>" + _table(
-        ["pass", "ms", "ops before", "ops after", "change"],
-        [[r["pass"], f"{r['seconds'] * 1e3:.1f}", r["ops_before"], r["ops_after"], f"{r['change']:+d}"]
-         for r in report.history]) + "</details>")
+        parts.append(
+            "<details><summary><b>One block before and after partition</b></summary>"
+            + report._before_after
+            + "</details>"
+        )
+    parts.append(
+        "<details><summary><b>Passes</b> (sharded.history)</summary>"
+        + _table(
+            ["pass", "ms", "ops before", "ops after", "change"],
+            [
+                [
+                    r["pass"],
+                    f"{r['seconds'] * 1e3:.1f}",
+                    r["ops_before"],
+                    r["ops_after"],
+                    f"{r['change']:+d}",
+                ]
+                for r in report.history
+            ],
+        )
+        + "</details>"
+    )
     parts.append("</div>")
     return "".join(parts)
-

@@ -147,8 +147,12 @@ class BlockRow:
     @property
     def extra(self) -> int:
         """Collectives beyond the optimum (Megatron: one per row-parallel output and column input)."""
-        return (sum(self.forward.values()) - self.optimum_forward
-                + sum(self.backward.values()) - self.optimum_backward)
+        return (
+            sum(self.forward.values())
+            - self.optimum_forward
+            + sum(self.backward.values())
+            - self.optimum_backward
+        )
 
 
 @dataclass
@@ -320,7 +324,11 @@ def _events(node: torch.fx.Node, tp: int, grad: set) -> tuple[list[CommEvent], l
     bwd = bwd if source in grad else None
     forward = [_event(fwd, "forward", in_shape, size)] if fwd else []
     # backward sends the gradient of the output: the local chunk for the gather kinds
-    backward = [_event(bwd, "backward", out_shape if bwd == "all_gather" else in_shape, size)] if bwd else []
+    backward = (
+        [_event(bwd, "backward", out_shape if bwd == "all_gather" else in_shape, size)]
+        if bwd
+        else []
+    )
     return forward, backward
 
 
@@ -356,13 +364,23 @@ def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
         module = _serves(node)
         source = node.args[0]
         shape, _ = _local(source, tp)
-        rows.append(CollectiveRow(
-            node=names.value(node), op=target_name(node.target),
-            axis=str(node.args[-1]), call=node_label(node, names), module=module,
-            block=block_of(module), shape="[" + ", ".join(names.sym(s.node.expr)
-                                                        if isinstance(s, torch.SymInt) else str(s)
-                                                        for s in shape) + "]",
-            forward=forward, backward=backward))
+        rows.append(
+            CollectiveRow(
+                node=names.value(node),
+                op=target_name(node.target),
+                axis=str(node.args[-1]),
+                call=node_label(node, names),
+                module=module,
+                block=block_of(module),
+                shape="["
+                + ", ".join(
+                    names.sym(s.node.expr) if isinstance(s, torch.SymInt) else str(s) for s in shape
+                )
+                + "]",
+                forward=forward,
+                backward=backward,
+            )
+        )
     return rows
 
 
@@ -372,11 +390,18 @@ def _param_rows(sharded) -> list[ParamRow]:
     for name, param in sharded.named_parameters(remove_duplicate=False):
         tied = first_name.setdefault(id(param), name)
         local = list(sharded.local_shape(name))
-        rows.append(ParamRow(
-            name=name, placement=placement_str(sharded.placements.get(name)),
-            full_shape=list(sharded.full_shape(name)), local_shape=local,
-            dtype=dtype_str(param.dtype), bytes_per_rank=math.prod(local) * param.element_size(),
-            block=block_of(name), tied_to=None if tied == name else tied))
+        rows.append(
+            ParamRow(
+                name=name,
+                placement=placement_str(sharded.placements.get(name)),
+                full_shape=list(sharded.full_shape(name)),
+                local_shape=local,
+                dtype=dtype_str(param.dtype),
+                bytes_per_rank=math.prod(local) * param.element_size(),
+                block=block_of(name),
+                tied_to=None if tied == name else tied,
+            )
+        )
     return rows
 
 
@@ -426,13 +451,26 @@ def _signature(block: str, nodes: list[torch.fx.Node], tp: int) -> tuple:
             if arg in index:
                 refs.append(index[arg])
             elif arg.op == "placeholder":
-                refs.append(str(arg.meta.get("nxd_name", arg.name)).replace(block + ".", "<block>.", 1))
+                refs.append(
+                    str(arg.meta.get("nxd_name", arg.name)).replace(block + ".", "<block>.", 1)
+                )
             else:
                 refs.append("outside")
         val = node.meta.get("val")
-        shape = str(local_shape(val, node.meta.get("nxd_placement"), tp)) if isinstance(val, torch.Tensor) else ""
-        out.append((target_name(node.target), placement_str(node.meta.get("nxd_placement")),
-                    shape, tuple(refs), display_module(node).replace(block, "<block>", 1)))
+        shape = (
+            str(local_shape(val, node.meta.get("nxd_placement"), tp))
+            if isinstance(val, torch.Tensor)
+            else ""
+        )
+        out.append(
+            (
+                target_name(node.target),
+                placement_str(node.meta.get("nxd_placement")),
+                shape,
+                tuple(refs),
+                display_module(node).replace(block, "<block>", 1),
+            )
+        )
     return tuple(out)
 
 
@@ -444,7 +482,9 @@ def _flops(node: torch.fx.Node, tp: int) -> int:
     out = [concrete(s) for s in local_shape(val, node.meta.get("nxd_placement"), tp)]
     if name in _MATMULS:
         first = node.args[1] if name in ("aten.addmm", "aten.baddbmm") else node.args[0]
-        if not isinstance(first, torch.fx.Node) or not isinstance(first.meta.get("val"), torch.Tensor):
+        if not isinstance(first, torch.fx.Node) or not isinstance(
+            first.meta.get("val"), torch.Tensor
+        ):
             return 0
         k = concrete(_local(first, tp)[0][-1])
         return 2 * math.prod(out) * k
@@ -476,26 +516,41 @@ def build_report(sharded, *, program: int = 0) -> Report:
     if stage_programs:
         stages = _stage_rows(sharded, gm, stage_programs, params, collectives, tp)
     else:
-        stages = [StageReport(
-            index=0, blocks=[b.name for b in blocks],
-            params=sum(1 for p in params if p.tied_to is None),
-            param_bytes=sum(p.bytes_per_rank for p in params if p.tied_to is None),
-            comm_bytes_forward=sum(c.bytes("forward") for c in collectives),
-            comm_bytes_backward=sum(c.bytes("backward") for c in collectives),
-            matmul_flops=sum(_flops(n, tp) for n in gm.graph.nodes if n.op == "call_function"))]
+        stages = [
+            StageReport(
+                index=0,
+                blocks=[b.name for b in blocks],
+                params=sum(1 for p in params if p.tied_to is None),
+                param_bytes=sum(p.bytes_per_rank for p in params if p.tied_to is None),
+                comm_bytes_forward=sum(c.bytes("forward") for c in collectives),
+                comm_bytes_backward=sum(c.bytes("backward") for c in collectives),
+                matmul_flops=sum(_flops(n, tp) for n in gm.graph.nodes if n.op == "call_function"),
+            )
+        ]
     report = Report(
-        model=sharded._model_name, tp=tp, pp=sharded.pipeline.pp, sequence_parallel=False,
-        program=program, programs=len(programs), mode="train" if prog.training else "eval",
-        inputs=list(prog.user_input_names), sizes=sizes, parameters=params,
-        collectives=collectives, blocks=blocks, stages=Stages(stages),
-        history=[{k: v for k, v in r.items()} for r in _history_rows(prog)])
+        model=sharded._model_name,
+        tp=tp,
+        pp=sharded.pipeline.pp,
+        sequence_parallel=False,
+        program=program,
+        programs=len(programs),
+        mode="train" if prog.training else "eval",
+        inputs=list(prog.user_input_names),
+        sizes=sizes,
+        parameters=params,
+        collectives=collectives,
+        blocks=blocks,
+        stages=Stages(stages),
+        history=[{k: v for k, v in r.items()} for r in _history_rows(prog)],
+    )
     report.totals = _totals(report)
     _attach_views(report, prog)
     return report
 
 
-def _stage_rows(sharded, gm, stage_programs, params: list[ParamRow], collectives: list[CollectiveRow],
-                tp: int) -> list[StageReport]:
+def _stage_rows(
+    sharded, gm, stage_programs, params: list[ParamRow], collectives: list[CollectiveRow], tp: int
+) -> list[StageReport]:
     """One row per pipeline stage: what it holds, receives, sends over tp, and costs."""
     fx_name = {row.node: node.name for row, node in zip(collectives, collective_nodes(gm))}
     by_name = {p.name: p for p in params}
@@ -507,13 +562,22 @@ def _stage_rows(sharded, gm, stage_programs, params: list[ParamRow], collectives
         here = {n.name for n in stage.gm.graph.nodes}
         mine = [c for c in collectives if fx_name[c.node] in here]
         held = [by_name[n] for n in stage.state_names if n in by_name]
-        rows.append(StageReport(
-            index=stage.index, blocks=list(stage.blocks), params=len(held),
-            param_bytes=sum(p.bytes_per_rank for p in held),
-            comm_bytes_forward=sum(c.bytes("forward") for c in mine),
-            comm_bytes_backward=sum(c.bytes("backward") for c in mine),
-            matmul_flops=sum(_flops(n, tp) for n in stage.gm.graph.nodes if n.op == "call_function"),
-            units=list(stage.units), received=list(stage.inputs), cost_flops=cost.get(stage.index, 0)))
+        rows.append(
+            StageReport(
+                index=stage.index,
+                blocks=list(stage.blocks),
+                params=len(held),
+                param_bytes=sum(p.bytes_per_rank for p in held),
+                comm_bytes_forward=sum(c.bytes("forward") for c in mine),
+                comm_bytes_backward=sum(c.bytes("backward") for c in mine),
+                matmul_flops=sum(
+                    _flops(n, tp) for n in stage.gm.graph.nodes if n.op == "call_function"
+                ),
+                units=list(stage.units),
+                received=list(stage.inputs),
+                cost_flops=cost.get(stage.index, 0),
+            )
+        )
     return rows
 
 
@@ -526,8 +590,11 @@ def _attach_views(report: Report, prog) -> None:
     history = History(prog.history)
     first = report.blocks[0].name if report.blocks else None
     names = {r.name for r in history}
-    report._before_after = (before_after_html(history, first)
-                            if first and "partition" in names and names & {"split_bias", "propagate"} else "")
+    report._before_after = (
+        before_after_html(history, first)
+        if first and "partition" in names and names & {"split_bias", "propagate"}
+        else ""
+    )
 
 
 def _sizes(gm, names) -> dict[str, int]:
@@ -537,9 +604,19 @@ def _sizes(gm, names) -> dict[str, int]:
         val = node.meta.get("val")
         vals = val if isinstance(val, (list, tuple)) else [val]
         for v in vals:
-            dims = list(v.shape) if isinstance(v, torch.Tensor) else [v] if isinstance(v, torch.SymInt) else []
+            dims = (
+                list(v.shape)
+                if isinstance(v, torch.Tensor)
+                else [v]
+                if isinstance(v, torch.SymInt)
+                else []
+            )
             for d in dims:
-                if isinstance(d, torch.SymInt) and len(d.node.expr.free_symbols) == 1 and d.node.expr.is_Symbol:
+                if (
+                    isinstance(d, torch.SymInt)
+                    and len(d.node.expr.free_symbols) == 1
+                    and d.node.expr.is_Symbol
+                ):
                     alias = names.sym(d.node.expr)
                     out.setdefault(alias, concrete(d))
     return dict(sorted(out.items(), key=lambda kv: int(kv[0][1:])))
@@ -562,12 +639,31 @@ def _block_rows(by_block, params, collectives, tp) -> list[BlockRow]:
                 fwd.update(e.kind for e in c.forward)
                 bwd.update(e.kind for e in c.backward)
         opt_f, opt_b, matmuls, sharded = _optimum(nodes)
-        served = tuple((c.op, c.module.replace(name, "<block>", 1), c.shape,
-                        tuple((e.kind, e.phase, tuple(e.shape)) for e in c.forward + c.backward))
-                       for c in collectives if c.block == name)
+        served = tuple(
+            (
+                c.op,
+                c.module.replace(name, "<block>", 1),
+                c.shape,
+                tuple((e.kind, e.phase, tuple(e.shape)) for e in c.forward + c.backward),
+            )
+            for c in collectives
+            if c.block == name
+        )
         sig = (_signature(name, nodes, tp), served)
-        rows.append(BlockRow(name, len(mine), sum(p.bytes_per_rank for p in mine), dict(fwd),
-                             dict(bwd), opt_f, opt_b, seen.get(sig), matmuls, sharded))
+        rows.append(
+            BlockRow(
+                name,
+                len(mine),
+                sum(p.bytes_per_rank for p in mine),
+                dict(fwd),
+                dict(bwd),
+                opt_f,
+                opt_b,
+                seen.get(sig),
+                matmuls,
+                sharded,
+            )
+        )
         seen.setdefault(sig, name)
     return rows
 
@@ -581,8 +677,10 @@ def _totals(report: Report) -> dict:
     return {
         "parameters": len(unique),
         "param_bytes_per_rank": sum(p.bytes_per_rank for p in unique),
-        "param_bytes_full": sum(math.prod(p.full_shape) * (p.bytes_per_rank // max(1, math.prod(p.local_shape)))
-                                for p in unique),
+        "param_bytes_full": sum(
+            math.prod(p.full_shape) * (p.bytes_per_rank // max(1, math.prod(p.local_shape)))
+            for p in unique
+        ),
         "collective_nodes": len(report.collectives),
         "forward": dict(fwd),
         "backward": dict(bwd),
@@ -590,7 +688,10 @@ def _totals(report: Report) -> dict:
         "bytes_backward": sum(c.bytes("backward") for c in report.collectives),
         "blocks": len(report.blocks),
         "block_collectives": [list(x) for x in sorted(set(per_block))],
-        "block_optimum": [list(x) for x in sorted({(b.optimum_forward, b.optimum_backward) for b in report.blocks})],
+        "block_optimum": [
+            list(x)
+            for x in sorted({(b.optimum_forward, b.optimum_backward) for b in report.blocks})
+        ],
         "extra_over_optimum": sum(b.extra for b in report.blocks),
         "replicated_blocks": sum(b.replicated for b in report.blocks),
         "partly_replicated_blocks": sum(b.partly_replicated for b in report.blocks),
@@ -603,4 +704,3 @@ def _totals(report: Report) -> dict:
 def _imbalance(costs: list[int]) -> float:
     """Largest stage cost over the mean (1.0: perfectly balanced)."""
     return max(costs) / (sum(costs) / len(costs)) if costs and sum(costs) else 1.0
-

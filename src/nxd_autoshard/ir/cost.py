@@ -27,7 +27,9 @@ def node_flops(node: torch.fx.Node) -> int:
         return 0
     numel = out.numel()
     if name in _MATMULS:
-        weight = node.args[-1] if name in ("mm", "bmm", "matmul", "addmm", "baddbmm") else node.args[1]
+        weight = (
+            node.args[-1] if name in ("mm", "bmm", "matmul", "addmm", "baddbmm") else node.args[1]
+        )
         k_shape = _shape(weight.meta.get("val")) if isinstance(weight, torch.fx.Node) else []
         k = k_shape[-1] if name == "linear" else (k_shape[-2] if len(k_shape) >= 2 else 1)
         return 2 * numel * k
@@ -36,4 +38,3 @@ def node_flops(node: torch.fx.Node) -> int:
         kv_len = _shape(node.args[1].meta.get("val"))[-2]
         return 4 * (q[0] * q[1] * q[2] * q[3]) * kv_len
     return int(numel)
-

@@ -23,4 +23,3 @@ class DivisibilityError(AutoshardError):
 
 class BackendError(AutoshardError):
     """A requested runtime backend (torch-xla, Neuron) is not available."""
-

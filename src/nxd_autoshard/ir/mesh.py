@@ -38,4 +38,3 @@ class Mesh:
                 fixed = {others[0]: i, others[1]: j}
                 out.append([self.rank(**fixed, **{axis: k}) for k in range(getattr(self, axis))])
         return out
-

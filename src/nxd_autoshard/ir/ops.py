@@ -98,7 +98,9 @@ def vocab_parallel_cross_entropy(
     axis: str,
 ) -> torch.Tensor:
     """Cross-entropy over vocab-sharded logits [N, V/tp] (Megatron's): three small all-reduces, no gather."""
-    return _run("vocab_parallel_cross_entropy", logits, target, reduction, ignore_index, vocab_size, axis)
+    return _run(
+        "vocab_parallel_cross_entropy", logits, target, reduction, ignore_index, vocab_size, axis
+    )
 
 
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

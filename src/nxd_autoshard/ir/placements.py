@@ -70,7 +70,12 @@ def padded_size(size: int, tp: int) -> int:
 
 
 def shard_tensor(
-    full: torch.Tensor, placement: Placement, tp: int, rank: int, blocks: int = 1, padded: int | None = None
+    full: torch.Tensor,
+    placement: Placement,
+    tp: int,
+    rank: int,
+    blocks: int = 1,
+    padded: int | None = None,
 ) -> torch.Tensor:
     """This rank's local piece of a full tensor.
 
@@ -82,8 +87,10 @@ def shard_tensor(
     dim = placement.dim
     if padded is not None and padded != full.shape[dim]:
         if blocks > 1 or padded % tp or padded < full.shape[dim]:
-            raise ValueError(f"cannot pad dim {dim} of size {full.shape[dim]} to {padded} for "
-                             f"{tp} shards" + (f" of {blocks} blocks" if blocks > 1 else ""))
+            raise ValueError(
+                f"cannot pad dim {dim} of size {full.shape[dim]} to {padded} for "
+                f"{tp} shards" + (f" of {blocks} blocks" if blocks > 1 else "")
+            )
         pad = [0, 0] * (full.dim() - 1 - dim) + [0, padded - full.shape[dim]]
         full = torch.nn.functional.pad(full, pad)
     if full.shape[dim] % (tp * blocks):
@@ -93,4 +100,3 @@ def shard_tensor(
         )
     parts = full.chunk(blocks, dim=dim)
     return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim)
-

@@ -31,9 +31,17 @@ import torch.fx
 from nxd_autoshard.ir.placements import Shard, placement_str
 
 _DTYPES = {
-    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
-    torch.uint8: "u8", torch.bool: "b8", torch.complex64: "c64",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float64: "f64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "b8",
+    torch.complex64: "c64",
 }
 
 
@@ -90,8 +98,9 @@ class _Names:
         expr = sympy.sympify(expr)
         for symbol in sorted(expr.free_symbols, key=str):
             if symbol not in self.symbols:
-                self.symbols[symbol] = sympy.Symbol(f"s{len(self.symbols)}", integer=True,
-                                                    positive=True)
+                self.symbols[symbol] = sympy.Symbol(
+                    f"s{len(self.symbols)}", integer=True, positive=True
+                )
         return str(expr.xreplace(self.symbols))
 
 
@@ -116,8 +125,12 @@ def _val_str(val, placement, tp: int, names: _Names) -> str:
     if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return names.sym(val.node.expr)
     if isinstance(val, (list, tuple)):
-        parts = [_val_str(v, p, tp, names)
-                 for v, p in zip(val, placement if isinstance(placement, tuple) else [placement] * len(val))]
+        parts = [
+            _val_str(v, p, tp, names)
+            for v, p in zip(
+                val, placement if isinstance(placement, tuple) else [placement] * len(val)
+            )
+        ]
         return "(" + ", ".join(parts) + ")"
     if val is None:
         return "-"
@@ -186,7 +199,9 @@ def display_module(node: torch.fx.Node) -> str:
 
 def printed(node: torch.fx.Node) -> bool:
     """Whether the printer shows this node (placeholders, ops other than assertions, attributes)."""
-    return node.op in ("placeholder", "get_attr") or (node.op == "call_function" and not _skipped(node))
+    return node.op in ("placeholder", "get_attr") or (
+        node.op == "call_function" and not _skipped(node)
+    )
 
 
 def value_names(gm: torch.fx.GraphModule) -> _Names:
@@ -209,9 +224,11 @@ def graph_text(gm: torch.fx.GraphModule) -> str:
         placement = placement_str(node.meta.get("nxd_placement"))
         if node.op == "placeholder":
             kind = node.meta.get("nxd_kind", "input")
-            lines.append(f"  {names.value(node)}: {placement} "
-                         f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}"
-                         f" ({kind})")
+            lines.append(
+                f"  {names.value(node)}: {placement} "
+                f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}"
+                f" ({kind})"
+            )
         elif node.op == "output":
             body.append(f"output: {_arg_str(node.args[0], names)}")
         elif node.op == "call_function" and not _skipped(node):
@@ -220,9 +237,10 @@ def graph_text(gm: torch.fx.GraphModule) -> str:
                 body.append(f"  [{where}]")
                 module = where
             call = node_label(node, names)
-            body.append(f"    {names.value(node)} = {call}  {placement}  "
-                        f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}")
+            body.append(
+                f"    {names.value(node)} = {call}  {placement}  "
+                f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}"
+            )
         elif node.op == "get_attr":
             body.append(f"    {names.value(node)} = get_attr({node.target!r})")
     return "\n".join(lines + ["graph:"] + body) + "\n"
-

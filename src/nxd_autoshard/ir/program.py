@@ -27,8 +27,10 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, *, ignore_index: int | N
     low, high = int(real.min()), int(real.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        raise IndexError(f"token id {bad} is outside the vocabulary of {vocab_size} (ids must be in "
-                         f"[0, {vocab_size})); the unsharded model raises here too")
+        raise IndexError(
+            f"token id {bad} is outside the vocabulary of {vocab_size} (ids must be in "
+            f"[0, {vocab_size})); the unsharded model raises here too"
+        )
 
 
 @dataclass
@@ -138,4 +140,3 @@ def block_of(path: str) -> str | None:
     """The repeated block a module path belongs to (`model.layers.3`), or None."""
     match = _BLOCK.match(path)
     return match.group(1) if match else None
-

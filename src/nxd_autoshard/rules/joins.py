@@ -67,11 +67,13 @@ def slice_block_rule(node, placements, tp):
     spans = [_slice_bounds(u) for u in siblings]
     if step != 1 or width <= 0 or width == full or full % width or start % width or width % tp:
         return None
-    if any(b is None or b[0] != dim or b[2] - b[1] != width or b[1] % width or b[3] != 1
-           for b in spans):
+    if any(
+        b is None or b[0] != dim or b[2] - b[1] != width or b[1] % width or b[3] != 1 for b in spans
+    ):
         return None  # unequal pieces (GQA q|k|v): a per-piece shard layout is not supported
-    return Decision(Shard(p.dim), note=f"blocks={full // width}",
-                    localise=(SliceBlock(dim, start, width),))
+    return Decision(
+        Shard(p.dim), note=f"blocks={full // width}", localise=(SliceBlock(dim, start, width),)
+    )
 
 
 @rule(aten.slice, padding_aware=True)

@@ -27,9 +27,11 @@ def reduction_rule(node, placements, tp):
     packet = packet_of(node.target)
     nd = x.meta["val"].dim()
     raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = list(range(nd)) if raw is None or raw == [] else [
-        norm_dim(d, nd) for d in (raw if isinstance(raw, (list, tuple)) else [raw])
-    ]
+    dims = (
+        list(range(nd))
+        if raw is None or raw == []
+        else [norm_dim(d, nd) for d in (raw if isinstance(raw, (list, tuple)) else [raw])]
+    )
     keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
     if isinstance(p, Partial):
         return Decision(P) if packet is aten.sum else None
@@ -55,7 +57,8 @@ def _same_dim_unless(arg_index: int, default=None):
 
 
 rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, padding_aware=True)(
-    dim_map_rule(_same_dim_unless(1), linear=False))
+    dim_map_rule(_same_dim_unless(1), linear=False)
+)
 rule(aten.cumsum, padding_aware=True)(dim_map_rule(_same_dim_unless(1)))
 
 

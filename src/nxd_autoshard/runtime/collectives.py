@@ -183,12 +183,16 @@ def vocab_parallel_embedding(
     return local_vocab_embedding(weight, ids, padding_idx, rank, vocab_size)
 
 
-def local_vocab_embedding(weight, ids, padding_idx: int, rank: int, vocab_size: int) -> torch.Tensor:
+def local_vocab_embedding(
+    weight, ids, padding_idx: int, rank: int, vocab_size: int
+) -> torch.Tensor:
     """Lookup of `ids` among rows [rank*V_local, (rank+1)*V_local) of the full table; zeros elsewhere."""
     local_vocab = weight.shape[0]
     start = rank * local_vocab
     local_ids, outside = _embedding_mask(ids, start, local_vocab)
-    if start + local_vocab > vocab_size:  # the last shards hold padding rows: ids there are no token
+    if (
+        start + local_vocab > vocab_size
+    ):  # the last shards hold padding rows: ids there are no token
         outside = outside | (ids >= vocab_size)
         local_ids = local_ids.masked_fill(outside, 0)
     local_pad = padding_idx - start if 0 <= padding_idx - start < local_vocab else None
@@ -259,14 +263,14 @@ def reduce_loss(loss: torch.Tensor, target: torch.Tensor, reduction: int, ignore
     return loss.sum() / count.to(loss.dtype)
 
 
-
-
-ops.bind({
-    "all_reduce": all_reduce,
-    "all_gather": all_gather,
-    "reduce_scatter": reduce_scatter,
-    "shard": shard,
-    "grad_all_reduce": grad_all_reduce,
-    "vocab_parallel_embedding": vocab_parallel_embedding,
-    "vocab_parallel_cross_entropy": vocab_parallel_cross_entropy,
-})
+ops.bind(
+    {
+        "all_reduce": all_reduce,
+        "all_gather": all_gather,
+        "reduce_scatter": reduce_scatter,
+        "shard": shard,
+        "grad_all_reduce": grad_all_reduce,
+        "vocab_parallel_embedding": vocab_parallel_embedding,
+        "vocab_parallel_cross_entropy": vocab_parallel_cross_entropy,
+    }
+)

@@ -32,9 +32,9 @@ def build_groups(mesh: Mesh, device_type: str = "cpu") -> MeshGroups:
         raise ValueError(
             f"the world has {world} ranks but dp={mesh.dp} x pp={mesh.pp} x tp={mesh.tp} needs "
             f"{mesh.size}; launch {mesh.size} ranks (torchrun --nproc-per-node {mesh.size}) or change "
-            "the degrees")
+            "the degrees"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     device_mesh = init_device_mesh(device_type, (mesh.dp, mesh.pp, mesh.tp), mesh_dim_names=AXES)
     return MeshGroups(mesh, dist.get_rank(), **{axis: device_mesh.get_group(axis) for axis in AXES})
-

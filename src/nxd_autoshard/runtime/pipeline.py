@@ -14,8 +14,17 @@ from nxd_autoshard.ir.program import StageProgram
 from nxd_autoshard.runtime.collectives import axis_groups
 from nxd_autoshard.runtime.simulator import simulate_graph
 
-__all__ = ["SCHEDULES", "check_schedule", "StageModule", "build_schedule", "chunk_batch",
-           "merge_chunk_outputs", "simulate_stages", "stage_ranks", "unpack_last_outputs"]
+__all__ = [
+    "SCHEDULES",
+    "check_schedule",
+    "StageModule",
+    "build_schedule",
+    "chunk_batch",
+    "merge_chunk_outputs",
+    "simulate_stages",
+    "stage_ranks",
+    "unpack_last_outputs",
+]
 
 
 # name -> (torch schedule class, stages per pp rank)
@@ -35,18 +44,24 @@ V_SHAPED = {"zbv"}  # stage s and 2·pp-1-s share a rank
 def check_schedule(schedule: str, pp: int, microbatches: int) -> int:
     """Stages per pp rank for `schedule`; a clear error (before any communication) when it cannot run."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule '{schedule}': use one of {', '.join(SCHEDULES)}")
+        raise ValueError(
+            f"unknown pipeline schedule '{schedule}': use one of {', '.join(SCHEDULES)}"
+        )
     if not isinstance(microbatches, int) or microbatches < 1:
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
     if schedule == "1f1b" and microbatches < pp:
-        raise ValueError(f"schedule '1f1b' needs at least as many microbatches as stages: "
-                         f"microbatches={microbatches} < pp={pp}; use microbatches >= {pp} or 'gpipe'")
+        raise ValueError(
+            f"schedule '1f1b' needs at least as many microbatches as stages: "
+            f"microbatches={microbatches} < pp={pp}; use microbatches >= {pp} or 'gpipe'"
+        )
     if schedule in ("interleaved", "looped_bfs", "zero_bubble"):
         rounds = max(1, microbatches // pp)
         if microbatches % rounds:
-            raise ValueError(f"schedule '{schedule}' with pp={pp} needs microbatches that are a multiple "
-                             f"of {rounds} (microbatches // pp); got {microbatches}, use "
-                             f"{rounds * (microbatches // rounds)} or {pp * rounds}")
+            raise ValueError(
+                f"schedule '{schedule}' with pp={pp} needs microbatches that are a multiple "
+                f"of {rounds} (microbatches // pp); got {microbatches}, use "
+                f"{rounds * (microbatches // rounds)} or {pp * rounds}"
+            )
     return SCHEDULES[schedule][1]
 
 
@@ -78,11 +93,20 @@ def _needs_float_transport(dtype: torch.dtype) -> bool:
 def _zero_tie(inputs) -> torch.Tensor | None:
     """An exact 0 that depends on every received input, so each gets a (zero) gradient."""
     # an empty slice's sum is 0 whatever the values (a -inf mask times 0 would be nan)
-    ties = [x.reshape(-1)[:0].sum() for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    ties = [
+        x.reshape(-1)[:0].sum() for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad
+    ]
     return sum(ties[1:], ties[0]) if ties else None
 
 
-def _attach(root: torch.nn.Module, fqn: str, value: torch.Tensor, *, parameter: bool, persistent: bool = True):
+def _attach(
+    root: torch.nn.Module,
+    fqn: str,
+    value: torch.Tensor,
+    *,
+    parameter: bool,
+    persistent: bool = True,
+):
     *path, leaf = fqn.split(".")
     mod = root
     for part in path:
@@ -105,8 +129,15 @@ class StageModule(torch.nn.Module):
     zero, because torch 2.9's stage wants a gradient for each received value.
     """
 
-    def __init__(self, stage: StageProgram, state: dict[str, torch.Tensor], params: set[str], tp_group,
-                 *, float_io: bool | None = None):
+    def __init__(
+        self,
+        stage: StageProgram,
+        state: dict[str, torch.Tensor],
+        params: set[str],
+        tp_group,
+        *,
+        float_io: bool | None = None,
+    ):
         super().__init__()
         self.stage = stage
         self.tp_group = tp_group
@@ -115,27 +146,39 @@ class StageModule(torch.nn.Module):
         self._params = params
         self.float_io = stage_io_must_be_float() if float_io is None else float_io
         placeholders = [n for n in stage.gm.graph.nodes if n.op == "placeholder"]
-        self._input_vals = [n.meta.get("val") for n in placeholders[len(stage.state_names):]]
+        self._input_vals = [n.meta.get("val") for n in placeholders[len(stage.state_names) :]]
 
     def forward(self, *inputs):
-        state = [self.get_parameter(n) if n in self._params else self.get_buffer(n)
-                 for n in self.stage.state_names]
+        state = [
+            self.get_parameter(n) if n in self._params else self.get_buffer(n)
+            for n in self.stage.state_names
+        ]
         tie = None
         if self.float_io and self.stage.index > 0:
             tie = _zero_tie(inputs)
-            inputs = tuple(x.to(v.dtype) if isinstance(v, torch.Tensor) and _needs_float_transport(v.dtype)
-                           else x for x, v in zip(inputs, self._input_vals))
+            inputs = tuple(
+                x.to(v.dtype)
+                if isinstance(v, torch.Tensor) and _needs_float_transport(v.dtype)
+                else x
+                for x, v in zip(inputs, self._input_vals)
+            )
         with axis_groups({"tp": self.tp_group}):
             out = self.stage.gm(*state, *inputs)
         # the schedule concatenates microbatch outputs on dim 0: a scalar loss travels as shape (1,)
-        out = tuple(o.unsqueeze(0) if isinstance(o, torch.Tensor) and o.dim() == 0 else o for o in out)
+        out = tuple(
+            o.unsqueeze(0) if isinstance(o, torch.Tensor) and o.dim() == 0 else o for o in out
+        )
         return self._to_float_transport(out, tie) if self.float_io else out
 
     def _to_float_transport(self, out: tuple, tie: torch.Tensor | None) -> tuple:
         """Outputs as torch 2.9's stage can send them: floats, each tied to every received input."""
         encoded = []
         for o in out:
-            if isinstance(o, torch.Tensor) and _needs_float_transport(o.dtype) and not self.stage.is_last:
+            if (
+                isinstance(o, torch.Tensor)
+                and _needs_float_transport(o.dtype)
+                and not self.stage.is_last
+            ):
                 o = o.to(torch.float64)
             if isinstance(o, torch.Tensor) and o.dtype.is_floating_point and tie is not None:
                 o = o + tie
@@ -145,27 +188,47 @@ class StageModule(torch.nn.Module):
 
 def unpack_last_outputs(outputs: tuple, stage: StageProgram) -> list:
     """Undo StageModule's (1,)-shaped scalars for the loss function."""
-    vals = [n.meta.get("val") for n in stage.gm.graph.output_node().args[0]] \
-        if isinstance(stage.gm.graph.output_node().args[0], (list, tuple)) else []
-    return [o.squeeze(0) if isinstance(v, torch.Tensor) and v.dim() == 0 else o
-            for o, v in zip(outputs, vals)] if vals else list(outputs)
+    vals = (
+        [n.meta.get("val") for n in stage.gm.graph.output_node().args[0]]
+        if isinstance(stage.gm.graph.output_node().args[0], (list, tuple))
+        else []
+    )
+    return (
+        [
+            o.squeeze(0) if isinstance(v, torch.Tensor) and v.dim() == 0 else o
+            for o, v in zip(outputs, vals)
+        ]
+        if vals
+        else list(outputs)
+    )
 
 
-def build_schedule(modules: list[StageModule], stage_indices: list[int], n_stages: int, pp_group,
-                   device: torch.device, microbatches: int, schedule: str,
-                   loss_fn: Callable):
+def build_schedule(
+    modules: list[StageModule],
+    stage_indices: list[int],
+    n_stages: int,
+    pp_group,
+    device: torch.device,
+    microbatches: int,
+    schedule: str,
+    loss_fn: Callable,
+):
     """A `torch.distributed.pipelining` schedule over this rank's stages (gradients unscaled)."""
     import torch.distributed.pipelining as pipelining
 
-    stages = [_gloo_safe_warmup(pipelining.PipelineStage(m, i, n_stages, device, group=pp_group))
-              for m, i in zip(modules, stage_indices)]
+    stages = [
+        _gloo_safe_warmup(pipelining.PipelineStage(m, i, n_stages, device, group=pp_group))
+        for m, i in zip(modules, stage_indices)
+    ]
     cls = getattr(pipelining, SCHEDULES[schedule][0])
     # the loss is divided by the microbatch count in loss_fn, so grads are scaled exactly once
     # even when one parameter sits in two local stages (tied embeddings under interleaving)
     if SCHEDULES[schedule][1] == 1:
         return cls(stages[0], microbatches, loss_fn=loss_fn, scale_grads=False)
     built = cls(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
-    return _with_local_handoff(built, stages, microbatches, loss_fn) if schedule in V_SHAPED else built
+    return (
+        _with_local_handoff(built, stages, microbatches, loss_fn) if schedule in V_SHAPED else built
+    )
 
 
 def _with_local_handoff(built, stages: list, microbatches: int, loss_fn: Callable):
@@ -180,9 +243,11 @@ def _with_local_handoff(built, stages: list, microbatches: int, loss_fn: Callabl
     if runtime is not None and isinstance(built, runtime):
         return built
     if runtime is None or not hasattr(runtime, "_prepare_schedule_with_comms"):
-        raise PlanError(f"schedule '{type(built).__name__}' puts two stages on one rank, and torch "
-                        f"{torch.__version__} cannot pass values between them on gloo; use torch >= 2.13 "
-                        "or another schedule ('zero_bubble', 'interleaved')")
+        raise PlanError(
+            f"schedule '{type(built).__name__}' puts two stages on one rank, and torch "
+            f"{torch.__version__} cannot pass values between them on gloo; use torch >= 2.13 "
+            "or another schedule ('zero_bubble', 'interleaved')"
+        )
     lowered = runtime(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
     lowered._prepare_schedule_with_comms(built.pipeline_order)
     return lowered
@@ -214,16 +279,22 @@ def chunk_batch(args: tuple, kwargs: dict, n: int) -> list[tuple[tuple, dict]]:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     sizes = {leaf.shape[0] for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.dim() > 0}
     if len(sizes) != 1:
-        raise ValueError(f"cannot split the batch into microbatches: tensor inputs have batch sizes "
-                         f"{sorted(sizes) or 'none'}; every tensor input needs the same dim 0")
+        raise ValueError(
+            f"cannot split the batch into microbatches: tensor inputs have batch sizes "
+            f"{sorted(sizes) or 'none'}; every tensor input needs the same dim 0"
+        )
     size = sizes.pop()
     if size % n:
-        raise ValueError(f"the batch of {size} cannot be split into {n} equal microbatches "
-                         f"(microbatches x dp = {n}); use a batch size that is a multiple of {n}")
+        raise ValueError(
+            f"the batch of {size} cannot be split into {n} equal microbatches "
+            f"(microbatches x dp = {n}); use a batch size that is a multiple of {n}"
+        )
     pieces = []
     for i in range(n):
-        part = [leaf.chunk(n, 0)[i] if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else leaf
-                for leaf in leaves]
+        part = [
+            leaf.chunk(n, 0)[i] if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else leaf
+            for leaf in leaves
+        ]
         pieces.append(pytree.tree_unflatten(part, spec))
     return pieces
 
@@ -242,16 +313,18 @@ def merge_chunk_outputs(chunks: list[list]) -> list:
     return merged
 
 
-def simulate_stages(stages: list[StageProgram], tp: int, state: Callable[[str], object],
-                    flat_inputs: list) -> list:
+def simulate_stages(
+    stages: list[StageProgram], tp: int, state: Callable[[str], object], flat_inputs: list
+) -> list:
     """Run the stage chain for one microbatch, every tp rank in lockstep; returns the last stage's outputs."""
     carried = [x for x in flat_inputs if isinstance(x, torch.Tensor)]
     for stage in stages:
         if len(carried) != len(stage.inputs):
-            raise PlanError(f"stage {stage.index} expects {len(stage.inputs)} inputs, got {len(carried)}")
+            raise PlanError(
+                f"stage {stage.index} expects {len(stage.inputs)} inputs, got {len(carried)}"
+            )
         ins = [state(name) for name in stage.state_names] + carried
         carried = simulate_graph(stage.gm, tp, ins)
         if not stage.is_last:
             carried = list(carried)
     return carried
-

@@ -119,7 +119,9 @@ class _SimVocabCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, target, ignore_index, vocab_size, *logits):
-        per_token = torch.empty(target.shape, dtype=torch.float32, device="meta")  # real ones reduce fp32
+        per_token = torch.empty(
+            target.shape, dtype=torch.float32, device="meta"
+        )  # real ones reduce fp32
         for kind in ("all_reduce(max)", "all_reduce", "all_reduce"):
             _record(kind, "forward", per_token)
         full = _cat([x.float() for x in logits], -1)
@@ -166,9 +168,15 @@ def _sim_collective(target, args, tp: int):
             local_vocab_embedding(weight[r], _at(ids, r), padding_idx, r, vocab) for r in range(tp)
         )
     if target is C.vocab_parallel_cross_entropy:
-        logits, target_ids, reduction, ignore, vocab = args[0], _at(args[1], 0), args[2], args[3], args[4]
+        logits, target_ids, reduction, ignore, vocab = (
+            args[0],
+            _at(args[1], 0),
+            args[2],
+            args[3],
+            args[4],
+        )
         losses = _SimVocabCrossEntropy.apply(target_ids, ignore, vocab, *logits)
-        return PerRank(reduce_loss(l, target_ids, reduction, ignore) for l in losses)
+        return PerRank(reduce_loss(loss, target_ids, reduction, ignore) for loss in losses)
     raise KeyError(target)
 
 
@@ -199,9 +207,7 @@ def simulate_graph(gm: torch.fx.GraphModule, tp: int, per_rank_inputs: list) -> 
             if node.target in SIMULATED:
                 env[node] = _sim_collective(node.target, args, tp)
             else:
-                env[node] = PerRank(
-                    node.target(*_at(args, r), **_at(kwargs, r)) for r in range(tp)
-                )
+                env[node] = PerRank(node.target(*_at(args, r), **_at(kwargs, r)) for r in range(tp))
         elif node.op == "get_attr":
             env[node] = getattr(gm, node.target)
         elif node.op == "output":
@@ -219,7 +225,9 @@ class _ScatterToRanks(torch.autograd.Function):
 
         ctx.placement, ctx.tp, ctx.blocks = placement, tp, blocks
         ctx.size = full.shape[placement.dim] if isinstance(placement, Shard) else None
-        return tuple(shard_tensor(full, placement, tp, r, blocks, padded).clone() for r in range(tp))
+        return tuple(
+            shard_tensor(full, placement, tp, r, blocks, padded).clone() for r in range(tp)
+        )
 
     @staticmethod
     def backward(ctx, *grads):
@@ -240,4 +248,3 @@ def scatter_to_ranks(
     padded: global size of the shard dim after zero padding (vocab padding), or None.
     """
     return PerRank(_ScatterToRanks.apply(full, placement, tp, blocks, padded))
-

@@ -1,7 +1,7 @@
 """Command line.
 
-    nxd-autoshard verify --config cfg.json --tp 4 [--pp 2 --dp 2 --schedule 1f1b] [--world gloo|sim]
-    nxd-autoshard plan --config cfg.json --tp 8 [--format text|json|html] [-o FILE]
+nxd-autoshard verify --config cfg.json --tp 4 [--pp 2 --dp 2 --schedule 1f1b] [--world gloo|sim]
+nxd-autoshard plan --config cfg.json --tp 8 [--format text|json|html] [-o FILE]
 """
 
 from __future__ import annotations
@@ -19,9 +19,21 @@ __all__ = ["main"]
 def _verify(ns: argparse.Namespace) -> int:
     from nxd_autoshard.tools.verify import verify_config
 
-    checks = verify_config(ns.config, ns.tp, pp=ns.pp, dp=ns.dp, microbatches=ns.microbatches,
-                           schedule=ns.schedule, world=ns.world, plan=ns.plan, batch=ns.batch,
-                           seq=ns.seq, seed=ns.seed, rtol=ns.rtol, atol=ns.atol)
+    checks = verify_config(
+        ns.config,
+        ns.tp,
+        pp=ns.pp,
+        dp=ns.dp,
+        microbatches=ns.microbatches,
+        schedule=ns.schedule,
+        world=ns.world,
+        plan=ns.plan,
+        batch=ns.batch,
+        seq=ns.seq,
+        seed=ns.seed,
+        rtol=ns.rtol,
+        atol=ns.atol,
+    )
     for check in checks:
         print(check.line())
     bad = [c for c in checks if not c.ok]
@@ -47,9 +59,16 @@ def _plan(ns: argparse.Namespace) -> int:
 
     steps = ["build model on meta", *pass_names(ns.pp), "report"]
     err = Console(stderr=True)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err, transient=not ns.keep_progress, disable=ns.quiet) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=not ns.keep_progress,
+        disable=ns.quiet,
+    ) as bar:
         task = bar.add_task(steps[0], total=len(steps))
 
         def step(name: str, seconds: float) -> None:
@@ -59,9 +78,18 @@ def _plan(ns: argparse.Namespace) -> int:
             bar.update(task, completed=done, description=steps[min(done, len(steps) - 1)])
 
         try:
-            sharded = plan_on_meta(ns.config, ns.tp, plan=ns.plan, batch=ns.batch, seq=ns.seq, step=step,
-                                   pp=ns.pp, microbatches=ns.microbatches, schedule=ns.schedule,
-                                   balance=ns.balance)
+            sharded = plan_on_meta(
+                ns.config,
+                ns.tp,
+                plan=ns.plan,
+                batch=ns.batch,
+                seq=ns.seq,
+                step=step,
+                pp=ns.pp,
+                microbatches=ns.microbatches,
+                schedule=ns.schedule,
+                balance=ns.balance,
+            )
         except (ValueError, AutoshardError) as err:
             return _fail(str(err))
         report = sharded.explain()
@@ -69,8 +97,10 @@ def _plan(ns: argparse.Namespace) -> int:
     if ns.format == "json":
         text = json.dumps(report.to_dict(), indent=1)
     elif ns.format == "html":
-        text = ("<!doctype html><html><head><meta charset='utf-8'><title>nxd-autoshard plan: "
-                f"{report.model}</title></head><body>{report.to_html()}</body></html>")
+        text = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>nxd-autoshard plan: "
+            f"{report.model}</title></head><body>{report.to_html()}</body></html>"
+        )
     else:
         text = report.to_text(full=ns.full)
     if ns.output:
@@ -91,11 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--pp", type=int, default=1, help="pipeline stages")
     v.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     v.add_argument("--microbatches", type=int, default=None, help="per step (default: pp)")
-    v.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b",
-                   help="torch.distributed.pipelining schedule")
-    v.add_argument("--world", choices=("gloo", "sim"), default="gloo",
-                   help="gloo: dp x pp x tp local processes; sim: one process, emulated collectives")
-    v.add_argument("--plan", default="auto", help="auto, a family name (llama, gpt2, ...) or a YAML file")
+    v.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default="1f1b",
+        help="torch.distributed.pipelining schedule",
+    )
+    v.add_argument(
+        "--world",
+        choices=("gloo", "sim"),
+        default="gloo",
+        help="gloo: dp x pp x tp local processes; sim: one process, emulated collectives",
+    )
+    v.add_argument(
+        "--plan", default="auto", help="auto, a family name (llama, gpt2, ...) or a YAML file"
+    )
     v.add_argument("--batch", type=int, default=None, help="default: max(2, dp x microbatches)")
     v.add_argument("--seq", type=int, default=16)
     v.add_argument("--seed", type=int, default=0)
@@ -106,12 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="config.json, or a folder holding one")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    p.add_argument("--microbatches", type=int, default=None, help="per step (default: pp); the "
-                   "example batch is one microbatch")
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="per step (default: pp); the example batch is one microbatch",
+    )
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b")
     p.add_argument("--balance", choices=BALANCE, default="flops", help="how stages are balanced")
     p.add_argument("--sequence-parallel", action="store_true", help="not implemented yet")
-    p.add_argument("--plan", default="auto", help="auto, a family name (llama, gpt2, ...) or a YAML file")
+    p.add_argument(
+        "--plan", default="auto", help="auto, a family name (llama, gpt2, ...) or a YAML file"
+    )
     p.add_argument("--format", choices=("text", "json", "html"), default="text")
     p.add_argument("-o", "--output", help="write the report here instead of stdout")
     p.add_argument("--batch", type=int, default=2, help="example batch (bytes are reported at it)")
@@ -122,4 +168,3 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_plan)
     ns = parser.parse_args(argv)
     return ns.func(ns)
-

@@ -16,7 +16,9 @@ def _transformers():
     try:
         import transformers
     except ImportError as err:  # pragma: no cover - optional dependency
-        raise ImportError("this needs Hugging Face transformers: pip install 'nxd-autoshard[hf]'") from err
+        raise ImportError(
+            "this needs Hugging Face transformers: pip install 'nxd-autoshard[hf]'"
+        ) from err
     return transformers
 
 
@@ -32,11 +34,15 @@ def load_config(source: str | Path | dict | Any):
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no config.json at '{source}': give a config.json or a folder holding one")
+            raise FileNotFoundError(
+                f"no config.json at '{source}': give a config.json or a folder holding one"
+            )
         data = json.loads(path.read_text())
     model_type = data.pop("model_type", None)
     if model_type is None:
-        raise ValueError(f"config '{source}' has no 'model_type'; it cannot be matched to an architecture")
+        raise ValueError(
+            f"config '{source}' has no 'model_type'; it cannot be matched to an architecture"
+        )
     return transformers.AutoConfig.for_model(model_type, **data)
 
 
@@ -71,7 +77,9 @@ def build_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32) ->
     return model.eval()
 
 
-def random_batch(model: torch.nn.Module, *, batch: int = 2, seq: int = 16, seed: int = 1) -> tuple[tuple, dict]:
+def random_batch(
+    model: torch.nn.Module, *, batch: int = 2, seq: int = 16, seed: int = 1
+) -> tuple[tuple, dict]:
     """Random token ids and labels that fit the model's vocab: (args, kwargs) for its forward."""
     config = model.config
     vocab = config.vocab_size
@@ -81,4 +89,3 @@ def random_batch(model: torch.nn.Module, *, batch: int = 2, seq: int = 16, seed:
     params = inspect.signature(model.forward).parameters
     kwargs: dict[str, Any] = {"labels": labels} if "labels" in params else {}
     return (ids,), kwargs
-

@@ -296,7 +296,9 @@ def _drain(readers: dict, rank: int, receive: Callable[[Any, int], None]) -> Non
 
 def _record_death(attempt: _Attempt, procs: list[Any], rank: int) -> None:
     procs[rank].join(1.0)
-    attempt.errors[rank] = f"process {_describe_exit(procs[rank].exitcode)} without reporting a result"
+    attempt.errors[rank] = (
+        f"process {_describe_exit(procs[rank].exitcode)} without reporting a result"
+    )
 
 
 def run_ranks(
@@ -354,4 +356,3 @@ def run_ranks(
             attempt.timed_out,
         )
     return [attempt.results[rank] for rank in range(world_size)]
-

@@ -18,7 +18,6 @@ from nxd_autoshard.compiler.driver import on_pass
 __all__ = ["build_meta_model", "plan_on_meta"]
 
 
-
 def build_meta_model(config) -> torch.nn.Module:
     """The HF model of a config with every parameter and buffer on the meta device."""
     from nxd_autoshard.tools.hf import _head_class, load_config
@@ -38,13 +37,27 @@ def meta_batch(model: torch.nn.Module, *, batch: int, seq: int) -> tuple[tuple, 
     """Token ids (and labels, when the forward takes them) as meta tensors."""
     ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
     params = inspect.signature(model.forward).parameters
-    kwargs = {"labels": torch.zeros((batch, seq), dtype=torch.long, device="meta")} if "labels" in params else {}
+    kwargs = (
+        {"labels": torch.zeros((batch, seq), dtype=torch.long, device="meta")}
+        if "labels" in params
+        else {}
+    )
     return (ids,), kwargs
 
 
-def plan_on_meta(config, tp: int, *, plan: str = "auto", batch: int = 2, seq: int = 128,
-                 step: Callable[[str, float], None] | None = None, pp: int = 1,
-                 microbatches: int | None = None, schedule: str = "1f1b", balance: str = "flops"):
+def plan_on_meta(
+    config,
+    tp: int,
+    *,
+    plan: str = "auto",
+    batch: int = 2,
+    seq: int = 128,
+    step: Callable[[str, float], None] | None = None,
+    pp: int = 1,
+    microbatches: int | None = None,
+    schedule: str = "1f1b",
+    balance: str = "flops",
+):
     """Build on meta, autoshard at tp (x pp), return the ShardedModule; `step(name, seconds)` per
     stage. With pp > 1, `batch` is one microbatch."""
     from nxd_autoshard.api import autoshard
@@ -58,7 +71,15 @@ def plan_on_meta(config, tp: int, *, plan: str = "auto", batch: int = 2, seq: in
     with ExitStack() as stack:
         if step:
             stack.enter_context(on_pass(lambda r: step(r.name, r.seconds)))
-        sharded = autoshard(model, tp, example_inputs=args, example_kwargs=kwargs, plan=plan, pp=pp,
-                            microbatches=microbatches, schedule=schedule, balance=balance)
+        sharded = autoshard(
+            model,
+            tp,
+            example_inputs=args,
+            example_kwargs=kwargs,
+            plan=plan,
+            pp=pp,
+            microbatches=microbatches,
+            schedule=schedule,
+            balance=balance,
+        )
     return sharded
-

@@ -30,10 +30,17 @@ class Check:
         return f"{status:8s} {self.name:60s} max abs {self.max_abs:.2e}  max rel {self.max_rel:.2e}"
 
 
-def compare(name: str, got: torch.Tensor, want: torch.Tensor, *, rtol: float = 1e-4, atol: float = 1e-5) -> Check:
+def compare(
+    name: str, got: torch.Tensor, want: torch.Tensor, *, rtol: float = 1e-4, atol: float = 1e-5
+) -> Check:
     """Float32 round-off check scaled by the reference's magnitude."""
     if got.shape != want.shape:
-        return Check(f"{name} (shape {tuple(got.shape)} vs {tuple(want.shape)})", float("inf"), float("inf"), False)
+        return Check(
+            f"{name} (shape {tuple(got.shape)} vs {tuple(want.shape)})",
+            float("inf"),
+            float("inf"),
+            False,
+        )
     got, want = got.detach().double(), want.detach().double()
     diff = (got - want).abs()
     scale = want.abs().max().item() if want.numel() else 0.0
@@ -47,13 +54,21 @@ def loss_of(output) -> torch.Tensor:
     loss = getattr(output, "loss", None)
     if loss is not None:
         return loss
-    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    leaves = [
+        t
+        for t in pytree.tree_leaves(output)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
     return sum((t.float() ** 2).mean() for t in leaves)
 
 
 def _float_outputs(output) -> dict[str, torch.Tensor]:
     items = output.items() if hasattr(output, "items") else enumerate(pytree.tree_leaves(output))
-    return {str(k): v for k, v in items if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0}
+    return {
+        str(k): v
+        for k, v in items
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0
+    }
 
 
 def _reference(model, args, kwargs):
@@ -70,17 +85,43 @@ def _sharded_run(model, tp, args, kwargs, plan):
     out = sharded(*args, **kwargs)
     loss = loss_of(out)
     loss.backward()
-    return sharded, loss.detach(), {k: v.detach() for k, v in _float_outputs(out).items()}, sharded.gather_grads()
+    return (
+        sharded,
+        loss.detach(),
+        {k: v.detach() for k, v in _float_outputs(out).items()},
+        sharded.gather_grads(),
+    )
 
 
 def _pipelined(model, tp, args, kwargs, plan, mesh: Mesh, microbatches, schedule):
-    return autoshard(model, tp, pp=mesh.pp, dp=mesh.dp, microbatches=microbatches, schedule=schedule,
-                     example_inputs=args, example_kwargs=kwargs, plan=plan,
-                     loss_fn=lambda output, target: loss_of(output))
+    return autoshard(
+        model,
+        tp,
+        pp=mesh.pp,
+        dp=mesh.dp,
+        microbatches=microbatches,
+        schedule=schedule,
+        example_inputs=args,
+        example_kwargs=kwargs,
+        plan=plan,
+        loss_fn=lambda output, target: loss_of(output),
+    )
 
 
-def _rank_worker(rank, world, config_dict, tp, plan, batch, seq, seed, pp=1, dp=1, microbatches=None,
-                 schedule="1f1b"):
+def _rank_worker(
+    rank,
+    world,
+    config_dict,
+    tp,
+    plan,
+    batch,
+    seq,
+    seed,
+    pp=1,
+    dp=1,
+    microbatches=None,
+    schedule="1f1b",
+):
     model = build_model(config_dict, seed=seed)
     args, kwargs = random_batch(model, batch=batch, seq=seq, seed=seed + 1)
     if pp == 1 and dp == 1:
@@ -137,8 +178,11 @@ def verify_config(
     else:
         from nxd_autoshard.tools.launch import run_ranks
 
-        results = run_ranks(_rank_worker, mesh.size, args=(config.to_dict(), tp, plan, batch, seq, seed,
-                                                           pp, dp, microbatches, schedule))
+        results = run_ranks(
+            _rank_worker,
+            mesh.size,
+            args=(config.to_dict(), tp, plan, batch, seq, seed, pp, dp, microbatches, schedule),
+        )
         loss, outs, grads = results[0]
         for part in results[1:]:
             if part is not None:
@@ -148,11 +192,16 @@ def verify_config(
     checks = [compare("loss", loss, ref_loss, rtol=rtol, atol=atol)]
     for name, want in ref_outs.items():
         got = outs.get(name)
-        checks.append(compare(f"output {name}", got, want, rtol=rtol, atol=atol) if got is not None
-                      else Check(f"output {name} (missing)", float("inf"), float("inf"), False))
+        checks.append(
+            compare(f"output {name}", got, want, rtol=rtol, atol=atol)
+            if got is not None
+            else Check(f"output {name} (missing)", float("inf"), float("inf"), False)
+        )
     for name, want in ref_grads.items():
         got = grads.get(name)
-        checks.append(compare(f"grad {name}", got, want, rtol=rtol, atol=atol) if got is not None
-                      else Check(f"grad {name} (missing)", float("inf"), float("inf"), False))
+        checks.append(
+            compare(f"grad {name}", got, want, rtol=rtol, atol=atol)
+            if got is not None
+            else Check(f"grad {name} (missing)", float("inf"), float("inf"), False)
+        )
     return checks
-
