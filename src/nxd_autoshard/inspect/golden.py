@@ -1,23 +1,5 @@
-"""Golden graphs: one stable, normalized text form of a rewritten program, and a check against a file.
-
-The same printer serves goldens, `sharded.history` snapshots and the notebook views. What it
-prints, per program (one program serves every rank of the tp axis; pipeline stages, once
-they exist, get one section each):
-
-* inputs, by name (state names such as `model.layers.0.mlp.up_proj.weight`, then the user
-  inputs), with placement, per-rank shape and dtype;
-* one line per op: `%7 = aten.mm(%5, %6)  S(1)  [s0*s1, 64] f32`, grouped under the module
-  it came from. Values are renumbered `%0, %1, ...` in graph order; ops print as their ATen
-  op packet (`aten.add`, never the overload such as `.Tensor`, whose choice varies across
-  torch versions); collectives print with their mesh axis, `all_reduce[tp](%12)`;
-* dynamic sizes as `s0, s1, ...` in order of first appearance (torch's own symbol names,
-  e.g. `s72`, change between versions and runs);
-* devices as `<device>`, so a plan made on meta prints the same as one made on cpu.
-
-Left out on purpose, because they vary across torch 2.9-2.13 and carry no sharding meaning:
-node names, stack traces, export's runtime assertion ops (`_assert_scalar`,
-`sym_constrain_range*`), and symbol hints (example sizes).
-"""
+"""Golden graphs: a program's stable text (`ir/printer.py` says what is normalized and why),
+one section per pipeline stage, and a check against a file that fails with a unified diff."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Golden graphs: one stable, normalized text form of a rewritten program, and a check against a file.
+"""The one printer: a stable, normalized text form of a program, for goldens, history and notebooks.
 
 The same printer serves goldens, `sharded.history` snapshots and the notebook views. What it
 prints, per program (one program serves every rank of the tp axis; pipeline stages, once

@@ -58,7 +58,9 @@ def _parent_store(world_size: int, timeout_s: float) -> dist.TCPStore:
 
     Binding port 0 in the parent is atomic: no other launch can take the port between picking
     and binding it, and no rank of another launch can join this one's store (picking a free
-    port and letting rank 0 bind it later allowed both).
+    port and letting rank 0 bind it later allowed both). It is made after the children are
+    forked, and its port sent to them: the store runs a thread, and a child forked while a
+    thread holds a lock (glibc's resolver lock, say) deadlocks on it.
     """
     return dist.TCPStore(
         "127.0.0.1",
@@ -76,12 +78,18 @@ def _worker(
     world_size: int,
     args: tuple,
     backend: str,
-    port: int,
+    port_conn: mp_connection.Connection,
     env: dict[str, str] | None,
     pg_timeout_s: float,
     conn: mp_connection.Connection,
 ) -> None:
     """Child entry point: set up env and process group, run fn, send back the result."""
+    try:
+        port = port_conn.recv()  # the parent's store, made once every rank is forked
+    except (EOFError, OSError):
+        return  # the parent is gone or gave up before the store existed
+    finally:
+        port_conn.close()
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",
@@ -177,8 +185,8 @@ def _launch_once(
 ) -> _Attempt:
     ctx = mp.get_context(start_method)
     pg_timeout_s = timeout_s + _PG_TIMEOUT_SLACK_S
-    store = _parent_store(world_size, pg_timeout_s)
-    port = store.port
+    store = None
+    port_writers = []
     attempt = _Attempt()
     procs: list[Any] = []
     readers: dict[Any, int] = {}  # readers still expected to deliver, -> rank
@@ -187,10 +195,12 @@ def _launch_once(
     try:
         for rank in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
+            port_reader, port_writer = ctx.Pipe(duplex=False)
+            port_writers.append(port_writer)
             all_readers.append(reader)
             p = ctx.Process(
                 target=_worker,
-                args=(fn, rank, world_size, args, backend, port, env, pg_timeout_s, writer),
+                args=(fn, rank, world_size, args, backend, port_reader, env, pg_timeout_s, writer),
                 name=f"nxd-rank-{rank}",
             )
             try:
@@ -201,8 +211,13 @@ def _launch_once(
                     p.start()
             finally:
                 writer.close()
+                port_reader.close()
             procs.append(p)
             readers[reader] = rank
+        store = _parent_store(world_size, pg_timeout_s)
+        for port_writer in port_writers:
+            port_writer.send(store.port)
+            port_writer.close()
 
         pending = set(range(world_size))
         sentinels = {p.sentinel: rank for rank, p in enumerate(procs)}
@@ -283,6 +298,8 @@ def _launch_once(
                 p.close()
             except Exception:  # noqa: BLE001
                 pass
+        for port_writer in port_writers:
+            port_writer.close()
         del store  # closes the rendezvous port
     return attempt
 
