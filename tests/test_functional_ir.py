@@ -68,3 +68,15 @@ def test_no_in_place_op_reaches_propagation():
     sharded = autoshard(model, 2, example_inputs=(torch.randn(2, 8, 32),))
     gm = sharded.history.step("capture")
     assert "copy_" not in gm.text and "div_" not in gm.text and "slice_scatter" in gm.text
+
+
+def test_a_buffer_filled_through_slices_is_sharded_with_its_writers():
+    """The `new_empty` keys are sharded by heads with the projections that fill them: a local
+    slice of the buffer, no gather, only the row-parallel all-reduce and the input's backward one."""
+    torch.manual_seed(0)
+    sharded = autoshard(FilledKeys(), 2, example_inputs=(torch.randn(2, 8, 32),))
+    report = sharded.explain()
+    placements = {p.name: str(p.placement) for p in report.parameters}
+    assert placements["k_nope.weight"] == placements["k_rope.weight"] == "S(0)", placements
+    assert report.totals["forward"] == {"all_reduce": 1}
+    assert report.totals["backward"] == {"all_reduce": 1}

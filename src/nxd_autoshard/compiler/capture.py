@@ -204,12 +204,13 @@ def _views_as_reshapes(gm: torch.fx.GraphModule) -> None:
 def _differentiable_copies(gm: torch.fx.GraphModule) -> None:
     """`copy(dst, src)` (what `dst[...] = src` becomes) as `src` cast and broadcast to dst.
 
-    aten.copy has no derivative, and dst is wholly overwritten, so its value is not needed.
+    aten.copy has no derivative, and dst is wholly overwritten, so its value is not needed
+    (`non_blocking` only orders a device transfer, which the result does not depend on).
     """
     aten = torch.ops.aten
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.target is not aten.copy.default or node.kwargs:
+        if node.target is not aten.copy.default:
             continue
         dst, src = node.args[:2]
         dval, sval = dst.meta["val"], src.meta["val"]

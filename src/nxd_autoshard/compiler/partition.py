@@ -9,7 +9,7 @@ from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, module_path
-from nxd_autoshard.rules import DivideSize, Lower, SliceBlock, SplitSizes, tensor_inputs
+from nxd_autoshard.rules import FRESH, DivideSize, Lower, SliceBlock, SplitSizes, tensor_inputs
 
 __all__ = ["partition", "redistribute_ops", "requires_grad_nodes"]
 
@@ -58,7 +58,7 @@ def requires_grad_nodes(gm: torch.fx.GraphModule, program: CapturedProgram) -> s
         if i >= program.num_state or program.state_kinds[i] == "parameter":
             grad.add(node)
     for node in gm.graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) in FRESH:
             continue
         val = node.meta.get("val")
         floating = isinstance(val, torch.Tensor) and val.dtype.is_floating_point

@@ -14,8 +14,10 @@ from nxd_autoshard.rules import (  # noqa: F401  (each module registers its rule
     misc,
     pointwise,
     reductions,
+    scatters,
     views,
 )
+from nxd_autoshard.rules.misc import FRESH
 from nxd_autoshard.rules.registry import (
     REGISTRY,
     Decision,
@@ -39,6 +41,7 @@ from nxd_autoshard.rules.registry import (
 )
 
 __all__ = [
+    "FRESH",
     "REGISTRY",
     "Decision",
     "DivideSize",

@@ -6,7 +6,23 @@ import operator
 
 from nxd_autoshard.rules.registry import Decision, R, aten, rule
 
-__all__ = ["fresh_rule", "getitem_rule"]
+__all__ = ["FRESH", "fresh_rule", "getitem_rule"]
+
+# ops whose result does not depend on their input's values: it carries no gradient back
+FRESH = frozenset(
+    {
+        aten.new_zeros,
+        aten.new_ones,
+        aten.new_empty,
+        aten.new_full,
+        aten.zeros_like,
+        aten.ones_like,
+        aten.empty_like,
+        aten.full_like,
+        aten.rand_like,
+        aten.randn_like,
+    }
+)
 
 
 @rule(operator.getitem)
