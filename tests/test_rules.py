@@ -249,7 +249,16 @@ ROWS = [
     Row("sum_shard_dim", aten.sum, lambda x: x.sum(1), ((4, 8),), (S1,), P),
     Row("sum_other_dim", aten.sum, lambda x: x.sum(0), ((4, 8),), (S1,), S0),
     Row("sum_keepdim", aten.sum, lambda x: x.sum(0, keepdim=True), ((4, 8),), (S1,), S1),
-    Row("mean_shard_dim", aten.mean, lambda x: x.mean(-1), ((4, 8),), (S1,), FALLBACK),
+    Row("mean_shard_dim", aten.mean, lambda x: x.mean(-1), ((4, 8),), (S1,), P),
+    Row("mean_all_dims", aten.mean, lambda x: x.mean(), ((4, 8),), (S1,), P),
+    Row(
+        "rms_over_the_shard_dim",  # OLMo 2's q/k norm over the whole projection width
+        aten.mean,
+        lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w,
+        ((4, 8), (8,)),
+        (S1, R),
+        P,
+    ),
     Row("mean_other_dim", aten.mean, lambda x: x.mean(-1), ((8, 4),), (S0,), S0),
     Row("amax_shard_dim", aten.amax, lambda x: x.amax(1), ((4, 8),), (S1,), FALLBACK),
     Row("amin_other_dim", aten.amin, lambda x: x.amin(1), ((8, 4),), (S0,), S0),

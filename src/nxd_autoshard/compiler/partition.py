@@ -9,7 +9,15 @@ from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, module_path
-from nxd_autoshard.rules import FRESH, DivideSize, Lower, SliceBlock, SplitSizes, tensor_inputs
+from nxd_autoshard.rules import (
+    FRESH,
+    DivideSize,
+    Lower,
+    ScaleInput,
+    SliceBlock,
+    SplitSizes,
+    tensor_inputs,
+)
 
 __all__ = ["partition", "redistribute_ops", "requires_grad_nodes"]
 
@@ -171,6 +179,16 @@ def _slice_block(node: torch.fx.Node, step: SliceBlock, tp: int) -> None:
     node.args = (node.args[0], step.dim, start, start + step.width // tp, *node.args[4:])
 
 
+def _scale_input(node: torch.fx.Node, step: ScaleInput, tp: int) -> None:
+    """The first input divided by tp, in a node of its own (the node's users keep reading it)."""
+    x = node.args[0]
+    with node.graph.inserting_before(node):
+        scaled = node.graph.call_function(torch.ops.aten.div.Tensor, (x, tp))
+    scaled.meta.update({k: x.meta[k] for k in ("val", "nxd_placement") if k in x.meta})
+    scaled.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    node.args = (scaled, *node.args[1:])
+
+
 def _lower(node: torch.fx.Node, step: Lower, tp: int) -> None:
     """Retarget a node to a runtime op (vocab-parallel embedding or cross entropy)."""
     node.target = step.op
@@ -183,6 +201,7 @@ LOCALISE = {
     DivideSize: _divide_size,
     SplitSizes: _split_sizes,
     SliceBlock: _slice_block,
+    ScaleInput: _scale_input,
     Lower: _lower,
 }
 

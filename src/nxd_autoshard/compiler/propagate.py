@@ -203,6 +203,7 @@ def propagate_placements(
             if src:
                 origins[node] = src
 
+    _store_params_as_used(decisions, placements, param_of, fixed, styles)
     for node, p in placements.items():
         node.meta["nxd_placement"] = p
     params = {param_of[n]: placements[n] for n in param_of}
@@ -225,6 +226,14 @@ def _decide_node(node, pls: dict, tp: int) -> Decision:
     else:
         rule = rule_for(node.target)
         decision = rule(node, seen, tp) if rule else None
+        partials = [n for n, p in seen.items() if isinstance(p, Partial)]
+        if decision is None and rule and partials:
+            # reduce the Partial inputs (the all-reduce they need anyway) and keep the shards
+            reduced = {**seen, **{n: R for n in partials}}
+            if not all(isinstance(p, Replicate) or p is None for p in reduced.values()):
+                decision = rule(node, reduced, tp)
+                if decision is not None:
+                    decision.needs = {**{n: R for n in partials}, **decision.needs}
         if decision is None:
             return Decision(
                 _replicated_like(node),
@@ -235,6 +244,25 @@ def _decide_node(node, pls: dict, tp: int) -> Decision:
         decision.needs = {**unpadded, **decision.needs}
         decision.note = "no sharding rule for a padded vocab dim"
     return decision
+
+
+def _store_params_as_used(decisions, placements, param_of, fixed, styles) -> None:
+    """A replicated parameter that every user needs as the same Shard is stored sharded, so
+    forward slices nothing and backward gathers no gradient (a q/k norm weight over a sharded
+    projection): each rank's slice only ever meets its own piece of the activation."""
+    for node, name in param_of.items():
+        if not isinstance(placements[node], Replicate) or name in fixed or name in styles:
+            continue
+        users = [decisions.get(u) for u in node.users]
+        needs = {d.needs.get(node) for d in users if d is not None}
+        if not users or None in users or len(needs) != 1:
+            continue
+        need = needs.pop()
+        if not isinstance(need, Shard) or any(d.padded for d in users):
+            continue
+        placements[node] = need
+        for d in users:
+            del d.needs[node]
 
 
 def _vocab_sizes(program: CapturedProgram) -> set[int]:

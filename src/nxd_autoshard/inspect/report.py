@@ -26,7 +26,7 @@ import torch.fx
 
 from nxd_autoshard.compiler.partition import requires_grad_nodes
 from nxd_autoshard.ir import ops as C
-from nxd_autoshard.ir.placements import Shard, placement_str
+from nxd_autoshard.ir.placements import Partial, Shard, placement_str
 from nxd_autoshard.ir.printer import (
     display_module,
     dtype_str,
@@ -419,12 +419,28 @@ def _weight_and_activation(node: torch.fx.Node):
     return weight.meta.get("nxd_placement"), out_dim, act
 
 
+def _reduces_a_sharded_dim(node: torch.fx.Node) -> bool:
+    """A sum or mean whose sharded input gives a Partial result (its statistic is all-reduced)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet not in (torch.ops.aten.sum, torch.ops.aten.mean) or not node.args:
+        return False
+    source = node.args[0]
+    return isinstance(node.meta.get("nxd_placement"), Partial) and isinstance(
+        getattr(source, "meta", {}).get("nxd_placement"), Shard
+    )
+
+
 def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int, int, int]:
     """Megatron's count for a block: an all-reduce per row-parallel output forward and per
-    distinct column-parallel input backward (2 + 2 for attention + MLP); then the block's
-    matmuls with a weight, and how many of them are sharded."""
+    distinct column-parallel input backward (2 + 2 for attention + MLP), plus one each way per
+    reduction over a sharded dim (a q/k RMSNorm over the whole projection width all-reduces its
+    statistic, a [batch, seq, 1] tensor); then the block's matmuls with a weight, and how many
+    of them are sharded."""
     rows, column_inputs, matmuls, sharded = 0, set(), 0, 0
     for node in nodes:
+        if _reduces_a_sharded_dim(node):
+            rows += 1
+            column_inputs.add(node)
         found = _weight_and_activation(node)
         if found is None:
             continue

@@ -56,6 +56,12 @@ def _matmul_decision(a, b, pa, pb, out_nd):
     return Decision(Shard(od), needs)
 
 
+def _trained(weight) -> bool:
+    """A parameter: a Partial input through it would need its weight gradient all-reduced
+    (weight-sized), so the input is reduced first (activation-sized, and often reduced anyway)."""
+    return getattr(weight, "meta", {}).get("nxd_kind") == "parameter"
+
+
 def _padded_shard(node, placement) -> bool:
     return isinstance(placement, Shard) and padded_of(node) is not None
 
@@ -85,7 +91,7 @@ def linear_rule(node, placements, tp):
     if isinstance(pw, Shard) and pw.dim == 1:
         return Decision(P, {x: Shard(last)} if px != Shard(last) else {})
     if isinstance(pw, Replicate):
-        if isinstance(px, Partial):
+        if isinstance(px, Partial) and not _trained(w):
             return Decision(P)
         if isinstance(px, Shard) and px.dim != last:
             return Decision(Shard(px.dim))
@@ -104,7 +110,7 @@ def expert_linear_rule(node, placements, tp):
     if pw == Shard(2):
         return Decision(P, {**keep_offsets, **({x: Shard(1)} if px != Shard(1) else {})})
     if isinstance(pw, Replicate):
-        if isinstance(px, Partial):
+        if isinstance(px, Partial) and not _trained(w):
             return Decision(P, keep_offsets)
         return Decision(R, {**keep_offsets, x: R})
     return None

@@ -7,6 +7,7 @@ from nxd_autoshard.rules.registry import (
     Decision,
     P,
     R,
+    ScaleInput,
     aten,
     norm_dim,
     packet_of,
@@ -21,7 +22,8 @@ __all__ = ["layer_norm_rule", "reduction_rule", "rms_norm_rule"]
 
 @rule(aten.sum, aten.mean, aten.amax, aten.amin, padding_aware=True)
 def reduction_rule(node, placements, tp):
-    """sum/mean/amax over dims: a reduced shard dim gives Partial for sum, a gather otherwise."""
+    """sum/mean/amax over dims: a reduced shard dim gives Partial for sum and mean (each rank's
+    mean of its piece, over tp), so only the small reduced value is all-reduced; amax/amin gather."""
     x = node.args[0]
     p = placements[x]
     packet = packet_of(node.target)
@@ -37,7 +39,9 @@ def reduction_rule(node, placements, tp):
         return Decision(P) if packet is aten.sum else None
     if p.dim in dims:
         # padding need not be zero after element-wise ops: a padded dim is gathered, then reduced
-        return Decision(P) if packet is aten.sum and not padded_of(x) else None
+        if padded_of(x) or packet not in (aten.sum, aten.mean):
+            return None
+        return Decision(P, localise=(ScaleInput(),) if packet is aten.mean else ())
     out = p.dim if keepdim else p.dim - sum(1 for d in dims if d < p.dim)
     return Decision(Shard(out), padded=padded_of(x))
 

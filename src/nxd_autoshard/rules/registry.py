@@ -32,6 +32,7 @@ __all__ = [
     "P",
     "R",
     "RuleEntry",
+    "ScaleInput",
     "SliceBlock",
     "SplitSizes",
     "aten",
@@ -82,6 +83,12 @@ class SliceBlock:
 
 
 @dataclass(frozen=True)
+class ScaleInput:
+    """The first input is divided by tp: a mean over a sharded dim is each rank's mean of its
+    piece over tp, which the later all-reduce of the Partial result sums to the whole mean."""
+
+
+@dataclass(frozen=True)
 class Lower:
     """Retarget the node to runtime op `op` with args (args[0], args[1], *extra_args)."""
 
@@ -89,7 +96,7 @@ class Lower:
     extra_args: tuple
 
 
-Localisation = DivideSize | SplitSizes | SliceBlock | Lower
+Localisation = DivideSize | SplitSizes | SliceBlock | ScaleInput | Lower
 
 
 @dataclass
