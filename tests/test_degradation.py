@@ -15,20 +15,32 @@ from nxd_autoshard.tools.hf import build_model, random_batch
 
 
 class _Block(torch.nn.Module):
-    def __init__(self, width: int = 16):
+    """up -> cummax -> down, and (mlp=True) a plain MLP after it, which always splits."""
+
+    def __init__(self, width: int, mlp: bool):
         super().__init__()
         self.up = torch.nn.Linear(width, 4 * width, bias=False)
         self.down = torch.nn.Linear(4 * width, width, bias=False)
+        self.mlp = (
+            torch.nn.Sequential(
+                torch.nn.Linear(width, 4 * width),
+                torch.nn.ReLU(),
+                torch.nn.Linear(4 * width, width),
+            )
+            if mlp
+            else None
+        )
 
     def forward(self, x):
         h = torch.cummax(self.up(x), dim=-1).values  # no sharding rule for cummax
-        return x + self.down(torch.relu(h))
+        x = x + self.down(torch.relu(h))
+        return x + self.mlp(x) if self.mlp is not None else x
 
 
 class _Stack(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, width: int = 16, mlp: bool = False):
         super().__init__()
-        self.layers = torch.nn.ModuleList([_Block(), _Block()])
+        self.layers = torch.nn.ModuleList([_Block(width, mlp), _Block(width, mlp)])
 
     def forward(self, x):
         for layer in self.layers:
@@ -44,14 +56,31 @@ def _warnings_of(fn) -> list[str]:
 
 
 def test_a_replicated_block_matmul_is_warned_about_with_its_cause():
+    # width 6 at tp 4: up's column split is undone by cummax and its 6 inputs do not split by rows
     torch.manual_seed(0)
-    model, x = _Stack(), torch.randn(2, 4, 16)
-    messages = _warnings_of(lambda: autoshard(model, 2, example_inputs=(x,)))
+    model, x = _Stack(width=6, mlp=True), torch.randn(2, 4, 6)
+    messages = _warnings_of(lambda: autoshard(model, 4, example_inputs=(x,)))
     lines = [m for m in messages if "stay replicated" in m]
     assert lines, messages
     # once for both identical layers, naming the module, the node and the op that forced it
     assert len([m for m in lines if "'layers.*.up'" in m]) == 1
     assert any("cummax" in m and "node '" in m for m in lines), lines
+
+
+def test_an_undone_column_split_splits_by_rows_the_same_in_identical_blocks():
+    """cummax needs up's whole output: its column split is undone, in both identical layers
+    (not only the first, whose input happens to be replicated), and up splits by rows instead."""
+    torch.manual_seed(0)
+    model, x = _Stack(), torch.randn(2, 4, 16)
+    box = []
+    messages = _warnings_of(lambda: box.append(autoshard(model, 2, example_inputs=(x,))))
+    placements = {p.name: str(p.placement) for p in box[0].explain().parameters}
+    assert placements["layers.0.up.weight"] == placements["layers.1.up.weight"] == "S(1)"
+    assert placements["layers.0.down.weight"] == placements["layers.1.down.weight"]
+    lines = [m for m in messages if "split by rows" in m]
+    assert len(lines) == 1 and "'layers.*.up' (2 matmul(s))" in lines[0], messages
+    assert "cummax" in lines[0]
+    torch.testing.assert_close(box[0](x), model(x))
 
 
 def test_strict_refuses_a_replicated_block_matmul():
@@ -62,10 +91,10 @@ def test_strict_refuses_a_replicated_block_matmul():
 
 def test_the_degraded_plan_is_still_equal_and_shown_as_partly_sharded():
     torch.manual_seed(0)
-    model, x = _Stack(), torch.randn(2, 4, 16)
+    model, x = _Stack(width=6, mlp=True), torch.randn(2, 4, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sharded = autoshard(model, 2, example_inputs=(x,))
+        sharded = autoshard(model, 4, example_inputs=(x,))
     torch.testing.assert_close(sharded(x), model(x))
     text = sharded.explain(format="text")
     assert "PARTLY SHARDED" in text or "NOT SHARDED" in text
@@ -90,3 +119,13 @@ def test_the_families_in_the_suite_shard_without_a_degradation_warning():
     model, _, args, kwargs = sharded_family("llama", 2)
     messages = _warnings_of(lambda: autoshard(model, 2, example_inputs=args, example_kwargs=kwargs))
     assert not [m for m in messages if "stay replicated" in m]
+
+
+def test_an_undone_split_outside_any_block_is_warned_about_too():
+    torch.manual_seed(0)
+    model = _Block(16, mlp=False)  # a lone layer: no repeated blocks
+    x = torch.randn(2, 4, 16)
+    messages = _warnings_of(lambda: autoshard(model, 2, example_inputs=(x,)))
+    assert any("'up' (1 matmul(s)) split by rows" in m and "cummax" in m for m in messages), (
+        messages
+    )

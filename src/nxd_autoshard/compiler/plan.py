@@ -73,8 +73,9 @@ def decide_placements(
     """
     first = not plan.decided
     styles = dict(settings.styles)
-    veto: set[str] = set()
+    veto: dict[str, str] = {}  # module -> "column" (rows instead) or "all" (replicated)
     undone: dict[str, str] = {}  # module -> why its auto/plan split was undone
+    twins = _twins(settings.full_shapes)
     for _ in range(16):
         result = propagate_placements(
             program,
@@ -95,13 +96,22 @@ def decide_placements(
         if not failed or not first:
             break
         _check_divisibility(result, failed, settings)
-        roots = _root_failures(failed)
-        undone.update({m: failed[m] for m in roots})
-        veto |= roots
+        for root in _root_failures(failed):
+            # what undoes a split in one block undoes it in its identical twins: one plan for all
+            for module in twins.get(root, (root,)):
+                if module not in veto:
+                    veto[module] = "all" if "not divisible" in failed[root] else "column"
+                    undone[module] = failed[root]
         styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
+    alike: dict[str, list[str]] = {}  # one warning per op and place, layer indices aside
     for line in result.fallbacks:
+        key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", line.split(" on ")[0]))
+        alike.setdefault(key, []).append(line)
+    for lines in alike.values():
+        more = f" (and {len(lines) - 1} more like it in the other blocks)" if len(lines) > 1 else ""
         warnings.warn(
-            f"nxd-autoshard: gathered to replicate (no sharding rule): {line}", stacklevel=4
+            f"nxd-autoshard: gathered to replicate (no sharding rule): {lines[0]}{more}",
+            stacklevel=4,
         )
     if first:
         _commit(result, settings, plan)
@@ -139,19 +149,18 @@ def _block_matmuls(program: CapturedProgram):
 def _report_replicated(
     program: CapturedProgram, settings: CompileSettings, plan: Plan, undone: dict[str, str]
 ) -> None:
-    """Warn (or raise, strict) once per distinct cause when a block's matmul stays replicated.
+    """Warn (or raise, strict) once per distinct cause when a block's matmul stays replicated
+    or an auto split was undone (the matmul then splits by rows, or stays whole).
 
     A tp that splits no matmul of any block is a DivisibilityError with the tp values that do.
     """
     found = list(_block_matmuls(program))
     replicated = [
-        (m, n, w)
-        for m, n, w in found
+        (m, w)
+        for m, _, w in found
         if isinstance(plan.placements.get(w), Replicate) and settings.styles.get(w) != "replicate"
     ]  # a user's 'replicate' is not a surprise
-    if not replicated:
-        return
-    if len(replicated) == len(found):
+    if replicated and len(replicated) == len(found):
         _raise_if_another_tp_splits(program, settings, [w for _, _, w in found])
     # a weight under 2 % of its block's matmul weights (an MoE router) costs no memory to speak
     # of, and Megatron replicates it too: explain() still shows it, no warning
@@ -159,39 +168,47 @@ def _report_replicated(
     per_block: dict[str, int] = {}
     for module, _, w in found:
         per_block[block_of(module)] = per_block.get(block_of(module), 0) + size[w]
-    replicated = [(m, n, w) for m, n, w in replicated if size[w] * 50 >= per_block[block_of(m)]]
-    causes: dict[str, list[str]] = {}
-    allowed: set[str] = set()
-    for module, _node, weight in replicated:
-        why = undone.get(module) or _why_not_split(weight, settings)
+    degraded = [(m, "replicated") for m, w in replicated if size[w] * 50 >= per_block[block_of(m)]]
+    in_blocks = {m for m, _, _ in found}
+    for module in undone:
+        if plan.auto_styles.get(module) == "row":
+            degraded.append((module, "rows"))
+        elif module not in in_blocks and all(
+            isinstance(p, Replicate)
+            for n, p in plan.placements.items()
+            if n.rsplit(".", 1)[0] == module
+        ):
+            degraded.append((module, "replicated"))
+    causes: dict[tuple[str, str], list[str]] = {}
+    for module, outcome in degraded:
+        why = undone.get(module) or _why_not_split(module + ".weight", settings)
+        if outcome == "replicated" and "not divisible" in why and module in undone:
+            continue  # KV heads below tp: replicated, as NxD does (the optimum under GQA)
         # one warning per distinct cause: layer indices and node names differ between layers
         key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why))
-        if "not divisible" in why and module in undone:
-            allowed.add(key)  # KV heads < tp: replicated, as NxD does
-        causes.setdefault(key, []).append(module)
+        causes.setdefault((key, outcome), []).append(module)
     problems = []
-    for cause, modules in causes.items():
+    for (_, outcome), modules in causes.items():
         example = undone.get(modules[0]) or _why_not_split(modules[0] + ".weight", settings)
-        names = list(dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
-        line = (
-            f"{', '.join(repr(n) for n in names)} ({len(modules)} matmul(s)) stay replicated on "
-            f"every rank (the full weight, no split): {_with_op(example, program)}"
+        names = ", ".join(repr(n) for n in dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
+        what = (
+            "stay replicated on every rank (the full weight, no split)"
+            if outcome == "replicated"
+            else "split by rows, not columns (one more all-reduce each)"
         )
-        if cause not in allowed:  # KV heads below tp: the optimum (NxD replicates them too)
-            problems.append(line)
+        problems.append(f"{names} ({len(modules)} matmul(s)) {what}: {_with_op(example, program)}")
     if not problems:
         return
     if settings.strict:
         raise PlanError(
-            "autoshard(strict=True): matmuls of repeated blocks are not sharded:\n  "
+            "autoshard(strict=True): matmuls are not split as planned:\n  "
             + "\n  ".join(problems)
             + "\nWhat to do: give these modules a style in plan=, or drop strict=True "
-            "to accept the replication"
+            "to accept the plan"
         )
     for line in problems:
         warnings.warn(
-            f"nxd-autoshard: {line}; explain() shows the block as partly replicated, "
-            "strict=True makes this an error",
+            f"nxd-autoshard: {line}; explain() shows the blocks, strict=True makes this an error",
             stacklevel=5,
         )
 
@@ -272,6 +289,24 @@ def _check_divisibility(
             f"(e.g. the number of attention heads). tp values that divide it: "
             f"{', '.join(map(str, _divisors(size)))}."
         )
+
+
+def _twins(full_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, ...]]:
+    """Modules at the same place in identical blocks (the same parameter names and shapes
+    under the block path), each mapped to all of them."""
+    contents: dict[str, list] = {}
+    for name, shape in full_shapes.items():
+        block = block_of(name.rsplit(".", 1)[0])
+        if block is not None:
+            contents.setdefault(block, []).append((name[len(block) :], tuple(shape)))
+    kind = {b: (_INDEX.sub(".*", b), tuple(sorted(v))) for b, v in contents.items()}
+    groups: dict[tuple, set[str]] = {}
+    for name in full_shapes:
+        module = name.rsplit(".", 1)[0]
+        block = block_of(module)
+        if block is not None:
+            groups.setdefault((kind[block], module[len(block) :]), set()).add(module)
+    return {m: tuple(sorted(g)) for g in groups.values() for m in g}
 
 
 def _root_failures(failed: dict[str, str]) -> set[str]:

@@ -115,14 +115,17 @@ def propagate_placements(
     styles: dict[str, str],
     fixed: dict[str, Placement] | None = None,
     auto: bool = True,
-    veto: set[str] = frozenset(),
+    veto: dict[str, str] | None = None,
     padded: dict[str, int] | None = None,
 ) -> PropagationResult:
     """Derive a placement for every node; styles map parameter names to plan styles.
 
     fixed / padded: placements and vocab paddings of parameters decided by an earlier capture.
+    veto: modules whose auto split was undone: "column" (split by rows instead, when the
+    input allows it) or "all" (replicated).
     """
     gm = program.gm
+    veto = veto or {}
     fixed = dict(fixed or {})
     placements: dict[torch.fx.Node, Placement | tuple | None] = {}
     decisions: dict[torch.fx.Node, Decision] = {}
@@ -344,14 +347,23 @@ def _seed_weights(
         return
     mod = name.rsplit(".", 1)[0]
     style = styles.get(name)
-    if style is None and auto and mod not in veto:
+    refused = veto.get(mod)
+    if style is None and auto and refused != "all":
         px = placements.get(x)
         in_features = shape_of(weight)[_in_dim(out_dim, ndim)]
         out_features = shape_of(weight)[out_dim]
         vocab_head = out_features in vocab_sizes  # padded when tp does not divide it
-        if isinstance(px, (Replicate, Partial)) and (out_features % tp == 0 or vocab_head):
+        whole = isinstance(px, (Replicate, Partial))
+        if whole and refused is None and (out_features % tp == 0 or vocab_head):
             style = "column"
-        elif isinstance(px, Shard) and px.dim == x.meta["val"].dim() - 1 and in_features % tp == 0:
+        elif in_features % tp == 0 and (
+            isinstance(px, Shard)
+            and px.dim == x.meta["val"].dim() - 1
+            # its column split was undone: rows, the input sliced (replicated) or reduce-
+            # scattered (partial), as Megatron's RowParallelLinear(input_is_parallel=False)
+            or whole
+            and refused == "column"
+        ):
             style = "row"
         if style:
             auto_styles[mod] = style
