@@ -462,6 +462,64 @@ ROWS = [
         (S0, R),
         FALLBACK,
     ),
+    # flatten / unflatten and complex views (torchtitan's rotary embedding)
+    Row("flatten_outer", aten.flatten, lambda x: x.flatten(1), ((2, 8, 4),), (S1,), S1),
+    Row("flatten_after", aten.flatten, lambda x: x.flatten(0, 1), ((2, 4, 8),), (S2,), S1),
+    Row(
+        "flatten_inner_refuses", aten.flatten, lambda x: x.flatten(1), ((2, 4, 8),), (S2,), FALLBACK
+    ),
+    Row(
+        "unflatten_shard_dim",
+        aten.unflatten,
+        lambda x: x.unflatten(-1, (4, 2)),
+        ((2, 8),),
+        (S1,),
+        S1,
+    ),
+    Row(
+        "unflatten_other_dim",
+        aten.unflatten,
+        lambda x: x.unflatten(0, (2, 2)),
+        ((4, 8),),
+        (S1,),
+        S2,
+    ),
+    Row(
+        "unflatten_small_outer_refuses",
+        aten.unflatten,
+        lambda x: x.unflatten(-1, (2, 4)),
+        ((2, 8),),
+        (S1,),
+        FALLBACK,
+        tps=(4,),
+    ),
+    Row(
+        "complex_rotary_by_heads",
+        aten.view_as_complex,
+        lambda x, f: torch.view_as_real(torch.view_as_complex(x.reshape(2, 4, 4, 2)) * f).flatten(
+            2
+        ),
+        ((2, 4, 8), torch.polar(torch.ones(4), torch.arange(4.0))),
+        (S1, R),
+        S1,
+    ),
+    Row(
+        "view_as_real_by_heads",
+        aten.view_as_real,
+        lambda x, f: torch.view_as_real(torch.view_as_complex(x.reshape(2, 4, 4, 2)) * f),
+        ((2, 4, 8), torch.polar(torch.ones(4), torch.arange(4.0))),
+        (S1, R),
+        S1,
+    ),
+    Row(
+        "complex_pairs_refuse",
+        aten.view_as_complex,
+        lambda x: torch.view_as_real(torch.view_as_complex(x)) * 2,
+        ((4, 2),),
+        (S1,),
+        FALLBACK,
+        tps=(2,),
+    ),
     # writes (the functional forms of in-place writes) and gather
     Row(
         "slice_scatter_other_dim",

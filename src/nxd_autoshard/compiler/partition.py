@@ -154,12 +154,12 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
 
 
 def _divide_size(node: torch.fx.Node, step: DivideSize, tp: int) -> None:
-    """The size literal at args[1][position] becomes its local value: size/tp, or padded/tp."""
-    sizes = list(node.args[1])
+    """The size literal at args[arg][position] becomes its local value: size/tp, or padded/tp."""
+    sizes = list(node.args[step.arg])
     value = sizes[step.position]
     if isinstance(value, int) and value != -1:
         sizes[step.position] = (step.padded or value) // tp
-        node.args = (node.args[0], sizes, *node.args[2:])
+        node.args = (*node.args[: step.arg], sizes, *node.args[step.arg + 1 :])
     elif isinstance(value, torch.fx.Node):
         raise NotImplementedError(
             f"node '{node.name}' sets a sharded dim from a symbolic size; cannot localise it"

@@ -62,10 +62,12 @@ P = Partial()
 
 @dataclass(frozen=True)
 class DivideSize:
-    """The size literal at `position` of args[1] (view, expand) becomes size/tp, or padded/tp."""
+    """The size literal at `position` of args[arg] (view and expand: 1, unflatten: 2) becomes
+    size/tp, or padded/tp."""
 
     position: int
     padded: int | None = None
+    arg: int = 1
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""View and dim-moving rules: view/reshape/expand, transpose/permute/(un)squeeze, select, pad."""
+"""View and dim-moving rules: view/reshape/expand, (un)flatten, complex views, transpose/permute/
+(un)squeeze, select, pad."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from nxd_autoshard.rules.registry import (
     view_groups,
 )
 
-__all__ = ["dim_map_rule", "expand_rule", "view_rule"]
+__all__ = ["dim_map_rule", "expand_rule", "unflatten_rule", "view_rule"]
 
 
 @rule(aten.view, aten.reshape, aten._unsafe_view, padding_aware=True)
@@ -81,6 +82,45 @@ def dim_map_rule(mapping: Callable[[torch.fx.Node, int], int | None], linear: bo
     return rule_fn
 
 
+def _flatten_map(node, d):
+    """flatten(x, start, end): the shard passes when it is the outermost merged dim (a
+    contiguous piece of the merged dim) or outside the merged run."""
+    nd = node.args[0].meta["val"].dim()
+    start = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    end = norm_dim(node.args[2] if len(node.args) > 2 else -1, nd)
+    if d < start or d == start:
+        return d
+    return d - (end - start) if d > end else None
+
+
+@rule(aten.unflatten)
+def unflatten_rule(node, placements, tp):
+    """unflatten(x, dim, sizes): a shard of `dim` goes to its outermost new dim, whose size is
+    divided by tp; other dims move right."""
+    x = node.args[0]
+    p = placements[x]
+    if isinstance(p, Partial):
+        return Decision(P)
+    dim = norm_dim(node.args[1], x.meta["val"].dim())
+    sizes = list(node.args[2])
+    if p.dim < dim:
+        return Decision(Shard(p.dim))
+    if p.dim > dim:
+        return Decision(Shard(p.dim + len(sizes) - 1))
+    if not isinstance(sizes[0], int) or sizes[0] == -1 or sizes[0] % tp:
+        return None
+    return Decision(Shard(dim), localise=(DivideSize(0, arg=2),))
+
+
+def _complex_map(node, d):
+    """view_as_complex pairs the last dim (size 2) into one complex value: it stays whole."""
+    return None if d == node.args[0].meta["val"].dim() - 1 else d
+
+
+def _real_map(node, d):
+    return d  # view_as_real adds a last dim (the real and imaginary parts)
+
+
 def _transpose_map(node, d):
     nd = node.args[0].meta["val"].dim()
     a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
@@ -134,6 +174,9 @@ def _index_select_map(node, d):
     return None if dim == d else d
 
 
+rule(aten.flatten, padding_aware=False)(dim_map_rule(_flatten_map))
+rule(aten.view_as_complex)(dim_map_rule(_complex_map))
+rule(aten.view_as_real)(dim_map_rule(_real_map))
 rule(aten.transpose, padding_aware=True)(dim_map_rule(_transpose_map))
 rule(aten.t, padding_aware=True)(dim_map_rule(_t_map))
 rule(aten.permute, padding_aware=True)(dim_map_rule(_permute_map))
