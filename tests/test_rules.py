@@ -520,6 +520,22 @@ ROWS = [
         FALLBACK,
         tps=(2,),
     ),
+    Row(
+        "repeat_interleave_kv_heads",  # GQA: each KV head repeated for its query heads
+        aten.repeat_interleave,
+        lambda k: torch.repeat_interleave(k, 2, 1),
+        ((2, 4, 3, 8),),
+        (S1,),
+        S1,
+    ),
+    Row(
+        "repeat_interleave_flat_refuses",
+        aten.repeat_interleave,
+        lambda k: torch.repeat_interleave(k, 2),
+        ((4, 8),),
+        (S1,),
+        FALLBACK,
+    ),
     # writes (the functional forms of in-place writes) and gather
     Row(
         "slice_scatter_other_dim",

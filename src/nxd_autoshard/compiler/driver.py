@@ -20,6 +20,7 @@ from nxd_autoshard.compiler.normalize import (
     drop_assertions,
     expert_linear_from_grouped_mm,
     linear_from_matmul,
+    repeat_kv_heads,
     retarget_device,
     split_bias,
 )
@@ -173,6 +174,7 @@ PASSES: tuple[Pass, ...] = (
     _on_graph(linear_from_matmul),
     _on_graph(expert_linear_from_grouped_mm),
     _on_graph(split_bias),
+    _on_graph(repeat_kv_heads),
     Pass("propagate", _propagate),
     Pass("partition", _partition),
     Pass("retarget_device", _retarget),

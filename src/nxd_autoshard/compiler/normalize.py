@@ -10,6 +10,7 @@ __all__ = [
     "linear_from_matmul",
     "expert_linear_from_grouped_mm",
     "split_bias",
+    "repeat_kv_heads",
     "retarget_device",
 ]
 
@@ -119,6 +120,35 @@ def split_bias(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")
         }
         node.meta["nxd_bias"] = bias
+    return _finish(gm)
+
+
+def repeat_kv_heads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite `sdpa(q, k, v, enable_gqa=True)` (torchtitan's GQA) as sdpa over k and v with each
+    KV head repeated for its query heads, as HF's `repeat_kv`: the query heads then split across
+    tp whether or not the KV heads do (replicated KV heads are sliced per rank)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        if not node.kwargs.get("enable_gqa"):
+            continue
+        q, k, v = node.args[:3]
+        groups = q.meta["val"].shape[-3] // k.meta["val"].shape[-3]
+        args = list(node.args)
+        if groups != 1:
+            for i in (1, 2):
+                with graph.inserting_before(node):
+                    repeated = graph.call_function(
+                        aten.repeat_interleave.self_int, (args[i], groups, -3)
+                    )
+                repeated.meta["val"] = aten.repeat_interleave.self_int(
+                    args[i].meta["val"], groups, -3
+                )
+                repeated.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+                args[i] = repeated
+        node.args = tuple(args)
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "enable_gqa"}
     return _finish(gm)
 
 

@@ -76,6 +76,7 @@ def decide_placements(
     veto: dict[str, str] = {}  # module -> "column" (rows instead) or "all" (replicated)
     undone: dict[str, str] = {}  # module -> why its auto/plan split was undone
     twins = _twins(settings.full_shapes)
+    inputs_of: dict[str, str] = {}  # column module -> its input node, in any round
     for _ in range(16):
         result = propagate_placements(
             program,
@@ -86,6 +87,8 @@ def decide_placements(
             veto=veto,
             padded=plan.padded,
         )
+        for module, x in result.column_inputs.items():
+            inputs_of.setdefault(module, x)
         # auto choices that end in a gather are undone; a rule the user wrote is kept
         # (and its gather warned about) unless the size simply does not split
         failed = {
@@ -115,7 +118,7 @@ def decide_placements(
         )
     if first:
         _commit(result, settings, plan)
-        _report_replicated(program, settings, plan, undone)
+        _report_replicated(program, settings, plan, undone, inputs_of)
     return result
 
 
@@ -147,10 +150,14 @@ def _block_matmuls(program: CapturedProgram):
 
 
 def _report_replicated(
-    program: CapturedProgram, settings: CompileSettings, plan: Plan, undone: dict[str, str]
+    program: CapturedProgram,
+    settings: CompileSettings,
+    plan: Plan,
+    undone: dict[str, str],
+    column_inputs: dict[str, str],
 ) -> None:
-    """Warn (or raise, strict) once per distinct cause when a block's matmul stays replicated
-    or an auto split was undone (the matmul then splits by rows, or stays whole).
+    """Warn (or raise, strict) once per distinct cause when a block's matmul stays replicated,
+    or an undone auto split leaves a matmul outside the blocks whole.
 
     A tp that splits no matmul of any block is a DivisibilityError with the tp values that do.
     """
@@ -168,43 +175,49 @@ def _report_replicated(
     per_block: dict[str, int] = {}
     for module, _, w in found:
         per_block[block_of(module)] = per_block.get(block_of(module), 0) + size[w]
-    degraded = [(m, "replicated") for m, w in replicated if size[w] * 50 >= per_block[block_of(m)]]
+    degraded = [m for m, w in replicated if size[w] * 50 >= per_block[block_of(m)]]
+    # an undone column split that found a row split is not reported: it is sharded, and
+    # explain() counts its collectives against the optimum
     in_blocks = {m for m, _, _ in found}
     for module in undone:
         if plan.auto_styles.get(module) == "row":
-            degraded.append((module, "rows"))
-        elif module not in in_blocks and all(
+            continue
+        if module not in in_blocks and all(
             isinstance(p, Replicate)
             for n, p in plan.placements.items()
             if n.rsplit(".", 1)[0] == module
         ):
-            degraded.append((module, "replicated"))
-    causes: dict[tuple[str, str], list[str]] = {}
-    for module, outcome in degraded:
+            degraded.append(module)
+    split_inputs = {
+        x
+        for m, x in column_inputs.items()
+        if any(isinstance(p, Shard) for n, p in plan.placements.items() if n.rsplit(".", 1)[0] == m)
+    }
+    causes: dict[str, list[str]] = {}
+    for module in degraded:
         why = undone.get(module) or _why_not_split(module + ".weight", settings)
-        if outcome == "replicated" and "not divisible" in why and module in undone:
-            continue  # KV heads below tp: replicated, as NxD does (the optimum under GQA)
+        kv = "not divisible" in why and column_inputs.get(module) in split_inputs
+        if module in undone and kv:
+            continue  # KV heads below tp beside a split query: replicated, as NxD does
         # one warning per distinct cause: layer indices and node names differ between layers
         key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why))
-        causes.setdefault((key, outcome), []).append(module)
+        causes.setdefault(key, []).append(module)
     problems = []
-    for (_, outcome), modules in causes.items():
+    for modules in causes.values():
         example = undone.get(modules[0]) or _why_not_split(modules[0] + ".weight", settings)
         names = ", ".join(repr(n) for n in dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
-        what = (
-            "stay replicated on every rank (the full weight, no split)"
-            if outcome == "replicated"
-            else "split by rows, not columns (one more all-reduce each)"
+        problems.append(
+            f"{names} ({len(modules)} matmul(s)) stay replicated on every rank (the full "
+            f"weight, no split): {_with_op(example, program)}"
         )
-        problems.append(f"{names} ({len(modules)} matmul(s)) {what}: {_with_op(example, program)}")
     if not problems:
         return
     if settings.strict:
         raise PlanError(
-            "autoshard(strict=True): matmuls are not split as planned:\n  "
+            "autoshard(strict=True): matmuls are not sharded:\n  "
             + "\n  ".join(problems)
             + "\nWhat to do: give these modules a style in plan=, or drop strict=True "
-            "to accept the plan"
+            "to accept the replication"
         )
     for line in problems:
         warnings.warn(
@@ -281,8 +294,10 @@ def _check_divisibility(
         if "not divisible" not in why:
             continue
         siblings = by_input.get(result.column_inputs.get(mod, ""), [])
-        if any(s not in failed for s in siblings):
-            continue  # e.g. k/v with fewer heads than tp beside a sharded q
+        if len(siblings) < 2:
+            continue  # a fused projection (q|k|v with KV heads below tp): replicated and warned
+        if any("not divisible" not in failed.get(s, "") for s in siblings):
+            continue  # e.g. k/v with fewer heads than tp beside a q that splits (or failed later)
         size = int(why.split("size ")[1].split(" ")[0])
         raise DivisibilityError(
             f"module '{mod}' of {settings.model_name} cannot be split across tp={settings.tp}: {why} "
@@ -309,19 +324,27 @@ def _twins(full_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, ...]
     return {m: tuple(sorted(g)) for g in groups.values() for m in g}
 
 
+def _layer_of(module: str) -> str:
+    layer = re.match(r"^(.*?\.\d+)(\.|$)", module)
+    return layer.group(1) if layer else ""
+
+
 def _root_failures(failed: dict[str, str]) -> set[str]:
-    """Failures to undo now: sizes that do not split, and the first other failure of each layer.
+    """Failures to undo now: sizes that do not split (and nothing else in their layer), else
+    the first failure of each layer.
 
     Later failures in a layer are often caused by the first (a replicated attention makes the
-    output projection's choice fail too): they are retried once it is undone.
+    output projection's choice fail too; KV heads that do not split make the query's fail):
+    they are retried once it is undone.
     """
     roots, seen_layers = set(), set()
-    for module, why in failed.items():  # in graph order
-        layer = re.match(r"^(.*?\.\d+)(\.|$)", module)
-        key = layer.group(1) if layer else ""
+    for module, why in failed.items():
         if "not divisible" in why:
             roots.add(module)
-        elif key not in seen_layers:
+            seen_layers.add(_layer_of(module))  # the layer's other failures may follow from it
+    for module, why in failed.items():  # in graph order
+        key = _layer_of(module)
+        if "not divisible" not in why and key not in seen_layers:
             seen_layers.add(key)
             roots.add(module)
     return roots

@@ -121,6 +121,17 @@ def _real_map(node, d):
     return d  # view_as_real adds a last dim (the real and imaginary parts)
 
 
+def _repeat_interleave_map(node, d):
+    """repeat_interleave(x, n, dim): each element's repeats stay next to it, so a contiguous
+    shard of `dim` repeated is the same shard of the result; an other dim passes."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None:
+        return None  # no dim: the input is flattened first
+    if not isinstance(node.args[1], int) and norm_dim(dim, node.args[0].meta["val"].dim()) == d:
+        return None  # per-element repeat counts: the pieces are not even
+    return d
+
+
 def _transpose_map(node, d):
     nd = node.args[0].meta["val"].dim()
     a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
@@ -177,6 +188,7 @@ def _index_select_map(node, d):
 rule(aten.flatten, padding_aware=False)(dim_map_rule(_flatten_map))
 rule(aten.view_as_complex)(dim_map_rule(_complex_map))
 rule(aten.view_as_real)(dim_map_rule(_real_map))
+rule(aten.repeat_interleave)(dim_map_rule(_repeat_interleave_map))
 rule(aten.transpose, padding_aware=True)(dim_map_rule(_transpose_map))
 rule(aten.t, padding_aware=True)(dim_map_rule(_t_map))
 rule(aten.permute, padding_aware=True)(dim_map_rule(_permute_map))
