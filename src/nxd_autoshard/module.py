@@ -124,7 +124,6 @@ class ShardedModule(torch.nn.Module):
 
     # the plan's decisions, by the names the report, goldens and runtime read
     placements = property(lambda self: self.plan.placements)
-    blocks = property(lambda self: self.plan.blocks)
     padded = property(lambda self: self.plan.padded)
     plan_styles = property(lambda self: self.plan.auto_styles)
     units = property(lambda self: self.plan.units)

@@ -101,9 +101,12 @@ def decide_placements(
         _check_divisibility(result, failed, settings)
         for root in _root_failures(failed):
             # what undoes a split in one block undoes it in its identical twins: one plan for all
+            # inside repeated blocks (where the memory is) an undone column split tries rows;
+            # outside them the matmul stays whole, as Megatron keeps its heads' dense layers
             for module in twins.get(root, (root,)):
                 if module not in veto:
-                    veto[module] = "all" if "not divisible" in failed[root] else "column"
+                    rows = "not divisible" not in failed[root] and block_of(module) is not None
+                    veto[module] = "column" if rows else "all"
                     undone[module] = failed[root]
         styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
     alike: dict[str, list[str]] = {}  # one warning per op and place, layer indices aside

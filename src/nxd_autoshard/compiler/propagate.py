@@ -191,8 +191,15 @@ def propagate_placements(
                 f"{_where(node)}: {node.target} on "
                 + ", ".join(f"{n.name}={_placed_str(pls[n], n)}" for n in ins)
             )
-        if decision.note and decision.note.startswith("blocks="):
-            _mark_blocks(node, int(decision.note.split("=")[1]), param_of, blocks)
+        if decision.blocks and not _mark_blocks(node, decision.blocks, param_of, blocks):
+            # the blocks are not a linear's own output: no weight to slice block by block
+            decision = Decision(
+                _replicated_like(node),
+                {n: R for n in pls},
+                note="no sharding rule for these "
+                "placements (a blocked shard whose blocks no linear weight holds)",
+            )
+            fallbacks.append(f"{_where(node)}: {node.target} on a blocked shard of a non-linear")
         decisions[node] = decision
         placements[node] = decision.out
         node.meta["nxd_placement"] = decision.out
@@ -434,18 +441,33 @@ def _mark_padded(param: torch.fx.Node, name: str, pad: int | None, padded: dict[
     param.meta["nxd_padded"] = pad
 
 
-def _mark_blocks(split_node, count, param_of, blocks):
-    """An equal split of a column-sharded dim: the weight must be sliced block by block."""
-    node = split_node.args[0]
-    while node.op == "call_function":
-        role = weight_role(node) if _packet(node) in LINEAR_OPS else None
+def _mark_blocks(node, count, param_of, blocks) -> bool:
+    """A fused projection's output cut into `count` blocks of its shard dim (q|k|v): the linear
+    that produced it gets its weight (and bias) sliced block by block. False when the value is
+    not a linear's output through element-wise steps, or is read elsewhere in its fused layout
+    (a gather there would see the blocks out of order)."""
+    x = node.args[0]
+    siblings = {u for u in x.users if u is node or _packet(u) is _packet(node)}
+    if set(x.users) != siblings:
+        return False
+    current, marked = x, []
+    while current.op == "call_function":
+        role = weight_role(current) if _packet(current) in LINEAR_OPS else None
         if role is not None:
-            weight, bias = role[0], role[1]
-            for p in (weight, bias):
-                if p is not None and p in param_of:
-                    blocks[param_of[p]] = count
-            return
-        sharded = [n for n in tensor_inputs(node) if isinstance(n.meta.get("nxd_placement"), Shard)]
-        if not sharded:
-            return
-        node = sharded[0]
+            marked += [p for p in role[:2] if p is not None and p in param_of]
+            break
+        sharded = [
+            n for n in tensor_inputs(current) if isinstance(n.meta.get("nxd_placement"), Shard)
+        ]
+        values = [n for n in sharded if n not in param_of]
+        if len(values) != 1:
+            return False
+        marked += [n for n in sharded if n in param_of]  # a bias added after the product
+        if len(values[0].users) != 1:
+            return False
+        current = values[0]
+    else:
+        return False
+    for p in marked:
+        blocks[param_of[p]] = count
+    return True

@@ -71,9 +71,7 @@ def slice_block_rule(node, placements, tp):
         b is None or b[0] != dim or b[2] - b[1] != width or b[1] % width or b[3] != 1 for b in spans
     ):
         return None  # unequal pieces (GQA q|k|v): a per-piece shard layout is not supported
-    return Decision(
-        Shard(p.dim), note=f"blocks={full // width}", localise=(SliceBlock(dim, start, width),)
-    )
+    return Decision(Shard(p.dim), localise=(SliceBlock(dim, start, width),), blocks=full // width)
 
 
 @rule(aten.slice, padding_aware=True)
@@ -109,7 +107,7 @@ def split_rule(node, placements, tp):
     if len(set(sizes)) != 1 or sizes[0] % tp:
         return None
     localise = (SplitSizes(),) if packet in (aten.split, aten.split_with_sizes) else ()
-    return Decision(tuple([p] * n_out), note=f"blocks={n_out}", localise=localise)
+    return Decision(tuple([p] * n_out), localise=localise, blocks=n_out)
 
 
 def _join_rule(node, placements, *, new_dim: bool):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch.fx
@@ -50,7 +51,16 @@ def view_rule(node, placements, tp):
                 return None
             return Decision(Shard(target), localise=(DivideSize(target, padded),), padded=padded)
         if out_shape[target] % tp:
-            return Decision(R, {x: R}, note=f"size {out_shape[target]} is not divisible by tp={tp}")
+            # a fused (3, heads, head_dim) split of a projection (timm's qkv): shard the first
+            # dim tp divides, the ones before it being equal blocks of the input's shard dim
+            # (never the innermost dim: that would split head_dim, which attention contracts)
+            later = [d for d in big_outs[1:-1] if out_shape[d] % tp == 0]
+            if not later or len(big_ins) != 1:
+                return Decision(
+                    R, {x: R}, note=f"size {out_shape[target]} is not divisible by tp={tp}"
+                )
+            count = math.prod(out_shape[d] for d in big_outs if d < later[0])
+            return Decision(Shard(later[0]), localise=(DivideSize(later[0]),), blocks=count)
         return Decision(Shard(target), localise=(DivideSize(target),))
     return None
 

@@ -37,7 +37,7 @@ class Host(Protocol):
     pipeline: Any  # PipelineConfig: pp, dp, microbatches, schedule, virtual, n_stages
     mesh: Mesh
     placements: dict[str, Placement]
-    blocks: dict[str, int]
+    plan: Any  # compiler.plan.Plan: placements, blocks (fused projections), padding
     padded: dict[str, int]
     _full_shapes: dict[str, tuple[int, ...]]
     _persistent: set[str]

@@ -111,6 +111,11 @@ def _attach(
     mod = root
     for part in path:
         child = mod._modules.get(part)
+        if child is None and hasattr(mod, part):
+            raise ValueError(
+                f"the model's '{fqn}' cannot keep its name: '{part}' is already an attribute of "
+                f"{type(mod).__name__}; rename that submodule of the model (or report it to us)"
+            )
         if child is None:
             child = torch.nn.Module()
             mod.add_module(part, child)

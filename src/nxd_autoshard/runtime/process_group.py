@@ -85,7 +85,7 @@ class ProcessGroupRuntime(Runtime):
                     host.placements[name],
                     host.tp,
                     self.rank,
-                    host.blocks.get(name, 1),
+                    host.plan.blocks.get(name, 1),
                     host.padded.get(name),
                 )
                 pieces[id(p)] = torch.nn.Parameter(piece.clone(), requires_grad=p.requires_grad)
@@ -261,7 +261,7 @@ class ProcessGroupRuntime(Runtime):
             return local.detach().clone()
         parts = [torch.empty_like(local) for _ in range(host.tp)]
         dist.all_gather(parts, local.detach().contiguous(), group=self.group)
-        blocks = host.blocks.get(name, 1)
+        blocks = host.plan.blocks.get(name, 1)
         per_rank = [t.chunk(blocks, p.dim) for t in parts]
         full = torch.cat([torch.cat([r[b] for r in per_rank], p.dim) for b in range(blocks)], p.dim)
         return full.narrow(p.dim, 0, host._full_shapes[name][p.dim])  # drop vocab padding

@@ -139,7 +139,7 @@ def _rank_state(host: Host, program: CapturedProgram, name: str, cache: dict) ->
                 value,
                 host.placements[name],
                 host.tp,
-                host.blocks.get(name, 1),
+                host.plan.blocks.get(name, 1),
                 host.padded.get(name),
             )
         else:
