@@ -240,7 +240,10 @@ def _decide_node(node, pls: dict, tp: int) -> Decision:
         if decision is None and rule and partials:
             # reduce the Partial inputs (the all-reduce they need anyway) and keep the shards
             reduced = {**seen, **{n: R for n in partials}}
-            if not all(isinstance(p, Replicate) or p is None for p in reduced.values()):
+            if all(isinstance(p, Replicate) or p is None for p in reduced.values()):
+                # nothing is sharded: reducing the Partials is all it needs (no gather)
+                decision = Decision(_replicated_like(node), {n: R for n in partials})
+            else:
                 decision = rule(node, reduced, tp)
                 if decision is not None:
                     decision.needs = {**{n: R for n in partials}, **decision.needs}
@@ -361,15 +364,16 @@ def _seed_weights(
         out_features = shape_of(weight)[out_dim]
         vocab_head = out_features in vocab_sizes  # padded when tp does not divide it
         whole = isinstance(px, (Replicate, Partial))
-        if whole and refused is None and (out_features % tp == 0 or vocab_head):
+        # a projection back into a replicated residual stream splits by rows, as Megatron's
+        # output projections: split by columns, the stream itself would end up sharded
+        residual = whole and in_features % tp == 0 and _feeds_residual(node, placements)
+        if whole and refused is None and not residual and (out_features % tp == 0 or vocab_head):
             style = "column"
         elif in_features % tp == 0 and (
-            isinstance(px, Shard)
-            and px.dim == x.meta["val"].dim() - 1
+            (isinstance(px, Shard) and px.dim == x.meta["val"].dim() - 1)
             # its column split was undone: rows, the input sliced (replicated) or reduce-
             # scattered (partial), as Megatron's RowParallelLinear(input_is_parallel=False)
-            or whole
-            and refused == "column"
+            or (whole and (refused == "column" or residual))
         ):
             style = "row"
         if style:
@@ -399,6 +403,33 @@ def _seed_weights(
             chosen[bname] = b_pl
             placements[bias] = b_pl
             _mark_padded(bias, bname, pad, padded)
+
+
+# ops between a projection and the residual add that change no layout (dropout, casts, a scale)
+_PASS_THROUGH = {aten.dropout, aten.clone, aten._to_copy, aten.to, aten.type_as, aten.alias}
+
+
+def _feeds_residual(node: torch.fx.Node, placements: dict) -> bool:
+    """The linear's output only reaches an add with a replicated value of its own shape."""
+    current = node
+    for _ in range(4):
+        users = list(current.users)
+        if len(users) != 1:
+            return False
+        user = users[0]
+        if _packet(user) is aten.add:
+            other = [a for a in user.args[:2] if a is not current]
+            return (
+                len(other) == 1
+                and isinstance(other[0], torch.fx.Node)
+                and isinstance(placements.get(other[0]), Replicate)
+                and shape_of(other[0]) == shape_of(node)
+            )
+        scaled = _packet(user) is aten.mul and any(isinstance(a, (int, float)) for a in user.args)
+        if _packet(user) not in _PASS_THROUGH and not scaled:
+            return False
+        current = user
+    return False
 
 
 def _seed_embedding(

@@ -1,0 +1,172 @@
+"""Constructs from model code outside Hugging Face, each in a small module written as the library
+writes it: loss and every gradient equal to the unsharded model, and the plan at the optimum
+(or the replication NxD would choose, shown and warned about as the plan says).
+
+torchtitan 0.3: sdpa with enable_gqa, complex rotary (view_as_complex / view_as_real, flatten),
+fused q|k|v grouped by KV head; timm 1.0: a fused qkv reshaped to (B, N, 3, heads, head_dim);
+OLMo 2: q/k RMSNorm over the whole projection width.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nxd_autoshard import autoshard
+
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(width))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def _rotary(x, freqs):
+    """torchtitan's apply_rotary_emb: pairs of features as complex numbers times freqs_cis."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(3).type_as(x)
+
+
+class _Attention(torch.nn.Module):
+    """One attention of the kinds named by `kind`, then an MLP: a transformer block."""
+
+    def __init__(self, kind: str, dim: int = 32, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.kind, self.heads, self.kv_heads, self.hd = kind, heads, kv_heads, dim // heads
+        kv = kv_heads * self.hd
+        if kind in ("titan_fused", "timm"):
+            width = 3 * dim if kind == "timm" else dim + 2 * kv
+            self.wqkv = torch.nn.Linear(dim, width, bias=kind == "timm")
+        else:
+            self.wq = torch.nn.Linear(dim, dim, bias=False)
+            self.wk = torch.nn.Linear(dim, kv, bias=False)
+            self.wv = torch.nn.Linear(dim, kv, bias=False)
+        if kind == "olmo2":
+            self.q_norm, self.k_norm = _RMSNorm(dim), _RMSNorm(kv)
+        self.wo = torch.nn.Linear(dim, dim, bias=False)
+        self.norm1, self.norm2 = _RMSNorm(dim), _RMSNorm(dim)
+        self.w1 = torch.nn.Linear(dim, 2 * dim, bias=False)
+        self.w2 = torch.nn.Linear(2 * dim, dim, bias=False)
+        self.register_buffer(
+            "freqs", torch.polar(torch.ones(8, self.hd // 2), torch.randn(8, self.hd // 2))
+        )
+
+    def _qkv(self, x):
+        b, s, _ = x.shape
+        if self.kind == "timm":  # timm's Attention.forward
+            qkv = self.wqkv(x).reshape(b, s, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+            return qkv.unbind(0)
+        if self.kind == "titan_fused":  # torchtitan's FusedQKVLinear: grouped by KV head
+            r = self.heads // self.kv_heads + 2
+            qkv = self.wqkv(x).view(b, s, -1, r, self.hd)
+            q, k, v = qkv.split([r - 2, 1, 1], dim=3)
+            q = q.reshape(b, s, -1, self.hd)
+            k, v = k.squeeze(3), v.squeeze(3)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            if self.kind == "olmo2":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = (t.view(b, s, -1, self.hd) for t in (q, k, v))
+        q, k = _rotary(q, self.freqs[:s]), _rotary(k, self.freqs[:s])
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self._qkv(self.norm1(x))
+        gqa = k.shape[1] != q.shape[1]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        x = x + self.wo(out.transpose(1, 2).reshape(b, s, d))
+        return x + self.w2(F.silu(self.w1(self.norm2(x))))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, kind: str, **kw):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Attention(kind, **kw) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _check(model, tp: int):
+    """Sharded vs unsharded: loss, every gradient; the report and the warnings."""
+    x = torch.randn(2, 8, 32)
+    want = model(x).square().mean()
+    want.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sharded = autoshard(model, tp, example_inputs=(x,))
+    got = sharded(x).square().mean()
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for name, grad in sharded.gather_grads().items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+    report = sharded.explain()
+    placements = {p.name: str(p.placement) for p in report.parameters}
+    messages = [str(w.message) for w in caught if "nxd-autoshard" in str(w.message)]
+    return report.totals, placements, messages
+
+
+OPTIMUM = [[2, 2]]  # per dense block: 2 all-reduces forward, 2 backward
+
+
+@pytest.mark.parametrize(
+    "kind, kv_heads, tp",
+    [
+        ("titan", 2, 2),  # complex rotary, enable_gqa
+        ("titan_fused", 2, 2),
+        ("timm", 4, 2),
+        ("timm", 4, 4),
+    ],
+)
+def test_sharded_at_the_optimum(kind, kv_heads, tp):
+    torch.manual_seed(0)
+    totals, placements, messages = _check(_Model(kind, kv_heads=kv_heads), tp)
+    assert totals["block_collectives"] == OPTIMUM, totals
+    assert totals["replicated_block_matmuls"] == 0
+    assert not [m for m in messages if "replicated" in m], messages
+
+
+def test_query_heads_split_when_kv_heads_do_not():
+    """torchtitan's GQA at tp 4 with 2 KV heads: wq and wo split, wk and wv are replicated as
+    NxD does (no warning, no DivisibilityError), sliced per rank for the repeated KV heads."""
+    torch.manual_seed(0)
+    totals, placements, messages = _check(_Model("titan", kv_heads=2), 4)
+    assert placements["layers.0.wq.weight"] == "S(0)" and placements["layers.0.wk.weight"] == "R"
+    assert placements["layers.0.wo.weight"] == "S(1)"
+    assert totals["block_collectives"] == [[2, 4]]  # + the two KV slices' gradient gathers
+    assert not [m for m in messages if "stay replicated" in m], messages
+
+
+def test_fused_qkv_whose_heads_do_not_split_splits_by_rows():
+    """torchtitan's fused q|k|v is grouped by KV head: 2 groups do not split over 4 ranks, so
+    the fused projection's column split is undone (in both layers) and it splits by rows: its
+    input sliced per rank, its output all-reduced; the rest of the block splits as usual."""
+    torch.manual_seed(0)
+    totals, placements, messages = _check(_Model("titan_fused", kv_heads=2), 4)
+    assert placements["layers.0.wqkv.weight"] == placements["layers.1.wqkv.weight"] == "S(1)"
+    assert placements["layers.0.w1.weight"] == "S(0)"
+    assert totals["replicated_block_matmuls"] == 0
+    assert len(totals["block_collectives"]) == 1  # identical blocks, identical plans
+    assert not messages, messages
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_qk_norm_over_the_whole_width_all_reduces_only_its_statistic(tp):
+    """OLMo 2: the q/k RMSNorm's mean over a sharded width is a local mean and an all-reduce of
+    a [b, s, 1] tensor; its weight is stored sharded."""
+    torch.manual_seed(0)
+    totals, placements, messages = _check(_Model("olmo2", kv_heads=4), tp)
+    assert placements["layers.0.q_norm.weight"] == "S(0)"
+    assert totals["block_collectives"] == totals["block_optimum"] == [[4, 4]]
+    assert not messages, messages
