@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from nxd_autoshard.ir import ops
 
@@ -69,17 +70,39 @@ def _size_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+# Under torch.compile the same ops trace instead of run: torch's functional collectives are
+# graph ops (c10d_functional.all_reduce ... + wait_tensor) that Dynamo and AOTAutograd keep,
+# forward and backward, so a backend sees every collective; the in-place torch.distributed
+# calls below are what eager runs (no AsyncCollectiveTensor wrapper, no funcol warm-up).
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+# torch 2.13 renamed all_gather_tensor (deprecated there) to all_gather_single
+_all_gather_functional = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter_functional = (
+    getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+)
+
+
+def _reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(x, op, group)
     x = x.contiguous().clone()
-    dist.all_reduce(x, op=op, group=group)
+    dist.all_reduce(x, op=_REDUCE_OPS[op], group=group)
     return x
 
 
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _all_gather_functional(x.contiguous(), dim, group)
     size, _ = _size_rank(group)
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _reduce_scatter_functional(x.contiguous(), "sum", dim, group)
+    return _chunk(_reduce(x, group), dim, group)
 
 
 def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -112,7 +135,7 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return _chunk(_reduce(x, group), dim, group)
+        return _reduce_scatter(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -208,7 +231,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         start = rank * local_vocab
         logits = logits.float()
         logits = _mask_vocab_padding(logits, start, vocab_size)
-        global_max = _reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
+        global_max = _reduce(logits.max(dim=-1).values, group, "max")
         shifted = logits - global_max.unsqueeze(-1)
         exp = shifted.exp()
         sum_exp = _reduce(exp.sum(dim=-1), group)
