@@ -125,6 +125,9 @@ def _tp2_rank(rank, world):
     out["forward_collectives"] = _funcol_counts(graphs["forward"])
     out["backward_collectives"] = _funcol_counts(graphs["backward"])
     out["program_collectives"] = _program_collectives([compiled.graph_module])
+    out["ops"] = [
+        str(n.target) for g in graphs["forward"] + graphs["backward"] for n in g.graph.nodes
+    ]
 
     # the user's own torch.compile of the whole module (pp = 1), over the eager module
     torch._dynamo.reset()
@@ -145,7 +148,9 @@ def _tp2_rank(rank, world):
 
 
 def test_tp2_compiled_equals_eager_with_every_collective_in_one_graph():
-    for out in run_ranks(_tp2_rank, 2, timeout_s=300):
+    ranks = run_ranks(_tp2_rank, 2, timeout_s=300)
+    assert ranks[0]["ops"] == ranks[1]["ops"]  # no rank branches: one program for the tp ranks
+    for out in ranks:
         assert out["graph_breaks"] == 0 and out["whole_graph_breaks"] == 0
         assert out["unique_graphs"] == 1 and out["whole_unique_graphs"] == 1
         assert out["graphs"] == {"forward": 1, "backward": 1}

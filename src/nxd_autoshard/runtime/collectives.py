@@ -202,35 +202,38 @@ def vocab_parallel_embedding(
 
     `weight` may be padded past `vocab_size` rows (to a multiple of tp); padding rows are never read.
     """
-    _, rank = _size_rank(_group(axis))
-    return local_vocab_embedding(weight, ids, padding_idx, rank, vocab_size)
+    size, rank = _size_rank(_group(axis))
+    return local_vocab_embedding(weight, ids, padding_idx, rank, size, vocab_size)
 
 
 def local_vocab_embedding(
-    weight, ids, padding_idx: int, rank: int, vocab_size: int
+    weight, ids, padding_idx: int, rank: int, size: int, vocab_size: int
 ) -> torch.Tensor:
-    """Lookup of `ids` among rows [rank*V_local, (rank+1)*V_local) of the full table; zeros elsewhere."""
+    """Lookup of `ids` among rows [rank*V_local, (rank+1)*V_local) of the full table; zeros elsewhere.
+
+    Every rank runs the same ops, only the row offset differs: no branch on the rank, so the
+    ranks of a stage compile one program.
+    """
     local_vocab = weight.shape[0]
     start = rank * local_vocab
     local_ids, outside = _embedding_mask(ids, start, local_vocab)
-    if (
-        start + local_vocab > vocab_size
-    ):  # the last shards hold padding rows: ids there are no token
+    if size * local_vocab > vocab_size:  # a padded table: ids in the padding rows are no token
         outside = outside | (ids >= vocab_size)
         local_ids = local_ids.masked_fill(outside, 0)
-    local_pad = padding_idx - start if 0 <= padding_idx - start < local_vocab else None
-    out = torch.nn.functional.embedding(local_ids, weight, padding_idx=local_pad)
+    out = torch.nn.functional.embedding(local_ids, weight)
+    if padding_idx >= 0:  # as embedding(padding_idx=...): the padding row gets no gradient
+        out = torch.where((ids == padding_idx).unsqueeze(-1), out.detach(), out)
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, vocab_size, group):
-        _, rank = _size_rank(group)
+        size, rank = _size_rank(group)
         local_vocab = logits.shape[-1]
         start = rank * local_vocab
         logits = logits.float()
-        logits = _mask_vocab_padding(logits, start, vocab_size)
+        logits = _mask_vocab_padding(logits, start, size, vocab_size)
         global_max = _reduce(logits.max(dim=-1).values, group, "max")
         shifted = logits - global_max.unsqueeze(-1)
         exp = shifted.exp()
@@ -255,9 +258,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None, None, None
 
 
-def _mask_vocab_padding(logits: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor:
+def _mask_vocab_padding(
+    logits: torch.Tensor, start: int, size: int, vocab_size: int
+) -> torch.Tensor:
     local_vocab = logits.shape[-1]
-    if start + local_vocab <= vocab_size:
+    if size * local_vocab == vocab_size:  # not padded (the same answer on every rank)
         return logits
     columns = torch.arange(start, start + local_vocab, device=logits.device)
     return logits.masked_fill(columns >= vocab_size, float("-inf"))
