@@ -3,8 +3,9 @@
 A rank's program is plain ATen code plus the ops of `ir.ops`; under Dynamo those ops reach
 torch's functional collectives (see `collectives.py`), which stay in the graph forward and
 backward, so one graph per stage program reaches the backend with every collective in it.
-Shapes are static per captured program (`dynamic=False`) and `fullgraph=True` makes any
-graph break an error instead of a silent fallback to eager.
+Shapes are static (`dynamic=False`: a new input shape is compiled again, never into a
+symbolic graph) and `fullgraph=True` makes any graph break an error instead of a silent
+fallback to eager.
 """
 
 from __future__ import annotations
