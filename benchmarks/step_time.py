@@ -7,7 +7,11 @@ Compares, for one forward+backward step (no optimizer):
   (2) dtensor    - torch.distributed.tensor.parallel.parallelize_module with a
                    torchtitan-style plan, tp=2 (2 gloo processes),
   (3) ours       - nxd_autoshard.autoshard(model, tp=2, ...) in 2 gloo processes
-                   (a separate launch, after the DTensor one).
+                   (a separate launch, after the DTensor one),
+  (4) compiled   - DTensor under torch.compile(model, backend=--compile) and ours with
+                   autoshard(..., compile=--compile) (each rank's program one graph), each
+                   its own launch in the same run; the first step's time (compilation) is
+                   reported apart from the timed steps. --compile none skips them.
 
 Each setup is one ``nxd_autoshard.tools.launch.run_ranks`` launch (1 process for the
 reference, 2 for each tp setup), so the launcher never does torch compute before
@@ -177,7 +181,7 @@ def build_unsharded_step(input_ids, labels):
     return model, _step_of(model, input_ids, labels)
 
 
-def build_dtensor_step(input_ids, labels, mesh):
+def build_dtensor_step(input_ids, labels, mesh, compile=None):
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -205,11 +209,21 @@ def build_dtensor_step(input_ids, labels, mesh):
             }
         )
     model = parallelize_module(model, mesh, plan)
+    if compile is None:
+        return model, _step_of(model, input_ids, labels)
+    # as a DTensor user would: the module compiled, graph breaks allowed (they are counted)
+    compiled = torch.compile(model, backend=compile)
 
-    return model, _step_of(model, input_ids, labels)
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = compiled(input_ids, labels=labels).loss
+        loss.backward()
+        return loss.detach()
+
+    return model, step
 
 
-def build_ours_step(input_ids, labels, tp):
+def build_ours_step(input_ids, labels, tp, compile=None):
     """Everything specific to nxd_autoshard lives here (small on purpose).
 
     Returns (module_for_grad_norm_or_None, step_callable). Any exception here or in
@@ -219,7 +233,11 @@ def build_ours_step(input_ids, labels, tp):
 
     model = build_model()
     sharded = autoshard(
-        model, tp=tp, example_inputs=(input_ids,), example_kwargs={"labels": labels}
+        model,
+        tp=tp,
+        example_inputs=(input_ids,),
+        example_kwargs={"labels": labels},
+        compile=compile,
     )
     zero = getattr(sharded, "zero_grad", None) or model.zero_grad
 
@@ -246,23 +264,45 @@ def ref_rank(rank, world, warmup, steps):
     return {"times": times, "loss": loss, "grad_norm": grad_norm(model)}
 
 
-def dtensor_rank(rank, world, warmup, steps):
+def _first_step(step, barrier):
+    """The first step alone (under torch.compile: tracing and compiling), max over ranks."""
+    barrier()
+    t0 = time.perf_counter()
+    step()
+    return max(_max_over_ranks([time.perf_counter() - t0]))
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def dtensor_rank(rank, world, warmup, steps, compile=None):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
     input_ids, labels = make_inputs()
-    model, step = build_dtensor_step(input_ids, labels, mesh)
+    model, step = build_dtensor_step(input_ids, labels, mesh, compile)
+    first = _first_step(step, dist.barrier) if compile else None
     times, loss = time_steps(step, warmup, steps, barrier=dist.barrier)
     times = _max_over_ranks(times)
-    return {"times": times, "loss": loss, "grad_norm": grad_norm(model)}
+    return {
+        "times": times,
+        "loss": loss,
+        "grad_norm": grad_norm(model),
+        "first_s": first,
+        "graph_breaks": _graph_breaks(),
+    }
 
 
-def ours_rank(rank, world, warmup, steps):
+def ours_rank(rank, world, warmup, steps, compile=None):
     import torch.distributed as dist
 
     input_ids, labels = make_inputs()
-    mod, step = build_ours_step(input_ids, labels, world)
+    mod, step = build_ours_step(input_ids, labels, world, compile)
+    first = _first_step(step, dist.barrier) if compile else None
     times, loss = time_steps(step, warmup, steps, barrier=dist.barrier)
     times = _max_over_ranks(times)
     if hasattr(mod, "gather_grads"):  # local shards -> full grads (all-gathers; all ranks call)
@@ -271,7 +311,13 @@ def ours_rank(rank, world, warmup, steps):
         gn = grad_norm(mod)
     else:
         gn = float("nan")
-    return {"times": times, "loss": loss, "grad_norm": gn}
+    return {
+        "times": times,
+        "loss": loss,
+        "grad_norm": gn,
+        "first_s": first,
+        "graph_breaks": _graph_breaks(),
+    }
 
 
 # ----------------------------------------------------------------------- launcher
@@ -323,6 +369,13 @@ def machine_line() -> str:
     return f"{os.cpu_count()} CPU cores ({model}), {platform.system()} {platform.release()}"
 
 
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
@@ -336,10 +389,16 @@ def main(argv=None) -> int:
         "(default 600); run_ranks kills all ranks when it passes",
     )
     ap.add_argument("--no-ours", action="store_true", help="skip nxd_autoshard")
+    ap.add_argument(
+        "--compile",
+        default="inductor",
+        help="torch.compile backend of the compiled rows (default inductor; 'none' skips them)",
+    )
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
+    load_at_start = _load()
     method = pick_start_method(args.start_method)
     t_start = time.monotonic()
     steps_args = (args.warmup, args.steps)
@@ -347,8 +406,14 @@ def main(argv=None) -> int:
     # (1) reference, 1 process; (2) DTensor and (3) ours, TP gloo processes each
     r_res, r_err, r_notes = launch("unsharded", ref_rank, 1, steps_args, args.timeout, method)
     t_res, t_err, t_notes = launch("dtensor", dtensor_rank, TP, steps_args, args.timeout, method)
-    if not args.no_ours:
-        o_res, o_err, o_notes = launch("ours", ours_rank, TP, steps_args, args.timeout, method)
+    backend = None if args.compile == "none" else args.compile
+    phases = [("ours", ours_rank, steps_args)] if not args.no_ours else []
+    if backend:
+        phases.insert(0, ("dtensor_compiled", dtensor_rank, steps_args + (backend,)))
+        if not args.no_ours:
+            phases.append(("ours_compiled", ours_rank, steps_args + (backend,)))
+    for phase, fn, fn_args in phases:
+        o_res, o_err, o_notes = launch(phase, fn, TP, fn_args, args.timeout, method)
         t_res.update(o_res)
         t_err += o_err
         t_notes += o_notes
@@ -372,11 +437,15 @@ def main(argv=None) -> int:
             "ms": statistics.median(d["times"]) * 1e3,
             "loss": d["loss"],
             "grad_norm": d["grad_norm"],
+            "first_s": d.get("first_s"),
+            "graph_breaks": d.get("graph_breaks"),
         }
 
     ref = summary(r_res, "unsharded")
     dt = summary(t_res, "dtensor")
     ours = None if args.no_ours else summary(t_res, "ours")
+    dtc = summary(t_res, "dtensor_compiled") if backend else None
+    oc = summary(t_res, "ours_compiled") if backend and not args.no_ours else None
 
     def why(errs, phase, default):
         """Root cause: prefer a real exception over a peer's follow-on gloo error."""
@@ -422,6 +491,18 @@ def main(argv=None) -> int:
             f"grad-norm rel diff {gn_rel:.1e} (full grads via gather_grads)"
         )
 
+    for label, got in (("DTensor compiled", dtc), ("ours compiled", oc)):
+        if got and ref:
+            dl = abs(got["loss"] - ref["loss"])
+            checks.append(
+                f"{label} ({backend}) loss {got['loss']:.7f} vs unsharded {ref['loss']:.7f}: "
+                f"|diff| = {dl:.2e} ({'OK' if dl <= 1e-5 else 'MISMATCH'}, tol 1e-5); first "
+                f"step (compile) {got['first_s']:.1f} s; graph breaks {got['graph_breaks']}"
+            )
+        elif backend and not (label == "ours compiled" and args.no_ours):
+            phase = "dtensor_compiled" if label.startswith("DTensor") else "ours_compiled"
+            checks.append(f"{label}: unavailable ({why(t_err, phase, 'no result')})")
+
     fmt = lambda s: f"{s['ms']:.2f}" if s else "n/a"  # noqa: E731
     rows = [
         ("unsharded (1 proc)", fmt(ref), f"{ref['loss']:.6f}" if ref else "n/a"),
@@ -432,6 +513,32 @@ def main(argv=None) -> int:
             f"{ours['loss']:.6f}" if ours else "n/a",
         ),
     ]
+    if backend:
+        rows.insert(
+            2,
+            (
+                f"DTensor tp{TP} compiled ({backend})",
+                fmt(dtc) if dtc else "unavailable",
+                f"{dtc['loss']:.6f}" if dtc else "n/a",
+            ),
+        )
+        rows.append(
+            (
+                f"ours tp{TP} compiled ({backend})",
+                fmt(oc) if oc else "unavailable",
+                f"{oc['loss']:.6f}" if oc else "n/a",
+            )
+        )
+    ratio = lambda a, b: f"{a['ms'] / b['ms']:.2f}x" if a and b else "n/a"  # noqa: E731
+    compiled_ratios = (
+        [
+            f"ours compiled / DTensor eager: {ratio(oc, dt)} (target <= 0.5x)",
+            f"ours compiled / DTensor compiled: {ratio(oc, dtc)} (target < 1x)",
+            f"ours compiled / ours eager: {ratio(oc, ours)}",
+        ]
+        if backend
+        else []
+    )
     ratio_od = f"{ours['ms'] / dt['ms']:.2f}x" if ours and dt else "n/a"
     ratio_du = f"{dt['ms'] / ref['ms']:.2f}x" if dt and ref else "n/a"
 
@@ -447,6 +554,8 @@ def main(argv=None) -> int:
         print(f"{name:<{w}}  {ms:>14}  {loss}")
     print(f"ratio ours/DTensor      : {ratio_od}")
     print(f"ratio DTensor/unsharded : {ratio_du}")
+    for line in compiled_ratios:
+        print(line)
     for c in checks:
         print(c)
     print(f"total wall time {elapsed:.1f}s")
@@ -463,7 +572,8 @@ def main(argv=None) -> int:
             f"- torch {torch.__version__}, transformers "
             f"{__import__('transformers').__version__}, Python {platform.python_version()}",
             f"- Machine: {machine_line()}; 1 thread per process, gloo on 127.0.0.1, "
-            f"start method `{method}`",
+            f"start method `{method}`; load average at the start {load_at_start}, "
+            f"at the end {_load()} (the cores are shared with other jobs)",
             f"- Command: `{cmd}`",
             f"- Model: LlamaForCausalLM from_config (vocab {VOCAB}, hidden 256, "
             f"intermediate 512, 4 layers, 8 heads, 4 kv heads), batch {BATCH} x seq {SEQ}, "
@@ -480,6 +590,7 @@ def main(argv=None) -> int:
             f"- ours / DTensor: {ratio_od}",
             f"- DTensor / unsharded: {ratio_du}",
         ]
+        md += [f"- {line}" for line in compiled_ratios]
         if ours_reason:
             md.append(f"- ours: unavailable ({ours_reason})")
         md += [f"- {c}" for c in checks]

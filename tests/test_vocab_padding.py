@@ -175,7 +175,7 @@ def test_embedding_masks_ids_outside_the_real_vocab(rank):
     padded = torch.cat([table, torch.full((2, 4), 7.0)])  # non-zero padding must still stay unseen
     ids = torch.tensor([0, 3, 4, 7, 8, 9, 10, 11])
     local = padded.chunk(tp)[rank]
-    got = local_vocab_embedding(local, ids, -1, rank, vocab)
+    got = local_vocab_embedding(local, ids, -1, rank, tp, vocab)
     start = rank * 4
     inside = (ids >= start) & (ids < min(start + 4, vocab))
     want = torch.where(inside.unsqueeze(-1), padded[ids.clamp(max=vocab - 1)], torch.zeros(()))
@@ -248,3 +248,22 @@ def test_a_new_call_structure_keeps_the_padding():
     want.sum().backward()
     grad = sharded.gather_grads()["transformer.wte.weight"]
     torch.testing.assert_close(grad, ref.transformer.wte.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding_idx", [0, 5, -1])
+def test_embedding_padding_row_gets_no_gradient_on_any_rank(padding_idx):
+    # every rank runs the same ops (no branch on which rank holds the padding row)
+    vocab, tp = 10, 3
+    table = torch.randn(12, 4)
+    ids = torch.tensor([[0, 5, 5, 9], [3, 0, 7, 5]])
+    want = table[:vocab].clone().requires_grad_()
+    # aten.embedding's -1 is "no padding row" (F.embedding's -1 would be the last row)
+    reference_pad = padding_idx if padding_idx >= 0 else None
+    torch.nn.functional.embedding(ids, want, padding_idx=reference_pad).pow(2).sum().backward()
+    pieces = [p.clone().requires_grad_() for p in table.chunk(tp)]
+    out = sum(
+        local_vocab_embedding(p, ids, padding_idx, r, tp, vocab) for r, p in enumerate(pieces)
+    )
+    torch.testing.assert_close(out, torch.nn.functional.embedding(ids, table[:vocab]))
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(torch.cat([p.grad for p in pieces])[:vocab], want.grad)

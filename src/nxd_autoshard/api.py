@@ -16,6 +16,7 @@ from nxd_autoshard.compiler.split import (
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.module import PipelineConfig, ShardedModule
 from nxd_autoshard.runtime.base import Runtime
+from nxd_autoshard.runtime.compiled import CompileOptions, compile_options
 from nxd_autoshard.runtime.groups import build_groups
 from nxd_autoshard.runtime.pipeline import (
     check_schedule,
@@ -44,6 +45,7 @@ def autoshard(
     balance: str = "flops",
     loss_fn=None,
     strict: bool = False,
+    compile: bool | str | Mapping[str, Any] | None = None,
 ) -> ShardedModule:
     """Shard an unmodified model over a (dp, pp, tp) mesh; see the README for the contract.
 
@@ -56,6 +58,9 @@ def autoshard(
     torch.distributed.pipelining. dp: data-parallel replicas (default: the rest of the world).
     example_inputs: one step's batch as `train_step` will get it (this replica's, on a mesh).
     strict: raise PlanError instead of warning when a matmul of a repeated block stays replicated.
+    compile: torch.compile every stage program of this rank, one graph each (fullgraph, static
+    shapes): True (inductor), a backend name ("inductor", "aot_eager", "neuron"), or a dict of
+    torch.compile options with "backend". Needs a process group (each rank compiles its own).
     """
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
@@ -65,6 +70,7 @@ def autoshard(
             "autoshard needs example inputs to capture the model: "
             "autoshard(model, tp, example_inputs=(input_ids,))"
         )
+    compiled = compile_options(compile)  # before the (slow) capture: a bad backend fails now
     if balance not in BALANCE:
         raise ValueError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
     microbatches = microbatches or (pp if pp > 1 else 1)
@@ -103,7 +109,7 @@ def autoshard(
     rules = {} if plan == "auto" else load_plan(plan)
     styles = resolve_styles(model, rules)
     auto = (plan == "auto" or isinstance(plan, Mapping)) if auto is None else auto
-    runtime = _choose_runtime(model, Mesh(dp, pp, tp), group, on_mesh)
+    runtime = _choose_runtime(model, Mesh(dp, pp, tp), group, on_mesh, compiled)
     sharded = ShardedModule(
         model,
         tp=tp,
@@ -122,13 +128,21 @@ def autoshard(
     return sharded
 
 
-def _choose_runtime(model: torch.nn.Module, mesh: Mesh, group, on_mesh: bool) -> Runtime:
+def _choose_runtime(
+    model: torch.nn.Module, mesh: Mesh, group, on_mesh: bool, compiled: CompileOptions | None
+) -> Runtime:
     """The one place that decides how the module runs: a given tp group, the world's mesh, or
     (no process group initialised) every rank simulated in this process."""
     if group is not None:
-        return ProcessGroupRuntime(group=group)
+        return ProcessGroupRuntime(group=group, compile=compiled)
     if on_mesh:
-        return ProcessGroupRuntime(build_groups(mesh, _device_type(model)))
+        return ProcessGroupRuntime(build_groups(mesh, _device_type(model)), compile=compiled)
+    if compiled is not None:
+        raise ValueError(
+            "compile= compiles each rank's program inside its process group; without one the "
+            "simulator interprets every rank in this process. Initialise torch.distributed "
+            "(torchrun, or nxd_autoshard.tools.launch.run_ranks) or drop compile="
+        )
     return SimulatorRuntime()
 
 

@@ -150,11 +150,17 @@ class ShardedModule(torch.nn.Module):
 
     def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]:
         kwargs = _default_kwargs(self._shadow[0], dict(kwargs))
-        key = (input_signature(args, dict(sorted(kwargs.items()))), self.training)
+        key = (input_signature(args, {k: kwargs[k] for k in sorted(kwargs)}), self.training)
         for entry in self._programs.get(key, []):
             flat = self._flatten(entry, args, kwargs)
             if entry.program.accepts(flat):
                 return entry, flat
+        if torch.compiler.is_compiling():  # torch.export cannot run inside a Dynamo trace
+            raise RuntimeError(
+                "torch.compile(sharded) met a call this module has not captured yet (a new "
+                "input structure, dtype or shape): call it once without torch.compile on such "
+                "inputs first, or pass them to autoshard as example inputs"
+            )
         entry = self._capture(args, kwargs)
         self._programs.setdefault(key, []).append(entry)
         return entry, self._flatten(entry, args, kwargs)

@@ -19,7 +19,17 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, *, ignore_index: int | N
     on the user's inputs (`CapturedProgram.token_inputs`), not inside the op, whose pipeline
     warm-up runs see uninitialised buffers.
     """
-    if torch.compiler.is_compiling() or ids.device.type == "meta" or ids.numel() == 0:
+    if ids.device.type == "meta" or ids.numel() == 0:
+        return
+    if torch.compiler.is_compiling():  # no .item() in a graph: an assert op the backend keeps
+        inside = (ids >= 0) & (ids < vocab_size)
+        if ignore_index is not None:
+            inside = inside | (ids == ignore_index)
+        torch._assert_async(
+            inside.all(),
+            f"a token id is outside the vocabulary of {vocab_size} (ids must be in "
+            f"[0, {vocab_size})); the unsharded model raises here too",
+        )
         return
     real = ids if ignore_index is None else ids[ids != ignore_index]
     if real.numel() == 0:

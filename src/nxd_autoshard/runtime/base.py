@@ -4,7 +4,9 @@ A runtime decides everything that differs between "all ranks in this process" (t
 and "this process is one rank" (torch.distributed process groups): which stages and parameter
 pieces this rank holds, how a captured program runs, the training and eval steps, gradient sync,
 gathering full tensors, the optimizer and who writes which checkpoint file. The module facade
-never asks which runtime it has; a new backend (torch.compile, torch-xla) is a new subclass.
+never asks which runtime it has. torch.compile is an option of the process-group runtime (its
+programs compiled, `compiled.py`); a backend that runs programs differently (torch-xla) is a
+new subclass.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from nxd_autoshard.ir import ops
 
@@ -69,17 +70,39 @@ def _size_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+# Under torch.compile the same ops trace instead of run: torch's functional collectives are
+# graph ops (c10d_functional.all_reduce ... + wait_tensor) that Dynamo and AOTAutograd keep,
+# forward and backward, so a backend sees every collective; the in-place torch.distributed
+# calls below are what eager runs (no AsyncCollectiveTensor wrapper, no funcol warm-up).
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+# torch 2.13 renamed all_gather_tensor (deprecated there) to all_gather_single
+_all_gather_functional = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter_functional = (
+    getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+)
+
+
+def _reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(x, op, group)
     x = x.contiguous().clone()
-    dist.all_reduce(x, op=op, group=group)
+    dist.all_reduce(x, op=_REDUCE_OPS[op], group=group)
     return x
 
 
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _all_gather_functional(x.contiguous(), dim, group)
     size, _ = _size_rank(group)
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _reduce_scatter_functional(x.contiguous(), "sum", dim, group)
+    return _chunk(_reduce(x, group), dim, group)
 
 
 def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -112,7 +135,7 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return _chunk(_reduce(x, group), dim, group)
+        return _reduce_scatter(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -179,36 +202,39 @@ def vocab_parallel_embedding(
 
     `weight` may be padded past `vocab_size` rows (to a multiple of tp); padding rows are never read.
     """
-    _, rank = _size_rank(_group(axis))
-    return local_vocab_embedding(weight, ids, padding_idx, rank, vocab_size)
+    size, rank = _size_rank(_group(axis))
+    return local_vocab_embedding(weight, ids, padding_idx, rank, size, vocab_size)
 
 
 def local_vocab_embedding(
-    weight, ids, padding_idx: int, rank: int, vocab_size: int
+    weight, ids, padding_idx: int, rank: int, size: int, vocab_size: int
 ) -> torch.Tensor:
-    """Lookup of `ids` among rows [rank*V_local, (rank+1)*V_local) of the full table; zeros elsewhere."""
+    """Lookup of `ids` among rows [rank*V_local, (rank+1)*V_local) of the full table; zeros elsewhere.
+
+    Every rank runs the same ops, only the row offset differs: no branch on the rank, so the
+    ranks of a stage compile one program.
+    """
     local_vocab = weight.shape[0]
     start = rank * local_vocab
     local_ids, outside = _embedding_mask(ids, start, local_vocab)
-    if (
-        start + local_vocab > vocab_size
-    ):  # the last shards hold padding rows: ids there are no token
+    if size * local_vocab > vocab_size:  # a padded table: ids in the padding rows are no token
         outside = outside | (ids >= vocab_size)
         local_ids = local_ids.masked_fill(outside, 0)
-    local_pad = padding_idx - start if 0 <= padding_idx - start < local_vocab else None
-    out = torch.nn.functional.embedding(local_ids, weight, padding_idx=local_pad)
+    out = torch.nn.functional.embedding(local_ids, weight)
+    if padding_idx >= 0:  # as embedding(padding_idx=...): the padding row gets no gradient
+        out = torch.where((ids == padding_idx).unsqueeze(-1), out.detach(), out)
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, vocab_size, group):
-        _, rank = _size_rank(group)
+        size, rank = _size_rank(group)
         local_vocab = logits.shape[-1]
         start = rank * local_vocab
         logits = logits.float()
-        logits = _mask_vocab_padding(logits, start, vocab_size)
-        global_max = _reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
+        logits = _mask_vocab_padding(logits, start, size, vocab_size)
+        global_max = _reduce(logits.max(dim=-1).values, group, "max")
         shifted = logits - global_max.unsqueeze(-1)
         exp = shifted.exp()
         sum_exp = _reduce(exp.sum(dim=-1), group)
@@ -232,9 +258,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None, None, None
 
 
-def _mask_vocab_padding(logits: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor:
+def _mask_vocab_padding(
+    logits: torch.Tensor, start: int, size: int, vocab_size: int
+) -> torch.Tensor:
     local_vocab = logits.shape[-1]
-    if start + local_vocab <= vocab_size:
+    if size * local_vocab == vocab_size:  # not padded (the same answer on every rank)
         return logits
     columns = torch.arange(start, start + local_vocab, device=logits.device)
     return logits.masked_fill(columns >= vocab_size, float("-inf"))

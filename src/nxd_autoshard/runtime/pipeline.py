@@ -131,7 +131,8 @@ class StageModule(torch.nn.Module):
 
     `float_io` (default: what this torch needs): integer and bool values travel between stages
     as float64 (exact below 2**53) and every received value feeds the outputs through an exact
-    zero, because torch 2.9's stage wants a gradient for each received value.
+    zero, because torch 2.9's stage wants a gradient for each received value. `run` runs the
+    stage's graph instead of the graph itself (its compiled form, under autoshard's compile=).
     """
 
     def __init__(
@@ -142,10 +143,12 @@ class StageModule(torch.nn.Module):
         tp_group,
         *,
         float_io: bool | None = None,
+        run: Callable | None = None,
     ):
         super().__init__()
         self.stage = stage
         self.tp_group = tp_group
+        self._run = run  # a plain callable (a GraphModule here would become a submodule)
         for name in stage.state_names:
             _attach(self, name, state[name], parameter=name in params)
         self._params = params
@@ -168,7 +171,7 @@ class StageModule(torch.nn.Module):
                 for x, v in zip(inputs, self._input_vals)
             )
         with axis_groups({"tp": self.tp_group}):
-            out = self.stage.gm(*state, *inputs)
+            out = (self._run or self.stage.gm)(*state, *inputs)
         # the schedule concatenates microbatch outputs on dim 0: a scalar loss travels as shape (1,)
         out = tuple(
             o.unsqueeze(0) if isinstance(o, torch.Tensor) and o.dim() == 0 else o for o in out

@@ -23,6 +23,7 @@ from nxd_autoshard.runtime.base import (
     write_checkpoint,
 )
 from nxd_autoshard.runtime.collectives import axis_groups
+from nxd_autoshard.runtime.compiled import CompileOptions
 from nxd_autoshard.runtime.groups import MeshGroups
 from nxd_autoshard.runtime.pipeline import (
     StageModule,
@@ -46,10 +47,17 @@ class ProcessGroupRuntime(Runtime):
     checkpoint is written as without a mesh: every rank writes the same full file.
     """
 
-    def __init__(self, groups: MeshGroups | None = None, *, group=None):
+    def __init__(
+        self,
+        groups: MeshGroups | None = None,
+        *,
+        group=None,
+        compile: CompileOptions | None = None,
+    ):
         if (groups is None) == (group is None):
             raise ValueError("ProcessGroupRuntime needs the mesh's groups or a tp group, not both")
         self.groups = groups
+        self.compile = compile
         self.group = groups.tp if groups is not None else group
         self.rank = dist.get_rank(self.group)
         self.tied: list[tuple[object, list[str]]] = []  # (group, params) summed across stages
@@ -136,8 +144,12 @@ class ProcessGroupRuntime(Runtime):
         program = entry.program
         state = [host._state_value(program, n) for n in program.state_names]
         with axis_groups({"tp": self.group}):
-            outs = program.gm(*state, *flat)
+            outs = self._runnable(program.gm)(*state, *flat)
         return pytree.tree_unflatten(list(outs), program.out_spec)
+
+    def _runnable(self, gm: torch.fx.GraphModule):
+        """The program as this rank runs it: compiled (autoshard's compile=), or the graph itself."""
+        return gm if self.compile is None else self.compile(gm)
 
     def simulate(self, host: Host, args: tuple, kwargs: dict) -> Any:
         raise RuntimeError(
@@ -217,7 +229,14 @@ class ProcessGroupRuntime(Runtime):
             for n in entry.stages[s].state_names
         }
         modules = [
-            StageModule(entry.stages[s], state, set(host._full_shapes), self.group) for s in local
+            StageModule(
+                entry.stages[s],
+                state,
+                set(host._full_shapes),
+                self.group,
+                run=None if self.compile is None else self.compile(entry.stages[s].gm),
+            )
+            for s in local
         ]
         m = host.pipeline.microbatches
 

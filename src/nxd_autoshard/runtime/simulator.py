@@ -165,7 +165,8 @@ def _sim_collective(target, args, tp: int):
     if target is C.vocab_parallel_embedding:
         weight, ids, padding_idx, vocab = args[0], args[1], args[2], args[3]
         return PerRank(
-            local_vocab_embedding(weight[r], _at(ids, r), padding_idx, r, vocab) for r in range(tp)
+            local_vocab_embedding(weight[r], _at(ids, r), padding_idx, r, tp, vocab)
+            for r in range(tp)
         )
     if target is C.vocab_parallel_cross_entropy:
         logits, target_ids, reduction, ignore, vocab = (
