@@ -205,6 +205,22 @@ ROWS = [
         (S1, S1),
     ),
     Row(
+        "split_with_sizes_gqa",  # a fused q|k|v with fewer KV heads: unequal blocks
+        aten.split_with_sizes,
+        lambda x, w: F.linear(x, w).split([8, 4, 4], 1),
+        ((4, 8), (16, 8)),
+        (R, S0),
+        (S1, S1, S1),
+    ),
+    Row(
+        "slices_gqa",  # the same read as slices (Phi-3's qkv_proj)
+        aten.slice,
+        lambda x, w: (lambda y: (y[:, :8], y[:, 8:12], y[:, 12:]))(F.linear(x, w)),
+        ((4, 8), (16, 8)),
+        (R, S0),
+        S1,
+    ),
+    Row(
         "split_unequal_refuses",
         aten.split_with_sizes,
         lambda x: x.split([8, 4, 4], 1),

@@ -41,7 +41,7 @@ class Plan:
     keeps these placements and puts each pipeline unit on the same stage."""
 
     placements: dict[str, Placement] = field(default_factory=dict)
-    blocks: dict[str, int] = field(default_factory=dict)  # param -> equal blocks (fused qkv)
+    blocks: dict[str, int | tuple[int, ...]] = field(default_factory=dict)  # fused qkv blocks
     padded: dict[str, int] = field(default_factory=dict)  # param -> padded size of its shard dim
     auto_styles: dict[str, str] = field(default_factory=dict)  # module -> style auto chose
     # pipeline: units of the first capture, the stage of each, and their costs

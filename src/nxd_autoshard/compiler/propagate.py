@@ -50,7 +50,7 @@ class PropagationResult:
     auto_styles: dict[str, str]  # module path -> style chosen by auto
     failed_columns: dict[str, str] = field(default_factory=dict)  # module -> reason
     fallbacks: list[str] = field(default_factory=list)
-    blocks: dict[str, int] = field(default_factory=dict)  # param -> equal blocks of its shard dim
+    blocks: dict[str, int | tuple[int, ...]] = field(default_factory=dict)  # param -> blocks
     column_inputs: dict[str, str] = field(default_factory=dict)  # column module -> its input node
     padded: dict[str, int] = field(default_factory=dict)  # param -> padded size of its shard dim
 
@@ -134,7 +134,7 @@ def propagate_placements(
     auto_styles: dict[str, str] = {}
     failed: dict[str, str] = {}
     fallbacks: list[str] = []
-    blocks: dict[str, int] = {}
+    blocks: dict[str, int | tuple[int, ...]] = {}
     chosen: dict[str, Placement] = dict(fixed)
     column_module: dict[str, str] = {}  # weight param -> module path of its column linear
     column_inputs: dict[str, str] = {}  # column module -> name of its input node
@@ -177,6 +177,13 @@ def propagate_placements(
         )
         pls = {n: placements[n] for n in ins}
         decision = _decide_node(node, pls, tp)
+        if decision.blocks and not _mark_blocks(node, decision.blocks, param_of, blocks):
+            # blocks that no linear's weight holds (not its own output): nothing to slice by
+            decision = Decision(
+                _replicated_like(node),
+                {n: R for n in pls},
+                note="no sharding rule for these placements",
+            )
         # gathers break the column shards flowing in: remember which ones
         for n, need in decision.needs.items():
             have = pls.get(n)
@@ -191,15 +198,6 @@ def propagate_placements(
                 f"{_where(node)}: {node.target} on "
                 + ", ".join(f"{n.name}={_placed_str(pls[n], n)}" for n in ins)
             )
-        if decision.blocks and not _mark_blocks(node, decision.blocks, param_of, blocks):
-            # the blocks are not a linear's own output: no weight to slice block by block
-            decision = Decision(
-                _replicated_like(node),
-                {n: R for n in pls},
-                note="no sharding rule for these "
-                "placements (a blocked shard whose blocks no linear weight holds)",
-            )
-            fallbacks.append(f"{_where(node)}: {node.target} on a blocked shard of a non-linear")
         decisions[node] = decision
         placements[node] = decision.out
         node.meta["nxd_placement"] = decision.out

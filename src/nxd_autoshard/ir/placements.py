@@ -7,7 +7,18 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-__all__ = ["Placement", "Replicate", "Shard", "Partial", "padded_size", "placement_str"]
+__all__ = [
+    "Blocks",
+    "Partial",
+    "Placement",
+    "Replicate",
+    "Shard",
+    "block_sizes",
+    "padded_size",
+    "placement_str",
+    "shard_tensor",
+    "unshard_tensor",
+]
 
 
 class Placement:
@@ -69,34 +80,60 @@ def padded_size(size: int, tp: int) -> int:
     return -(-size // tp) * tp
 
 
+Blocks = int | tuple[int, ...]  # equal blocks (a count) or the global size of each block
+
+
+def block_sizes(size: int, blocks: Blocks) -> list[int]:
+    """The global sizes of a shard dim's blocks: `blocks` equal ones, or the sizes given."""
+    if isinstance(blocks, int):
+        return [size // blocks] * blocks
+    return list(blocks)
+
+
 def shard_tensor(
     full: torch.Tensor,
     placement: Placement,
     tp: int,
     rank: int,
-    blocks: int = 1,
+    blocks: Blocks = 1,
     padded: int | None = None,
 ) -> torch.Tensor:
     """This rank's local piece of a full tensor.
 
-    blocks: equal parts of the dim sharded separately (fused qkv); padded: the global size of the
-    dim after zero padding (vocab padding), so every rank holds padded/tp entries.
+    blocks: parts of the dim sharded separately (a fused q|k|v: equal parts by count, or the
+    sizes of unequal ones); padded: the global size of the dim after zero padding (vocab
+    padding), so every rank holds padded/tp entries.
     """
     if not isinstance(placement, Shard):
         return full
     dim = placement.dim
+    blocked = blocks != 1
     if padded is not None and padded != full.shape[dim]:
-        if blocks > 1 or padded % tp or padded < full.shape[dim]:
+        if blocked or padded % tp or padded < full.shape[dim]:
             raise ValueError(
                 f"cannot pad dim {dim} of size {full.shape[dim]} to {padded} for "
-                f"{tp} shards" + (f" of {blocks} blocks" if blocks > 1 else "")
+                f"{tp} shards" + (f" of blocks {blocks}" if blocked else "")
             )
         pad = [0, 0] * (full.dim() - 1 - dim) + [0, padded - full.shape[dim]]
         full = torch.nn.functional.pad(full, pad)
-    if full.shape[dim] % (tp * blocks):
+    sizes = block_sizes(full.shape[dim], blocks)
+    if sum(sizes) != full.shape[dim] or any(s % tp for s in sizes):
         raise ValueError(
             f"size {full.shape[dim]} of dim {dim} cannot be split into {tp} shards"
-            + (f" of {blocks} blocks" if blocks > 1 else "")
+            + (f" of blocks {blocks}" if blocked else "")
         )
-    parts = full.chunk(blocks, dim=dim)
+    parts = full.split(sizes, dim=dim)
     return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim)
+
+
+def unshard_tensor(
+    pieces: list[torch.Tensor], placement: Shard, blocks: Blocks = 1, size: int | None = None
+) -> torch.Tensor:
+    """The full tensor from every rank's piece (the inverse of `shard_tensor`); size: the real
+    size of a padded dim, whose padding is dropped."""
+    dim, tp = placement.dim, len(pieces)
+    total = sum(p.shape[dim] for p in pieces)
+    local = [s // tp for s in block_sizes(total, blocks)]
+    per_rank = [p.split(local, dim=dim) for p in pieces]
+    full = torch.cat([torch.cat([r[b] for r in per_rank], dim) for b in range(len(local))], dim)
+    return full if size is None else full.narrow(dim, 0, size)

@@ -53,8 +53,9 @@ def _slice_bounds(node) -> tuple[int, int, int, int] | None:
 
 
 def slice_block_rule(node, placements, tp):
-    """Slices that cut the shard dim into equal, aligned pieces (a fused qkv read as x[..., :d],
-    x[..., d:2d], ...) are blocks, like chunk: each rank slices its own piece of every block."""
+    """Slices that cut the shard dim into aligned pieces (a fused qkv read as x[..., :d],
+    x[..., d:2d], ...; unequal ones when they tile the dim, as a GQA q|k|v) are blocks, like
+    chunk: each rank slices its own piece of every block."""
     x = node.args[0]
     p = placements[x]
     bounds = _slice_bounds(node)
@@ -65,13 +66,21 @@ def slice_block_rule(node, placements, tp):
     width = end - start
     siblings = [u for u in x.users if packet_of(u.target) is aten.slice]
     spans = [_slice_bounds(u) for u in siblings]
-    if step != 1 or width <= 0 or width == full or full % width or start % width or width % tp:
+    if step != 1 or width <= 0 or width == full or width % tp:
         return None
-    if any(
-        b is None or b[0] != dim or b[2] - b[1] != width or b[1] % width or b[3] != 1 for b in spans
-    ):
-        return None  # unequal pieces (GQA q|k|v): a per-piece shard layout is not supported
-    return Decision(Shard(p.dim), localise=(SliceBlock(dim, start, width),), blocks=full // width)
+    if any(b is None or b[0] != dim or b[3] != 1 for b in spans):
+        return None
+    if all(b[2] - b[1] == width and b[1] % width == 0 for b in spans) and full % width == 0:
+        blocks = full // width
+    else:  # unequal pieces (a GQA q|k|v): they must tile the dim, each split by tp
+        pieces = sorted({(b[1], b[2]) for b in spans})
+        ends = [0] + [e for _, e in pieces]
+        if [a for a, _ in pieces] != ends[:-1] or ends[-1] != full:
+            return None
+        if any((e - a) % tp for a, e in pieces):
+            return None
+        blocks = tuple(e - a for a, e in pieces)
+    return Decision(Shard(p.dim), localise=(SliceBlock(dim, start, width),), blocks=blocks)
 
 
 @rule(aten.slice, padding_aware=True)
@@ -104,10 +113,14 @@ def split_rule(node, placements, tp):
     if dim != p.dim:
         return Decision(tuple([p] * n_out))
     sizes = [shape_of_val(v)[dim] for v in node.meta["val"]]
-    if len(set(sizes)) != 1 or sizes[0] % tp:
+    if any(size % tp for size in sizes):
         return None
+    equal = len(set(sizes)) == 1
+    if not equal and packet is not aten.split_with_sizes:
+        return None  # only explicit sizes can be divided one by one
     localise = (SplitSizes(),) if packet in (aten.split, aten.split_with_sizes) else ()
-    return Decision(tuple([p] * n_out), localise=localise, blocks=n_out)
+    blocks = n_out if equal else tuple(sizes)  # unequal: a GQA q|k|v, each piece split by tp
+    return Decision(tuple([p] * n_out), localise=localise, blocks=blocks)
 
 
 def _join_rule(node, placements, *, new_dim: bool):

@@ -112,9 +112,10 @@ class Decision:
     # vocab padding: the padded global size of the output's shard dim; a Shard this decision
     # needs of an input is then padded to the same size (a replicated [vocab] bias, say)
     padded: int | None = None
-    # fused projections: the input's shard dim holds this many equal blocks (q|k|v), each
-    # sharded separately, so the linear producing it must slice its weight block by block
-    blocks: int | None = None
+    # fused projections: the input's shard dim holds blocks (q|k|v: a count of equal ones, or
+    # their sizes), each sharded separately, so the linear producing it slices its weight
+    # block by block
+    blocks: int | tuple[int, ...] | None = None
 
 
 Rule = Callable[[torch.fx.Node, dict, int], "Decision | None"]

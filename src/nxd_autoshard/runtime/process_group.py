@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from nxd_autoshard.ir.placements import Replicate, Shard, shard_tensor
+from nxd_autoshard.ir.placements import Replicate, Shard, shard_tensor, unshard_tensor
 from nxd_autoshard.runtime.base import (
     Host,
     LocalState,
@@ -281,9 +281,8 @@ class ProcessGroupRuntime(Runtime):
         parts = [torch.empty_like(local) for _ in range(host.tp)]
         dist.all_gather(parts, local.detach().contiguous(), group=self.group)
         blocks = host.plan.blocks.get(name, 1)
-        per_rank = [t.chunk(blocks, p.dim) for t in parts]
-        full = torch.cat([torch.cat([r[b] for r in per_rank], p.dim) for b in range(blocks)], p.dim)
-        return full.narrow(p.dim, 0, host._full_shapes[name][p.dim])  # drop vocab padding
+        # the vocab padding is dropped
+        return unshard_tensor(list(parts), p, blocks, host._full_shapes[name][p.dim])
 
     def optimizer(
         self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool, **kwargs

@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from nxd_autoshard.ir import ops as C
-from nxd_autoshard.ir.placements import Placement, Shard
+from nxd_autoshard.ir.placements import Placement, Shard, shard_tensor, unshard_tensor
 from nxd_autoshard.runtime.collectives import local_vocab_embedding, reduce_loss
 
 __all__ = ["PerRank", "simulate_graph", "scatter_to_ranks", "trace_collectives"]
@@ -222,8 +222,6 @@ class _ScatterToRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, full, placement, tp, blocks, padded):
-        from nxd_autoshard.ir.placements import shard_tensor
-
         ctx.placement, ctx.tp, ctx.blocks = placement, tp, blocks
         ctx.size = full.shape[placement.dim] if isinstance(placement, Shard) else None
         return tuple(
@@ -234,15 +232,13 @@ class _ScatterToRanks(torch.autograd.Function):
     def backward(ctx, *grads):
         if not isinstance(ctx.placement, Shard):
             return torch.stack(grads).mean(0), None, None, None, None
-        dim = ctx.placement.dim
-        per_block = [g.chunk(ctx.blocks, dim) for g in grads]
-        blocks = [torch.cat([p[b] for p in per_block], dim) for b in range(ctx.blocks)]
         # the padding rows' gradient is dropped: the parameter has the original full shape
-        return torch.cat(blocks, dim).narrow(dim, 0, ctx.size), None, None, None, None
+        full = unshard_tensor(list(grads), ctx.placement, ctx.blocks, ctx.size)
+        return full, None, None, None, None
 
 
 def scatter_to_ranks(
-    full: torch.Tensor, placement: Placement, tp: int, blocks: int = 1, padded: int | None = None
+    full: torch.Tensor, placement: Placement, tp: int, blocks=1, padded: int | None = None
 ) -> PerRank:
     """Differentiable split of a full tensor into each rank's piece (replicas share the gradient).
 
