@@ -171,6 +171,7 @@ def test_history_lists_each_pass_and_diffs_two_steps():
         "linear_from_matmul",
         "expert_linear_from_grouped_mm",
         "split_bias",
+        "repeat_kv_heads",
         "propagate",
         "partition",
         "retarget_device",

@@ -79,20 +79,52 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def expert_linear_from_grouped_mm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Rewrite HF's fused-expert product `grouped_mm_fallback(x, W.transpose(-2, -1), offsets)`
-    (Mixtral, Qwen-MoE: W [experts, out, in]) as `expert_linear(x, W, offsets)`, so the experts
-    get column/row choices like any linear layer."""
-    from nxd_autoshard.ir.ops import expert_linear
+    """Rewrite grouped expert products with the weight as an argument, so the experts get
+    column/row choices like any linear layer: HF's `grouped_mm_fallback(x, W.transpose(-2, -1),
+    offsets)` (Mixtral, Qwen-MoE: W [experts, out, in]) as `expert_linear(x, W, offsets)`, and
+    `torch._grouped_mm(x, W.to(dtype).transpose(-2, -1), offs=offsets)` (torchtitan) as
+    `grouped_linear(x, W, offsets, dtype)`."""
+    from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 
     for node in list(gm.graph.nodes):
         packet = getattr(node.target, "overloadpacket", None)
-        if getattr(packet, "__name__", "") != "grouped_mm_fallback" or len(node.args) != 3:
-            continue
-        weight = _transposed_param(node.args[1], 3)
-        if weight is not None:
-            node.target = expert_linear
-            node.args = (node.args[0], weight, node.args[2])
+        name = getattr(packet, "__name__", "")
+        if name == "grouped_mm_fallback" and len(node.args) == 3:
+            weight = _transposed_param(node.args[1], 3)
+            if weight is not None:
+                node.target = expert_linear
+                node.args = (node.args[0], weight, node.args[2])
+        elif packet is aten._grouped_mm and (
+            len(node.args) == 3 or len(node.args) == 2 and set(node.kwargs) == {"offs"}
+        ):
+            offsets = node.args[2] if len(node.args) == 3 else node.kwargs["offs"]
+            source, dtype = node.args[1], None
+            transposed = (
+                source.args[0] if isinstance(source, torch.fx.Node) and source.args else None
+            )
+            if _is_cast(transposed):  # W.bfloat16().transpose(-2, -1): the cast moves inside
+                dtype = transposed.kwargs.get("dtype", transposed.args[-1])
+                inner = transposed.args[0]
+                with gm.graph.inserting_before(source):
+                    source = gm.graph.call_function(source.target, (inner, *source.args[1:]))
+                source.meta["val"] = inner.meta["val"].transpose(-2, -1)
+            weight = _transposed_param(source, 3)
+            if weight is not None:
+                node.target = grouped_linear
+                node.args = (node.args[0], weight, offsets, dtype)
+                node.kwargs = {}
     return _finish(gm)
+
+
+def _is_cast(node) -> bool:
+    """A dtype-only copy (`W.bfloat16()`), the one op allowed between an expert weight and its
+    transpose."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is aten._to_copy.default:  # _to_copy(W, dtype=...)
+        return set(node.kwargs) == {"dtype"} and len(node.args) == 1
+    # to(W, dtype)
+    return node.target is aten.to.dtype and len(node.args) == 2 and not node.kwargs
 
 
 def split_bias(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -76,6 +76,7 @@ def decide_placements(
     veto: dict[str, str] = {}  # module -> "column" (rows instead) or "all" (replicated)
     undone: dict[str, str] = {}  # module -> why its auto/plan split was undone
     twins = _twins(settings.full_shapes)
+    minor = _minor_matmuls(program, settings)
     inputs_of: dict[str, str] = {}  # column module -> its input node, in any round
     for _ in range(16):
         result = propagate_placements(
@@ -106,6 +107,7 @@ def decide_placements(
             for module in twins.get(root, (root,)):
                 if module not in veto:
                     rows = "not divisible" not in failed[root] and block_of(module) is not None
+                    rows = rows and module not in minor  # a router is cheaper kept whole
                     veto[module] = "column" if rows else "all"
                     undone[module] = failed[root]
         styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
@@ -125,7 +127,16 @@ def decide_placements(
     return result
 
 
-_LINEAR_OPS = {"linear", "mm", "matmul", "addmm", "bmm", "baddbmm", "expert_linear"}
+_LINEAR_OPS = {
+    "linear",
+    "mm",
+    "matmul",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "expert_linear",
+    "grouped_linear",
+}
 _INDEX = re.compile(r"\.\d+(?=\.|'|$)")
 
 
@@ -172,20 +183,18 @@ def _report_replicated(
     ]  # a user's 'replicate' is not a surprise
     if replicated and len(replicated) == len(found):
         _raise_if_another_tp_splits(program, settings, [w for _, _, w in found])
-    # a weight under 2 % of its block's matmul weights (an MoE router) costs no memory to speak
-    # of, and Megatron replicates it too: explain() still shows it, no warning
-    size = {w: math.prod(settings.full_shapes.get(w, ())) for _, _, w in found}
-    per_block: dict[str, int] = {}
-    for module, _, w in found:
-        per_block[block_of(module)] = per_block.get(block_of(module), 0) + size[w]
-    degraded = [m for m, w in replicated if size[w] * 50 >= per_block[block_of(m)]]
+    # a minor weight (an MoE router) costs no memory to speak of, and Megatron replicates it
+    # too: explain() still shows it, no warning
+    minor = _minor_matmuls(program, settings)
+    degraded = [m for m, w in replicated if m not in minor]
     # an undone column split that found a row split is not reported: it is sharded, and
-    # explain() counts its collectives against the optimum
-    in_blocks = {m for m, _, _ in found}
-    for module in undone:
+    # explain() counts its collectives against the optimum. Outside repeated blocks (heads,
+    # poolers) a matmul may stay whole as Megatron keeps them; a model without blocks is all
+    # "outside", and every undone split of it is reported
+    for module in undone if not found else ():
         if plan.auto_styles.get(module) == "row":
             continue
-        if module not in in_blocks and all(
+        if all(
             isinstance(p, Replicate)
             for n, p in plan.placements.items()
             if n.rsplit(".", 1)[0] == module
@@ -227,6 +236,16 @@ def _report_replicated(
             f"nxd-autoshard: {line}; explain() shows the blocks, strict=True makes this an error",
             stacklevel=5,
         )
+
+
+def _minor_matmuls(program: CapturedProgram, settings: CompileSettings) -> set[str]:
+    """Modules whose weight is under 2 % of their block's matmul weights (an MoE router)."""
+    found = list(_block_matmuls(program))
+    size = {w: math.prod(settings.full_shapes.get(w, ())) for _, _, w in found}
+    per_block: dict[str, int] = {}
+    for module, _, w in found:
+        per_block[block_of(module)] = per_block.get(block_of(module), 0) + size[w]
+    return {m for m, _, w in found if size[w] * 50 < per_block[block_of(m)]}
 
 
 def _why_not_split(weight: str, settings: CompileSettings) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from nxd_autoshard.ir.ops import expert_linear
+from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard, padded_size
 from nxd_autoshard.ir.program import CapturedProgram, module_path
 from nxd_autoshard.rules import (
@@ -38,7 +38,7 @@ __all__ = ["PropagationResult", "propagate_placements", "LINEAR_OPS", "weight_ro
 aten = torch.ops.aten
 
 
-LINEAR_OPS = {aten.linear, aten.addmm, aten.mm, aten.matmul, expert_linear}
+LINEAR_OPS = {aten.linear, aten.addmm, aten.mm, aten.matmul, expert_linear, grouped_linear}
 
 
 @dataclass
@@ -68,7 +68,7 @@ def weight_role(
         return node.args[2], node.args[0], 1, node.args[1]
     if packet in (aten.mm, aten.matmul):
         return node.args[1], split_off, 1, node.args[0]
-    if node.target is expert_linear:  # weight [experts, out, in]
+    if node.target in (expert_linear, grouped_linear):  # weight [experts, out, in]
         return node.args[1], None, 1, node.args[0]
     return None
 
@@ -351,7 +351,7 @@ def _seed_weights(
     if name is None or name in chosen:
         return
     ndim = len(shape_of(weight))
-    if ndim != (3 if node.target is expert_linear else 2):
+    if ndim != (3 if node.target in (expert_linear, grouped_linear) else 2):
         return
     mod = name.rsplit(".", 1)[0]
     style = styles.get(name)

@@ -114,6 +114,7 @@ class CollectiveRow:
     shape: str
     forward: list[CommEvent]
     backward: list[CommEvent]
+    of_parameter: bool = False  # the gradient of a replicated parameter (a q/k norm's weight)
 
     def bytes(self, phase: str) -> int:
         return sum(e.bytes for e in (self.forward if phase == "forward" else self.backward))
@@ -379,6 +380,8 @@ def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
                 + "]",
                 forward=forward,
                 backward=backward,
+                of_parameter=source.op == "placeholder"
+                and source.meta.get("nxd_kind") == "parameter",
             )
         )
     return rows
@@ -655,6 +658,9 @@ def _block_rows(by_block, params, collectives, tp) -> list[BlockRow]:
                 fwd.update(e.kind for e in c.forward)
                 bwd.update(e.kind for e in c.backward)
         opt_f, opt_b, matmuls, sharded = _optimum(nodes)
+        # a replicated parameter read by every rank's own heads (a per-head q/k norm's weight)
+        # needs its gradient summed over tp: Megatron all-reduces those too
+        opt_b += sum(1 for c in collectives if c.block == name and c.of_parameter)
         served = tuple(
             (
                 c.op,

@@ -112,6 +112,15 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) 
     return torch.ops.transformers.grouped_mm_fallback(x, weight.transpose(-2, -1), offsets)
 
 
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """As `expert_linear`, by `torch._grouped_mm` (torchtitan's experts: raw [E, out, in]
+    parameters, cast to `dtype` for the product)."""
+    weight = weight if dtype is None else weight.to(dtype)
+    return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+
+
 # the ops that move data between ranks, and those with any rank-dependent behaviour
 COLLECTIVES = (all_reduce, all_gather, reduce_scatter, shard, grad_all_reduce)
 PARALLEL_OPS = COLLECTIVES + (vocab_parallel_embedding, vocab_parallel_cross_entropy)

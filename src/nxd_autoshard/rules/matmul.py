@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nxd_autoshard.ir.ops import expert_linear
+from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules.registry import Decision, P, R, aten, padded_of, rule, shape_of
 
@@ -99,9 +99,10 @@ def linear_rule(node, placements, tp):
     return None
 
 
-@rule(expert_linear)
+@rule(expert_linear, grouped_linear)
 def expert_linear_rule(node, placements, tp):
-    """expert_linear(x, W, offsets), W [experts, out, in]: column (W S(1)) or row (W S(2))."""
+    """expert_linear / grouped_linear(x, W, offsets), W [experts, out, in]: column (W S(1)) or
+    row (W S(2))."""
     x, w, offsets = node.args[:3]
     px, pw = placements[x], placements[w]
     keep_offsets = {offsets: R} if not isinstance(placements.get(offsets), Replicate) else {}
