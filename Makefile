@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean test-torch29
+.PHONY: demo test lint venv clean test-torch29 test-models
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,19 @@ demo: venv
 	OMP_NUM_THREADS=1 $(BIN)/python examples/demo.py
 
 test: venv lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests --ignore=tests/models
+
+# Model code from other libraries (torchtitan 0.3) in tests/models, which skip without it. Its
+# install is large (torchtitan imports triton, ~1 GB) and --no-deps: its declared dependencies
+# (datasets, wandb, tensorboard, ...) are for its trainer, not for the model code tested here.
+MODELS_PKGS := torchtitan==0.3.0 spmd_types tyro docstring_parser triton
+
+$(BIN)/.models: $(BIN)/.installed
+	$(BIN)/pip install -q --no-deps $(MODELS_PKGS)
+	touch $@
+
+test-models: $(BIN)/.models
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests/models
 
 # code health: imports point one way (import-linter layers contract), ruff lint and format
 lint: venv
