@@ -12,8 +12,9 @@ import torch
 
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
 from nxd_autoshard.ir.errors import DivisibilityError, PlanError
-from nxd_autoshard.ir.placements import Placement, Replicate, Shard
+from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import BlockCost, CapturedProgram, block_of
+from nxd_autoshard.rules import shape_of
 
 __all__ = ["CompileSettings", "Plan", "decide_placements"]
 
@@ -111,6 +112,10 @@ def decide_placements(
                     veto[module] = "column" if rows else "all"
                     undone[module] = failed[root]
         styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
+    if first and result.stat_columns:
+        result, styles, veto, undone = _without_stat_columns(
+            program, settings, plan, result, styles, veto, undone
+        )
     alike: dict[str, list[str]] = {}  # one warning per op and place, layer indices aside
     for line in result.fallbacks:
         key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", line.split(" on ")[0]))
@@ -189,9 +194,10 @@ def _report_replicated(
     degraded = [m for m, w in replicated if m not in minor]
     # an undone column split that found a row split is not reported: it is sharded, and
     # explain() counts its collectives against the optimum. Outside repeated blocks (heads,
-    # poolers) a matmul may stay whole as Megatron keeps them; a model without blocks is all
-    # "outside", and every undone split of it is reported
-    for module in undone if not found else ():
+    # poolers) a matmul may stay whole as Megatron keeps them; a model without a stack of
+    # identical blocks is all "outside", and every undone split of it is reported
+    stacked = any(len(group) > 1 for group in _twins(settings.full_shapes).values())
+    for module in undone if not stacked else ():
         if plan.auto_styles.get(module) == "row":
             continue
         if all(
@@ -236,6 +242,57 @@ def _report_replicated(
             f"nxd-autoshard: {line}; explain() shows the blocks, strict=True makes this an error",
             stacklevel=5,
         )
+
+
+def _without_stat_columns(program, settings, plan, result, styles, veto, undone):
+    """Columns whose shard reaches a norm's statistic (a mean over the sharded width) cost an
+    all-reduce of that small statistic, which is cheap where the shard then stays (OLMo 2's
+    q/k norm before the heads), and not where the sharded width is contracted next (a
+    low-rank q_a -> norm -> q_b, DeepSeek's MLA): there the norm's input had better be whole.
+    The plan without those column splits is kept when it saves more traffic than the
+    statistics' all-reduces themselves."""
+    trial_veto = {**veto, **{m: "all" for m in result.stat_columns}}
+    trial_styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in trial_veto}
+
+    def run(styles, veto):  # propagation writes node placements: the plan kept runs last
+        return propagate_placements(
+            program,
+            settings.tp,
+            styles=styles,
+            fixed=plan.placements,
+            auto=settings.auto,
+            veto=veto,
+            padded=plan.padded,
+        )
+
+    trial = run(trial_styles, trial_veto)
+    converged = not any(m not in trial_veto for m in trial.failed_columns if m in trial.auto_styles)
+    ours, stats = _traffic(result)
+    theirs, _ = _traffic(trial)
+    if not converged or ours - theirs <= 2 * stats:
+        return run(styles, veto), styles, veto, undone
+    note = "its norm's statistic would be all-reduced and the sharded width contracted next"
+    undone = {**undone, **{m: note for m in result.stat_columns}}
+    return trial, trial_styles, trial_veto, undone
+
+
+def _traffic(result: PropagationResult) -> tuple[int, int]:
+    """Elements a propagation's conversions move (all-reduces, gathers, reduce-scatters; a
+    slice of a replicated value is free), and those of them that are norm statistics."""
+    total = stats = 0
+    for decision in result.decisions.values():
+        for value, need in decision.needs.items():
+            have = result.placements.get(value)
+            val = value.meta.get("val")
+            if have == need or have is None or isinstance(have, Replicate):
+                continue
+            if not isinstance(val, torch.Tensor):
+                continue
+            size = math.prod(shape_of(value))
+            total += size
+            if isinstance(have, Partial) and shape_of(value)[-1:] == (1,):
+                stats += size  # a norm's statistic: one element per row, [b, s, 1]
+    return total, stats
 
 
 def _minor_matmuls(program: CapturedProgram, settings: CompileSettings) -> set[str]:

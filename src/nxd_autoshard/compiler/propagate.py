@@ -53,6 +53,9 @@ class PropagationResult:
     blocks: dict[str, int | tuple[int, ...]] = field(default_factory=dict)  # param -> blocks
     column_inputs: dict[str, str] = field(default_factory=dict)  # column module -> its input node
     padded: dict[str, int] = field(default_factory=dict)  # param -> padded size of its shard dim
+    # column modules whose shard reached a sum/mean over the sharded dim (a norm's statistic)
+    stat_columns: set[str] = field(default_factory=set)
+    placements: dict[torch.fx.Node, Placement | tuple | None] = field(default_factory=dict)
 
 
 def weight_role(
@@ -134,6 +137,7 @@ def propagate_placements(
     auto_styles: dict[str, str] = {}
     failed: dict[str, str] = {}
     fallbacks: list[str] = []
+    stat_columns: set[str] = set()
     blocks: dict[str, int | tuple[int, ...]] = {}
     chosen: dict[str, Placement] = dict(fixed)
     column_module: dict[str, str] = {}  # weight param -> module path of its column linear
@@ -202,6 +206,9 @@ def propagate_placements(
         placements[node] = decision.out
         node.meta["nxd_placement"] = decision.out
         node.meta["nxd_padded"] = decision.padded
+        if _packet(node) in (aten.sum, aten.mean) and isinstance(decision.out, Partial):
+            if isinstance(pls.get(node.args[0]), Shard):
+                stat_columns.update(origins.get(node.args[0], ()))
         # provenance of sharded values: which auto/plan column produced them
         if not _all_replicate(decision.out):
             src = frozenset().union(*(origins.get(n, frozenset()) for n in ins))
@@ -217,7 +224,16 @@ def propagate_placements(
     params = {param_of[n]: placements[n] for n in param_of}
     padded = {name: size for name, size in padded.items() if isinstance(chosen.get(name), Shard)}
     return PropagationResult(
-        decisions, params, auto_styles, failed, fallbacks, blocks, column_inputs, padded
+        decisions,
+        params,
+        auto_styles,
+        failed,
+        fallbacks,
+        blocks,
+        column_inputs,
+        padded,
+        stat_columns,
+        dict(placements),
     )
 
 
