@@ -39,12 +39,12 @@ FALLBACK_NOTE = "no sharding rule for these placements"
 class Holder(torch.nn.Module):
     """The inputs as parameters (floating, or any tensor in `placed`) or buffers (ids, masks)."""
 
-    def __init__(self, fn: Callable, tensors: list[torch.Tensor], placed: frozenset = frozenset()):
+    def __init__(self, fn: Callable, tensors: list, placed=frozenset(), grad: bool = True):
         super().__init__()
         self.fn, self.names = fn, [f"in{i}" for i in range(len(tensors))]
         for i, (name, t) in enumerate(zip(self.names, tensors)):
             if t.dtype.is_floating_point or i in placed:
-                param = torch.nn.Parameter(t.detach().clone(), t.dtype.is_floating_point)
+                param = torch.nn.Parameter(t.detach().clone(), grad and t.dtype.is_floating_point)
                 self.register_parameter(name, param)
             else:
                 self.register_buffer(name, t.clone())
@@ -53,10 +53,11 @@ class Holder(torch.nn.Module):
         return self.fn(*(getattr(self, n) for n in self.names))
 
 
-def capture_op(fn: Callable, tensors: list[torch.Tensor], placed=frozenset()) -> CapturedProgram:
+def capture_op(fn: Callable, tensors: list, placed=frozenset(), grad: bool = True):
     """The captured program of `fn(*tensors)`; `placed`: indices of non-floating inputs that get
-    a placement (a sharded mask), which must be parameters for the plan to reach them."""
-    program = capture(Holder(fn, tensors, frozenset(placed)), (), dynamic=False)
+    a placement (a sharded mask), which must be parameters for the plan to reach them.
+    grad: whether floating inputs require grad (False for ops with no derivative)."""
+    program = capture(Holder(fn, tensors, frozenset(placed), grad), (), dynamic=False)
     program.gm = expert_linear_from_grouped_mm(program.gm)
     return program
 
@@ -71,6 +72,7 @@ class Sharded:
     outs: list  # per flat output: one tensor per rank
     want: list[torch.Tensor]  # flat outputs of the unsharded fn
     ops: dict  # node -> its op's overload packet as propagation saw it (partition retargets some)
+    placed_in: dict  # node -> the placements its input nodes had, before partition
 
     def decision_of(self, packet):
         """The first node whose op is `packet`, and its decision."""
@@ -94,17 +96,19 @@ def run_sharded(
     *,
     padded: tuple[int, ...] = (),
     program: CapturedProgram | None = None,
+    grad: bool = True,
 ) -> Sharded:
     """Shard `fn(*tensors)` with the inputs placed as given and run every rank.
 
     padded: indices of inputs whose shard dim 0 is vocab-padded to a multiple of tp.
     program: a capture of the same fn and inputs to reuse (it is copied, not rewritten).
+    grad: whether floating inputs require grad (False for ops with no derivative).
     """
     placed = frozenset(
         i for i, (t, p) in enumerate(zip(tensors, placements)) if not isinstance(p, Replicate)
     )
     if program is None:
-        program = capture_op(fn, tensors, placed)
+        program = capture_op(fn, tensors, placed, grad)
     else:
         program = copy.deepcopy(program)
     names = [f"in{i}" for i in range(len(tensors))]
@@ -114,12 +118,17 @@ def run_sharded(
     assert not missing, f"inputs {missing} are buffers: a placement cannot reach them"
     pads = {names[i]: _padded_size(tensors[i].shape[0], tp) for i in padded}
     result = propagate_placements(program, tp, styles={}, fixed=fixed, auto=False, padded=pads)
-    ops = {n: _packet(n) for n in program.gm.graph.nodes if n.op == "call_function"}
+    calls = [n for n in program.gm.graph.nodes if n.op == "call_function"]
+    ops = {n: _packet(n) for n in calls}
+    placed_in = {n: [a.meta.get("nxd_placement") for a in n.all_input_nodes] for n in calls}
     partition(program, result, tp)
 
-    full = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    full = [t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in tensors]
     per_rank = []
     for name in program.state_names:
+        if name in program.constants:  # a tensor the op made (lifted by export): every rank's
+            per_rank.append(program.constants[name])
+            continue
         i = names.index(name)
         if name not in fixed:
             per_rank.append(full[i])
@@ -130,7 +139,7 @@ def run_sharded(
         )
     outs = pytree.tree_leaves(simulate_graph(program.gm, tp, per_rank))
     want = pytree.tree_leaves(fn(*full))
-    return Sharded(program, result, full, outs, want, ops)
+    return Sharded(program, result, full, outs, want, ops, placed_in)
 
 
 def assert_matches_unsharded(run: Sharded, tp: int, *, msg: str = "", **tolerances) -> None:

@@ -174,6 +174,10 @@ def propagate_placements(
         )
         pls = {n: placements[n] for n in ins}
         decision = _decide_node(node, pls, tp)
+        if decision.note and decision.note.startswith("blocks="):
+            count = int(decision.note.split("=")[1])
+            if not _mark_blocks(node, count, param_of, blocks, placements, decisions):
+                decision = _gather_all(node, pls)
         # gathers break the column shards flowing in: remember which ones
         for n, need in decision.needs.items():
             have = pls.get(n)
@@ -188,8 +192,6 @@ def propagate_placements(
                 f"{_where(node)}: {node.target} on "
                 + ", ".join(f"{n.name}={_placed_str(pls[n], n)}" for n in ins)
             )
-        if decision.note and decision.note.startswith("blocks="):
-            _mark_blocks(node, int(decision.note.split("=")[1]), param_of, blocks)
         decisions[node] = decision
         placements[node] = decision.out
         node.meta["nxd_placement"] = decision.out
@@ -226,11 +228,7 @@ def _decide_node(node, pls: dict, tp: int) -> Decision:
         rule = rule_for(node.target)
         decision = rule(node, seen, tp) if rule else None
         if decision is None:
-            return Decision(
-                _replicated_like(node),
-                {n: R for n in pls},
-                note="no sharding rule for these placements",
-            )
+            return _gather_all(node, pls)
     if unpadded:
         decision.needs = {**unpadded, **decision.needs}
         decision.note = "no sharding rule for a padded vocab dim"
@@ -266,6 +264,13 @@ def _where(node) -> str:
 
 def _is_tensor(node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _gather_all(node, pls: dict) -> Decision:
+    """The fallback: every input gathered to Replicate, the op run whole on every rank."""
+    return Decision(
+        _replicated_like(node), {n: R for n in pls}, note="no sharding rule for these placements"
+    )
 
 
 def _replicated_like(node):
@@ -394,18 +399,43 @@ def _mark_padded(param: torch.fx.Node, name: str, pad: int | None, padded: dict[
     param.meta["nxd_padded"] = pad
 
 
-def _mark_blocks(split_node, count, param_of, blocks):
-    """An equal split of a column-sharded dim: the weight must be sliced block by block."""
-    node = split_node.args[0]
-    while node.op == "call_function":
+def _mark_blocks(split_node, count, param_of, blocks, placements, decisions) -> bool:
+    """An equal split of a sharded dim reads blocks: every parameter the split value's layout
+    comes from (the weight and bias of a column linear, or a sharded parameter itself) must be
+    sliced block by block. False when some of the layout comes from elsewhere (a user input, a
+    replicated value sharded to fit an op, a batch shard through a replicated weight): that
+    layout is contiguous, so reading blocks from it would be wrong."""
+    marks: dict[str, int] = {}
+    todo, seen = [split_node.args[0]], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in param_of:
+            marks[param_of[node]] = count
+            continue
+        if node.op != "call_function":
+            return False
         role = weight_role(node) if _packet(node) in LINEAR_OPS else None
-        if role is not None:
-            weight, bias = role[0], role[1]
-            for p in (weight, bias):
+        if role is not None and role[0] in param_of and isinstance(placements.get(role[0]), Shard):
+            if placements[role[0]].dim != role[2]:
+                return False  # row-parallel: the output is Partial, not split by features
+            for p in role[:2]:
                 if p is not None and p in param_of:
-                    blocks[param_of[p]] = count
-            return
-        sharded = [n for n in tensor_inputs(node) if isinstance(n.meta.get("nxd_placement"), Shard)]
+                    marks[param_of[p]] = count
+            continue
+        decision = decisions.get(node)
+        if decision is None or any(
+            isinstance(need, Shard) and need != placements.get(n)
+            for n, need in decision.needs.items()
+        ):
+            return False  # an input resharded to fit is split contiguously
+        sharded = [n for n in tensor_inputs(node) if isinstance(placements.get(n), Shard)]
         if not sharded:
-            return
-        node = sharded[0]
+            return False
+        todo += sharded
+    if any(blocks.get(name, count) != count for name in marks):
+        return False  # already read in a different number of blocks
+    blocks.update(marks)
+    return True

@@ -1,0 +1,250 @@
+"""Every sharding rule against the op itself, on PyTorch's OpInfo samples (as DTensor checks its
+own rules in torch's test_dtensor_ops.py).
+
+For each OpInfo whose captured graph holds an op of the rule registry: its samples (float32 on
+CPU, capped per op), each at tp 2 and 4 with bounded combinations of input placements (Shard on
+every dim tp divides, Partial, Replicate), go through the compiler's propagate and partition
+passes and the simulator; every rank's output and every input gradient must equal the
+unsharded op's. Where a rule refuses, the gather-to-Replicate fallback runs and must be right
+too. An `AutoshardError` is a loud refusal and passes; a wrong number or any other exception
+fails.
+
+Which aten ops an OpInfo exercises is read from its captured graph (a tiny module calling the
+op on the sample), not from its name: `nn.functional.softsign` is abs, add and div, `__rdiv__`
+is reciprocal and mul. NXD_OPINFO_SAMPLES / NXD_OPINFO_PLACEMENTS raise the caps;
+NXD_OPINFO_REPORT=path appends one JSON line per OpInfo (what the RESULTS.md counts come from).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import types
+import warnings
+
+import pytest
+import torch
+from rulecheck import FALLBACK_NOTE, assert_matches_unsharded, capture_op, run_sharded
+from torch.testing._internal.common_methods_invocations import op_db
+from torch.utils import _pytree as pytree
+
+from nxd_autoshard.ir.errors import AutoshardError
+from nxd_autoshard.ir.placements import Partial, Replicate, Shard
+from nxd_autoshard.rules import REGISTRY
+
+MAX_SAMPLES = int(os.environ.get("NXD_OPINFO_SAMPLES", "3"))
+MAX_PLACEMENTS = int(os.environ.get("NXD_OPINFO_PLACEMENTS", "6"))
+TPS = (2, 4)
+R = Replicate()
+
+_RULED_NAMES = {getattr(p, "__name__", None) for p in REGISTRY}
+
+# ops whose result is random or uninitialised: no two runs agree, sharded or not
+_UNDEFINED_VALUES = {"empty_like", "new_empty", "new_empty_strided", "empty", "empty_strided"}
+
+
+def _draws_random(program) -> bool:
+    """Whether the captured sample draws random numbers (dropout, rrelu, fractional pooling):
+    each rank draws its own, so no sharding can equal the unsharded op."""
+    for node in program.gm.graph.nodes:
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload):
+            continue
+        if torch.Tag.nondeterministic_seeded not in target.tags:
+            continue
+        args = {a.name: v for a, v in zip(target._schema.arguments, node.args)} | node.kwargs
+        # dropout with p=0 or in eval mode, and attention without dropout, draw nothing
+        if args.get("p", args.get("dropout_p")) == 0 or args.get("train") is False:
+            continue
+        return True
+    return False
+
+
+def _candidate(op) -> bool:
+    """Whether the OpInfo can capture to an op with a rule. A C function captures as its own
+    aten op (named `aten_name`); only a Python function (nn.functional.*, masked.*, the __r*__
+    lambdas) can build a graph of other ops, so only those are captured to see."""
+    if op.name in _UNDEFINED_VALUES:
+        return False
+    return isinstance(op.op, types.FunctionType) or op.aten_name in _RULED_NAMES
+
+
+CANDIDATES = [op for op in op_db if _candidate(op)]
+
+
+def _dtype(op):
+    """float32, or for integer-only ops (bitwise_and) the first integer or bool dtype they take."""
+    supported = op.supported_dtypes("cpu")
+    for dtype in (torch.float32, torch.int64, torch.bool):
+        if dtype in supported:
+            return dtype
+    return None
+
+
+class _Case:
+    """A sample as a function of its tensor leaves (input, args and kwargs flattened)."""
+
+    def __init__(self, op, sample):
+        leaves, self.spec = pytree.tree_flatten((sample.input, sample.args, sample.kwargs))
+        self.leaves = leaves
+        self.index = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        self.tensors = [leaves[i].detach().clone() for i in self.index]
+        self.op = op
+
+    def __str__(self) -> str:
+        def show(x):
+            return f"T{tuple(x.shape)}" if isinstance(x, torch.Tensor) else x
+
+        inp, args, kwargs = pytree.tree_unflatten([show(x) for x in self.leaves], self.spec)
+        return f"({inp}, *{args}, **{kwargs})"
+
+    def fn(self, stacked=frozenset()):
+        """The op on the tensors; those in `stacked` come as pieces summed over a leading dim
+        (a Partial value: each rank holds a piece)."""
+
+        def call(*tensors):
+            leaves = list(self.leaves)
+            for k, (i, t) in enumerate(zip(self.index, tensors)):
+                leaves[i] = t.sum(0) if k in stacked else t
+            inp, args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+            return self.op.op(inp, *args, **kwargs)
+
+        return call
+
+    def pieces(self, stacked, tp: int) -> list[torch.Tensor]:
+        """The tensors, those in `stacked` as tp random pieces that sum to them."""
+        gen = torch.Generator().manual_seed(2)
+        out = []
+        for k, t in enumerate(self.tensors):
+            if k in stacked:
+                rest = torch.randn((tp - 1, *t.shape), generator=gen, dtype=t.dtype)
+                t = torch.cat([rest, (t - rest.sum(0)).unsqueeze(0)])
+            out.append(t)
+        return out
+
+
+def _options(t: torch.Tensor, tp: int) -> list:
+    shards = [Shard(d) for d, size in enumerate(t.shape) if size and size % tp == 0]
+    return [R, *shards] + ([Partial()] if t.dtype.is_floating_point else [])
+
+
+def _placements(case: _Case, tp: int, seed: str) -> list[tuple]:
+    """Bounded input placements: shards aligned across inputs (what broadcasting, cat and
+    batched matmul need) and all-Partial, each input placed alone, then random combinations
+    (a fixed seed); round robin over the three so no kind crowds out the others."""
+    options = [_options(t, tp) for t in case.tensors]
+    n = len(options)
+    groups = []
+    for k in range(1, max(t.dim() for t in case.tensors) + 1):
+        right = tuple(
+            Shard(t.dim() - k) if Shard(t.dim() - k) in o else R
+            for t, o in zip(case.tensors, options)
+        )
+        left = tuple(Shard(k - 1) if Shard(k - 1) in o else R for o in options)
+        groups += [c for c in (right, left) if sum(p != R for p in c) > 1]
+    partial = tuple(Partial() if Partial() in o else R for o in options)
+    if sum(p != R for p in partial) > 1:
+        groups.append(partial)
+    singles = [
+        tuple(p if j == i else R for j in range(n)) for i, o in enumerate(options) for p in o[1:]
+    ]
+    rng = random.Random(seed)
+    rest = [tuple(rng.choice(o) for o in options) for _ in range(MAX_PLACEMENTS)]
+    chosen: list[tuple] = []
+    for trio in itertools.zip_longest(groups, singles, rest):
+        chosen += [c for c in trio if c is not None and c not in chosen and any(p != R for p in c)]
+    return chosen[:MAX_PLACEMENTS]
+
+
+def _ruled_nodes(run, stacked):
+    """Nodes of ops with a rule whose inputs reached them sharded or Partial (so the rule, not
+    the all-Replicate shortcut, decided), leaving out the sums that make Partial inputs."""
+    out = []
+    for node, packet in run.ops.items():
+        if packet not in REGISTRY or node not in run.result.decisions:
+            continue
+        first = node.args[0] if node.args else None
+        if getattr(first, "op", None) == "placeholder" and first.meta.get("nxd_name") in stacked:
+            continue
+        if all(p == R or p is None for p in run.placed_in[node]):
+            continue
+        out.append((node, packet))
+    return out
+
+
+def _report(line: dict) -> None:
+    path = os.environ.get("NXD_OPINFO_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+@pytest.mark.parametrize(
+    "op", CANDIDATES, ids=[f"{o.name}.{o.variant_test_name}".rstrip(".") for o in CANDIDATES]
+)
+def test_opinfo_samples_match_unsharded(op):
+    dtype = _dtype(op)
+    if dtype is None:
+        pytest.skip("no float32, integer or bool dtype on CPU")
+    grad = op.supports_autograd and dtype.is_floating_point
+    warnings.simplefilter("ignore")  # fallbacks warn by design; the numbers are what is checked
+    checked: dict[str, list[int]] = {}  # op -> [placements the rule took, placements refused]
+    samples = placements_seen = loud = 0
+    for k, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=False)):
+        if samples >= MAX_SAMPLES:
+            break
+        case = _Case(op, sample)
+        if not case.tensors or any(t.numel() == 0 for t in case.tensors):
+            continue
+        try:
+            base = capture_op(case.fn(), case.tensors, range(len(case.tensors)), grad)
+        except Exception:  # data-dependent or untraceable samples: nothing to shard
+            continue
+        ops = {getattr(n.target, "overloadpacket", n.target) for n in base.gm.graph.nodes}
+        if not ops & REGISTRY.keys() or _draws_random(base):
+            continue
+        samples += 1
+        templates = {}
+        for tp in TPS:
+            for placements in _placements(case, tp, f"{op.name}/{k}/{tp}"):
+                stacked = frozenset(i for i, p in enumerate(placements) if isinstance(p, Partial))
+                key = (stacked, tp)
+                tensors = case.pieces(stacked, tp)
+                if key not in templates:
+                    templates[key] = capture_op(
+                        case.fn(stacked), tensors, range(len(tensors)), grad
+                    )
+                given = tuple(Shard(0) if i in stacked else p for i, p in enumerate(placements))
+                where = f"{op.name} sample {k} {case} at tp={tp}, inputs placed {placements}"
+                try:
+                    run = run_sharded(
+                        case.fn(stacked), tensors, given, tp, program=templates[key], grad=grad
+                    )
+                except AutoshardError:
+                    loud += 1
+                    continue
+                placements_seen += 1
+                decided = _ruled_nodes(run, {f"in{i}" for i in stacked})
+                for node, packet in decided:
+                    taken = run.result.decisions[node].note != FALLBACK_NOTE
+                    checked.setdefault(str(packet), [0, 0])[0 if taken else 1] += 1
+                notes = "\n".join(
+                    f"  {node.name} ({packet}): {run.result.decisions[node]}"
+                    for node, packet in decided
+                )
+                assert_matches_unsharded(
+                    run, tp, msg=f"{where}\ndecisions:\n{notes}", rtol=1e-4, atol=1e-4
+                )
+    _report(
+        {
+            "opinfo": f"{op.name}.{op.variant_test_name}",
+            "samples": samples,
+            "placements": placements_seen,
+            "loud": loud,
+            "rules": checked,
+        }
+    )
+    if not samples:
+        pytest.skip("no sample captures to an op with a rule")
