@@ -34,9 +34,10 @@ from nxd_autoshard.ir.errors import AutoshardError
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules import REGISTRY
 
-MAX_SAMPLES = int(os.environ.get("NXD_OPINFO_SAMPLES", "3"))
-MAX_PLACEMENTS = int(os.environ.get("NXD_OPINFO_PLACEMENTS", "6"))
+MAX_SAMPLES = int(os.environ.get("NXD_OPINFO_SAMPLES", "2"))
+MAX_PLACEMENTS = int(os.environ.get("NXD_OPINFO_PLACEMENTS", "5"))
 TPS = (2, 4)
+PIECES = 4  # floating inputs are this many pieces summed (see _Case.fn); every tp divides it
 R = Replicate()
 
 _RULED_NAMES = {getattr(p, "__name__", None) for p in REGISTRY}
@@ -100,29 +101,45 @@ class _Case:
         inp, args, kwargs = pytree.tree_unflatten([show(x) for x in self.leaves], self.spec)
         return f"({inp}, *{args}, **{kwargs})"
 
-    def fn(self, stacked=frozenset()):
-        """The op on the tensors; those in `stacked` come as pieces summed over a leading dim
-        (a Partial value: each rank holds a piece)."""
+    def fn(self):
+        """The op on the tensors, each floating one given as PIECES pieces summed over a new
+        leading dim: placing the pieces Shard(0) makes that input Partial (each rank holds
+        some pieces), Shard(d + 1) makes it Shard(d), so one capture serves every placement."""
 
         def call(*tensors):
             leaves = list(self.leaves)
-            for k, (i, t) in enumerate(zip(self.index, tensors)):
-                leaves[i] = t.sum(0) if k in stacked else t
+            for i, t in zip(self.index, tensors):
+                leaves[i] = t.sum(0) if t.dtype.is_floating_point else t
             inp, args, kwargs = pytree.tree_unflatten(leaves, self.spec)
             return self.op.op(inp, *args, **kwargs)
 
         return call
 
-    def pieces(self, stacked, tp: int) -> list[torch.Tensor]:
-        """The tensors, those in `stacked` as tp random pieces that sum to them."""
+    def pieces(self) -> list[torch.Tensor]:
+        """The tensors, floating ones as PIECES random pieces that sum to them."""
         gen = torch.Generator().manual_seed(2)
         out = []
-        for k, t in enumerate(self.tensors):
-            if k in stacked:
-                rest = torch.randn((tp - 1, *t.shape), generator=gen, dtype=t.dtype)
+        for t in self.tensors:
+            if t.dtype.is_floating_point:
+                rest = torch.randn((PIECES - 1, *t.shape), generator=gen, dtype=t.dtype)
                 t = torch.cat([rest, (t - rest.sum(0)).unsqueeze(0)])
             out.append(t)
         return out
+
+    def given(self, placements) -> tuple:
+        """The placements of the pieces that give the inputs `placements`."""
+        out = []
+        for t, p in zip(self.tensors, placements):
+            if t.dtype.is_floating_point:
+                p = (
+                    Shard(0)
+                    if isinstance(p, Partial)
+                    else Shard(p.dim + 1)
+                    if isinstance(p, Shard)
+                    else p
+                )
+            out.append(p)
+        return tuple(out)
 
 
 def _options(t: torch.Tensor, tp: int) -> list:
@@ -158,15 +175,25 @@ def _placements(case: _Case, tp: int, seed: str) -> list[tuple]:
     return chosen[:MAX_PLACEMENTS]
 
 
-def _ruled_nodes(run, stacked):
+def _mark_pieces_sums(program) -> None:
+    """Mark the sums that assemble floating inputs from their pieces: they are not the sample's."""
+    for n in program.gm.graph.nodes:
+        if n.target is torch.ops.aten.sum.dim_IntList and n.args[0].op == "placeholder":
+            n.meta["pieces_sum"] = True
+
+
+def _op_nodes(nodes):
+    """The sample's own nodes: not the sums that assemble floating inputs from their pieces."""
+    return [n for n in nodes if n.op == "call_function" and not n.meta.get("pieces_sum")]
+
+
+def _ruled_nodes(run):
     """Nodes of ops with a rule whose inputs reached them sharded or Partial (so the rule, not
-    the all-Replicate shortcut, decided), leaving out the sums that make Partial inputs."""
+    the all-Replicate shortcut, decided)."""
     out = []
-    for node, packet in run.ops.items():
+    for node in _op_nodes(run.ops):
+        packet = run.ops[node]
         if packet not in REGISTRY or node not in run.result.decisions:
-            continue
-        first = node.args[0] if node.args else None
-        if getattr(first, "op", None) == "placeholder" and first.meta.get("nxd_name") in stacked:
             continue
         if all(p == R or p is None for p in run.placed_in[node]):
             continue
@@ -192,41 +219,37 @@ def test_opinfo_samples_match_unsharded(op):
     warnings.simplefilter("ignore")  # fallbacks warn by design; the numbers are what is checked
     checked: dict[str, list[int]] = {}  # op -> [placements the rule took, placements refused]
     samples = placements_seen = loud = 0
+    tries = 0  # samples captured: the op's graph is known after a few
     for k, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=False)):
-        if samples >= MAX_SAMPLES:
+        if samples >= MAX_SAMPLES or tries - samples >= 2 or k >= MAX_SAMPLES + 6:
             break
         case = _Case(op, sample)
         if not case.tensors or any(t.numel() == 0 for t in case.tensors):
             continue
+        tensors = case.pieces()
         try:
-            base = capture_op(case.fn(), case.tensors, range(len(case.tensors)), grad)
+            program = capture_op(case.fn(), tensors, range(len(tensors)), grad)
         except Exception:  # data-dependent or untraceable samples: nothing to shard
             continue
-        ops = {getattr(n.target, "overloadpacket", n.target) for n in base.gm.graph.nodes}
-        if not ops & REGISTRY.keys() or _draws_random(base):
+        tries += 1
+        _mark_pieces_sums(program)
+        nodes = _op_nodes(program.gm.graph.nodes)
+        packets = {getattr(n.target, "overloadpacket", n.target) for n in nodes}
+        if not packets & REGISTRY.keys() or _draws_random(program):
             continue
         samples += 1
-        templates = {}
         for tp in TPS:
             for placements in _placements(case, tp, f"{op.name}/{k}/{tp}"):
-                stacked = frozenset(i for i, p in enumerate(placements) if isinstance(p, Partial))
-                key = (stacked, tp)
-                tensors = case.pieces(stacked, tp)
-                if key not in templates:
-                    templates[key] = capture_op(
-                        case.fn(stacked), tensors, range(len(tensors)), grad
-                    )
-                given = tuple(Shard(0) if i in stacked else p for i, p in enumerate(placements))
                 where = f"{op.name} sample {k} {case} at tp={tp}, inputs placed {placements}"
                 try:
                     run = run_sharded(
-                        case.fn(stacked), tensors, given, tp, program=templates[key], grad=grad
+                        case.fn(), tensors, case.given(placements), tp, program=program, grad=grad
                     )
                 except AutoshardError:
                     loud += 1
                     continue
                 placements_seen += 1
-                decided = _ruled_nodes(run, {f"in{i}" for i in stacked})
+                decided = _ruled_nodes(run)
                 for node, packet in decided:
                     taken = run.result.decisions[node].note != FALLBACK_NOTE
                     checked.setdefault(str(packet), [0, 0])[0 if taken else 1] += 1
