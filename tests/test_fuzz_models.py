@@ -7,7 +7,8 @@ width, batch and tp. The simulated sharded model's loss and every parameter grad
 the model's; an `AutoshardError` (a refusal that says why) is the only other acceptable outcome.
 A wrong number or any other exception fails, and hypothesis shrinks it to a small model.
 
-Examples run from a fixed seed (CI is deterministic); NXD_FUZZ_EXAMPLES raises their number.
+Examples run from a fixed seed (CI is deterministic); NXD_FUZZ_EXAMPLES raises their number,
+NXD_FUZZ_SEED=n explores other models (hypothesis' random search from seed n).
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 
 from nxd_autoshard import autoshard
 from nxd_autoshard.ir.errors import AutoshardError
 
+SEED = os.environ.get("NXD_FUZZ_SEED")
 settings.register_profile(
     "nxd_fuzz",
     max_examples=int(os.environ.get("NXD_FUZZ_EXAMPLES", "14")),
-    derandomize=True,
+    derandomize=SEED is None,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -171,6 +173,7 @@ def models(draw):
 
 
 @settings(settings.get_profile("nxd_fuzz"))
+@seed(int(SEED or 0))
 @given(drawn=models(), seed=st.integers(0, 2**16))
 def test_random_model_is_equal_or_refused(drawn, seed):
     model, shape, tp, steps = drawn

@@ -183,6 +183,34 @@ ROWS = [
         (R, S0),
         (S1, S1),
     ),
+    # a sharded parameter split directly is itself sliced block by block
+    Row(
+        "chunk_param_blocks",
+        aten.chunk,
+        lambda w: w.chunk(3, 0),
+        ((6, 4),),
+        (S0,),
+        (S0,) * 3,
+        tps=(2,),
+    ),
+    # a replicated operand sharded to fit (contiguously) cannot be read in blocks: gather
+    Row(
+        "chunk_after_reshard_refuses",
+        aten.chunk,
+        lambda x, w, r: (F.linear(x, w) + r).chunk(2, -1),
+        ((4, 8), (16, 8), (4, 16)),
+        (R, S0, R),
+        FALLBACK,
+    ),
+    # a batch shard through a replicated weight: the blocks are the sharded input's rows
+    Row(
+        "chunk_batch_shard_blocks_the_input",
+        aten.chunk,
+        lambda x, w: F.linear(x, w).chunk(2, 0),
+        ((8, 8), (4, 8)),
+        (S0, R),
+        (S0, S0),
+    ),
     Row("chunk_other_dim", aten.chunk, lambda x: x.chunk(2, 0), ((4, 16),), (S1,), (S1, S1)),
     Row(
         "split_shard_dim",
@@ -312,6 +340,24 @@ ROWS = [
         (R, S0, R),
         S0,
         {0: S0, 2: S0},
+    ),
+    Row(
+        "baddbmm_only_bias_sharded",
+        aten.baddbmm,
+        torch.baddbmm,
+        ((4, 4, 4), (4, 4, 8), (4, 8, 4)),
+        (S0, R, R),
+        R,
+        {0: R},
+    ),
+    Row(
+        "baddbmm_broadcast_bias",
+        aten.baddbmm,
+        torch.baddbmm,
+        ((4,), (4, 4, 8), (4, 8, 4)),
+        (R, S0, R),
+        S0,
+        {2: S0},
     ),
     Row(
         "baddbmm_contracted_refuses",
