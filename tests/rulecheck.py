@@ -104,9 +104,7 @@ def run_sharded(
     program: a capture of the same fn and inputs to reuse (it is copied, not rewritten).
     grad: whether floating inputs require grad (False for ops with no derivative).
     """
-    placed = frozenset(
-        i for i, (t, p) in enumerate(zip(tensors, placements)) if not isinstance(p, Replicate)
-    )
+    placed = frozenset(i for i, p in enumerate(placements) if not isinstance(p, Replicate))
     if program is None:
         program = capture_op(fn, tensors, placed, grad)
     else:
