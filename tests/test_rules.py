@@ -11,15 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers.integrations.moe  # noqa: F401  (registers the grouped_mm op expert_linear runs)
+from rulecheck import FALLBACK_NOTE, assert_matches_unsharded, run_sharded
 
-from nxd_autoshard.compiler.capture import capture
-from nxd_autoshard.compiler.normalize import expert_linear_from_grouped_mm
-from nxd_autoshard.compiler.partition import partition
-from nxd_autoshard.compiler.propagate import propagate_placements
 from nxd_autoshard.ir.ops import expert_linear
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules import REGISTRY, handles_padding, rule_for
-from nxd_autoshard.runtime.simulator import scatter_to_ranks, simulate_graph
 
 aten = torch.ops.aten
 R, P = Replicate(), Partial()
@@ -187,6 +183,34 @@ ROWS = [
         (R, S0),
         (S1, S1),
     ),
+    # a sharded parameter split directly is itself sliced block by block
+    Row(
+        "chunk_param_blocks",
+        aten.chunk,
+        lambda w: w.chunk(3, 0),
+        ((6, 4),),
+        (S0,),
+        (S0,) * 3,
+        tps=(2,),
+    ),
+    # a replicated operand sharded to fit (contiguously) cannot be read in blocks: gather
+    Row(
+        "chunk_after_reshard_refuses",
+        aten.chunk,
+        lambda x, w, r: (F.linear(x, w) + r).chunk(2, -1),
+        ((4, 8), (16, 8), (4, 16)),
+        (R, S0, R),
+        FALLBACK,
+    ),
+    # a batch shard through a replicated weight: the blocks are the sharded input's rows
+    Row(
+        "chunk_batch_shard_blocks_the_input",
+        aten.chunk,
+        lambda x, w: F.linear(x, w).chunk(2, 0),
+        ((8, 8), (4, 8)),
+        (S0, R),
+        (S0, S0),
+    ),
     Row("chunk_other_dim", aten.chunk, lambda x: x.chunk(2, 0), ((4, 16),), (S1,), (S1, S1)),
     Row(
         "split_shard_dim",
@@ -221,11 +245,19 @@ ROWS = [
         S1,
     ),
     Row(
-        "split_unequal_refuses",
+        "split_unequal_param_blocks",  # a sharded parameter split unequally: stored in blocks
         aten.split_with_sizes,
         lambda x: x.split([8, 4, 4], 1),
         ((4, 16),),
         (S1,),
+        (S1, S1, S1),
+    ),
+    Row(
+        "split_unequal_indivisible_refuses",
+        aten.split_with_sizes,
+        lambda x, w: F.linear(x, w).split([10, 3, 3], 1),
+        ((4, 8), (16, 8)),
+        (R, S0),
         FALLBACK,
     ),
     Row("unbind_other_dim", aten.unbind, lambda x: x.unbind(0), ((2, 8),), (S1,), (S0, S0)),
@@ -341,6 +373,24 @@ ROWS = [
         (R, S0, R),
         S0,
         {0: S0, 2: S0},
+    ),
+    Row(
+        "baddbmm_only_bias_sharded",
+        aten.baddbmm,
+        torch.baddbmm,
+        ((4, 4, 4), (4, 4, 8), (4, 8, 4)),
+        (S0, R, R),
+        R,
+        {0: R},
+    ),
+    Row(
+        "baddbmm_broadcast_bias",
+        aten.baddbmm,
+        torch.baddbmm,
+        ((4,), (4, 4, 8), (4, 8, 4)),
+        (R, S0, R),
+        S0,
+        {2: S0},
     ),
     Row(
         "baddbmm_contracted_refuses",
@@ -678,64 +728,22 @@ ROWS = [
 ]
 
 
-class _Holder(torch.nn.Module):
-    """The row's inputs as parameters (floating) or buffers (ids, masks), so plans can seed them."""
-
-    def __init__(self, fn, tensors):
-        super().__init__()
-        self.fn, self.names = fn, [f"in{i}" for i in range(len(tensors))]
-        for name, t in zip(self.names, tensors):
-            if t.dtype.is_floating_point:
-                self.register_parameter(name, torch.nn.Parameter(t.clone()))
-            else:
-                self.register_buffer(name, t.clone())
-
-    def forward(self):
-        return self.fn(*(getattr(self, n) for n in self.names))
-
-
 def _tensors(row: Row) -> list[torch.Tensor]:
     torch.manual_seed(0)
     return [torch.randn(x) if isinstance(x, tuple) else x for x in row.inputs]
 
 
-def _flat(out):
-    return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-def _padded_size(size: int, tp: int) -> int:
-    return -(-size // tp) * tp
-
-
 def _run(row: Row, tp: int):
+    """The sharded run of a row; the decision of its op's node and its needs by input index."""
     tensors = _tensors(row)
-    program = capture(_Holder(row.fn, tensors), (), dynamic=False)
-    program.gm = expert_linear_from_grouped_mm(program.gm)
+    run = run_sharded(row.fn, tensors, row.placements, tp, padded=tuple(row.padded))
+    _, decision = run.decision_of(row.op)
+    by_name = {
+        n: n.meta.get("nxd_name") for n in run.program.gm.graph.nodes if n.op == "placeholder"
+    }
     names = [f"in{i}" for i in range(len(tensors))]
-    fixed = {n: p for n, p, t in zip(names, row.placements, tensors) if t.is_floating_point()}
-    padded = {names[i]: _padded_size(tensors[i].shape[0], tp) for i in row.padded}
-    result = propagate_placements(program, tp, styles={}, fixed=fixed, auto=False, padded=padded)
-    node = next(
-        n for n in program.gm.graph.nodes if getattr(n.target, "overloadpacket", n.target) is row.op
-    )
-    decision = result.decisions[node]
-    by_name = {n: n.meta.get("nxd_name") for n in program.gm.graph.nodes if n.op == "placeholder"}
     needs = {names.index(by_name[n]): p for n, p in decision.needs.items() if by_name.get(n)}
-    partition(program, result, tp)
-
-    full = [t.clone().requires_grad_(t.is_floating_point()) for t in tensors]
-    per_rank = []
-    for name in program.state_names:
-        t, placement = full[names.index(name)], row.placements[names.index(name)]
-        if not t.is_floating_point():
-            per_rank.append(t)
-            continue
-        per_rank.append(
-            scatter_to_ranks(t, placement, tp, result.blocks.get(name, 1), result.padded.get(name))
-        )
-    outs = _flat(simulate_graph(program.gm, tp, per_rank))
-    want = _flat(row.fn(*full))
-    return decision, needs, full, outs, want, tensors
+    return run, decision, needs
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -743,33 +751,13 @@ def _run(row: Row, tp: int):
 def test_rule_row(row: Row, tp: int):
     if tp not in row.tps:
         pytest.skip(f"shapes of {row.id} do not divide by tp={tp}")
-    decision, needs, full, outs, want, _ = _run(row, tp)
+    run, decision, needs = _run(row, tp)
     if row.out == FALLBACK:
-        assert decision.note == "no sharding rule for these placements", decision
+        assert decision.note == FALLBACK_NOTE, decision
     else:
         assert decision.out == row.out
         assert needs == row.needs
-    assert len(outs) == len(want)
-    for got, ref in zip(outs, want):
-        for r in range(tp):  # every rank ends with the whole output
-            torch.testing.assert_close(got[r], ref)
-    floating = [i for i, w in enumerate(want) if w.dtype.is_floating_point and w.requires_grad]
-    if not floating:
-        return
-    torch.manual_seed(1)
-    weights = [torch.randn(want[i].shape) for i in floating]
-    ref_grads = torch.autograd.grad(
-        sum((want[i] * w).sum() for i, w in zip(floating, weights)),
-        [t for t in full if t.requires_grad],
-        allow_unused=True,
-    )
-    loss = sum((outs[i][r] * w).sum() for i, w in zip(floating, weights) for r in range(tp))
-    grads = torch.autograd.grad(loss, [t for t in full if t.requires_grad], allow_unused=True)
-    for g, ref in zip(grads, ref_grads):
-        if ref is None:
-            assert g is None or not g.abs().sum()
-        else:
-            torch.testing.assert_close(g, ref)
+    assert_matches_unsharded(run, tp)
 
 
 def test_every_registered_op_family_has_a_row():

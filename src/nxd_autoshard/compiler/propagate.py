@@ -181,13 +181,10 @@ def propagate_placements(
         )
         pls = {n: placements[n] for n in ins}
         decision = _decide_node(node, pls, tp)
-        if decision.blocks and not _mark_blocks(node, decision.blocks, param_of, blocks):
-            # blocks that no linear's weight holds (not its own output): nothing to slice by
-            decision = Decision(
-                _replicated_like(node),
-                {n: R for n in pls},
-                note="no sharding rule for these placements",
-            )
+        if decision.blocks and not _mark_blocks(
+            node, decision.blocks, param_of, blocks, placements, decisions
+        ):
+            decision = _gather_all(node, pls)
         # gathers break the column shards flowing in: remember which ones
         for n, need in decision.needs.items():
             have = pls.get(n)
@@ -262,11 +259,7 @@ def _decide_node(node, pls: dict, tp: int) -> Decision:
                 if decision is not None:
                     decision.needs = {**{n: R for n in partials}, **decision.needs}
         if decision is None:
-            return Decision(
-                _replicated_like(node),
-                {n: R for n in pls},
-                note="no sharding rule for these placements",
-            )
+            return _gather_all(node, pls)
     if unpadded:
         decision.needs = {**unpadded, **decision.needs}
         decision.note = "no sharding rule for a padded vocab dim"
@@ -321,6 +314,13 @@ def _where(node) -> str:
 
 def _is_tensor(node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _gather_all(node, pls: dict) -> Decision:
+    """The fallback: every input gathered to Replicate, the op run whole on every rank."""
+    return Decision(
+        _replicated_like(node), {n: R for n in pls}, note="no sharding rule for these placements"
+    )
 
 
 def _replicated_like(node):
@@ -486,33 +486,47 @@ def _mark_padded(param: torch.fx.Node, name: str, pad: int | None, padded: dict[
     param.meta["nxd_padded"] = pad
 
 
-def _mark_blocks(node, count, param_of, blocks) -> bool:
-    """A fused projection's output cut into `count` blocks of its shard dim (q|k|v): the linear
-    that produced it gets its weight (and bias) sliced block by block. False when the value is
-    not a linear's output through element-wise steps, or is read elsewhere in its fused layout
-    (a gather there would see the blocks out of order)."""
-    x = node.args[0]
-    siblings = {u for u in x.users if u is node or _packet(u) is _packet(node)}
-    if set(x.users) != siblings:
+def _mark_blocks(split_node, count, param_of, blocks, placements, decisions) -> bool:
+    """A split of a sharded dim into blocks (q|k|v: a count of equal ones, or their sizes):
+    every parameter the split value's layout comes from (the weight and bias of a column
+    linear, or a sharded parameter itself) must be sliced block by block. False when some of
+    the layout comes from elsewhere (a user input, a replicated value sharded to fit an op, a
+    batch shard through a replicated weight), which is contiguous, or when the value is also
+    read in its fused layout (a gather there would see the blocks out of order)."""
+    x = split_node.args[0]
+    if any(u is not split_node and _packet(u) is not _packet(split_node) for u in x.users):
         return False
-    current, marked = x, []
-    while current.op == "call_function":
-        role = weight_role(current) if _packet(current) in LINEAR_OPS else None
-        if role is not None:
-            marked += [p for p in role[:2] if p is not None and p in param_of]
-            break
-        sharded = [
-            n for n in tensor_inputs(current) if isinstance(n.meta.get("nxd_placement"), Shard)
-        ]
-        values = [n for n in sharded if n not in param_of]
-        if len(values) != 1:
+    marks: dict[str, object] = {}
+    todo, seen = [x], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in param_of:
+            marks[param_of[node]] = count
+            continue
+        if node.op != "call_function" or (node is not x and len(node.users) != 1):
             return False
-        marked += [n for n in sharded if n in param_of]  # a bias added after the product
-        if len(values[0].users) != 1:
+        role = weight_role(node) if _packet(node) in LINEAR_OPS else None
+        if role is not None and role[0] in param_of and isinstance(placements.get(role[0]), Shard):
+            if placements[role[0]].dim != role[2]:
+                return False  # row-parallel: the output is Partial, not split by features
+            for p in role[:2]:
+                if p is not None and p in param_of:
+                    marks[param_of[p]] = count
+            continue
+        decision = decisions.get(node)
+        if decision is None or any(
+            isinstance(need, Shard) and need != placements.get(n)
+            for n, need in decision.needs.items()
+        ):
+            return False  # an input resharded to fit is split contiguously
+        sharded = [n for n in tensor_inputs(node) if isinstance(placements.get(n), Shard)]
+        if not sharded:
             return False
-        current = values[0]
-    else:
-        return False
-    for p in marked:
-        blocks[param_of[p]] = count
+        todo += sharded
+    if any(blocks.get(name, count) != count for name in marks):
+        return False  # already read in other blocks
+    blocks.update(marks)
     return True

@@ -41,6 +41,8 @@ def _matmul_decision(a, b, pa, pb, out_nd):
         return Decision(Shard(out_nd - 1), padded=padded_of(b))
     # a batch dim is sharded: align both operands on it
     sharded = [(n, p) for n, p in ((a, pa), (b, pb)) if isinstance(p, Shard)]
+    if not sharded:  # both replicated (baddbmm with only its bias sharded)
+        return Decision(R)
     out_dim = {sharded[0][1].dim + out_nd - sharded[0][0].meta["val"].dim()}
     for n, p in sharded[1:]:
         out_dim.add(p.dim + out_nd - n.meta["val"].dim())
@@ -124,7 +126,12 @@ def baddbmm_rule(node, placements, tp):
     d = _matmul_decision(a, b, placements[a], placements[b], node.meta["val"].dim())
     if d is None or isinstance(d.out, Partial):
         return None
-    pb = placements[bias]
-    if isinstance(d.out, Shard) and pb != d.out:
-        d.needs[bias] = d.out
+    # the bias (which broadcasts) is added as the product is placed; a Partial bias is reduced
+    need = R
+    if isinstance(d.out, Shard):
+        local = d.out.dim - (node.meta["val"].dim() - bias.meta["val"].dim())
+        if local >= 0 and shape_of(bias)[local] != 1:
+            need = Shard(local)
+    if placements[bias] != need:
+        d.needs[bias] = need
     return d
