@@ -232,3 +232,26 @@ def test_experts_under_grouped_mm_split_like_megatron_experts():
     assert placements["layers.0.w1"] == "S(1)" and placements["layers.0.w2"] == "S(2)"
     assert totals["replicated_block_matmuls"] == 2  # the routers
     assert not messages, messages
+
+
+def test_hf_deepseek_v3_equal_and_its_mla_down_projection_kept_whole():
+    """HF DeepSeek-V3 (MLA: keys filled through slices of a `new_empty` buffer; a dense layer,
+    then MoE): every gradient equal, q_b split by heads, the low-rank q_a before its norm kept
+    whole (as Megatron's MLA), no warning."""
+    from nxd_autoshard.tools.verify import verify_config
+
+    config = {
+        "model_type": "deepseek_v3", "vocab_size": 128, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 64, "pad_token_id": 0,
+        "bos_token_id": 1, "eos_token_id": 2, "rope_scaling": None, "q_lora_rank": 32,
+        "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "use_cache": False,
+        "attn_implementation": "sdpa",
+    }  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checks = verify_config(config, 2, world="sim")
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert not [str(w.message) for w in caught if "nxd-autoshard" in str(w.message)]

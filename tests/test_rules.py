@@ -723,6 +723,22 @@ ROWS = [
         (S1, R),
         FALLBACK,
     ),
+    Row(
+        "index_rows_keep_feature_shard",  # tokens gathered for an expert: x[token_ids]
+        aten.index,
+        lambda x, i: x[i],
+        ((6, 8), ids(4, 6)),
+        (S1, R),
+        S1,
+    ),
+    Row(
+        "index_indexed_dim_refuses",
+        aten.index,
+        lambda x, i: x[i],
+        ((8, 4), ids(3, 8)),
+        (S0, R),
+        FALLBACK,
+    ),
     # fresh values
     Row("new_zeros", aten.new_zeros, lambda x: x.new_zeros(3) + x.sum(), ((4, 8),), (S1,), R),
 ]

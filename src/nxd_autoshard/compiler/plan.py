@@ -198,7 +198,7 @@ def _report_replicated(
     # identical blocks is all "outside", and every undone split of it is reported
     stacked = any(len(group) > 1 for group in _twins(settings.full_shapes).values())
     for module in undone if not stacked else ():
-        if plan.auto_styles.get(module) == "row":
+        if plan.auto_styles.get(module) == "row" or module in minor:
             continue
         if all(
             isinstance(p, Replicate)
@@ -212,8 +212,10 @@ def _report_replicated(
         if any(isinstance(p, Shard) for n, p in plan.placements.items() if n.rsplit(".", 1)[0] == m)
     }
     causes: dict[str, list[str]] = {}
-    for module in degraded:
+    for module in dict.fromkeys(degraded):
         why = undone.get(module) or _why_not_split(module + ".weight", settings)
+        if why == KEPT_WHOLE:
+            continue
         kv = "not divisible" in why and column_inputs.get(module) in split_inputs
         if module in undone and kv:
             continue  # KV heads below tp beside a split query: replicated, as NxD does
@@ -271,9 +273,12 @@ def _without_stat_columns(program, settings, plan, result, styles, veto, undone)
     theirs, _ = _traffic(trial)
     if not converged or ours - theirs <= 2 * stats:
         return run(styles, veto), styles, veto, undone
-    note = "its norm's statistic would be all-reduced and the sharded width contracted next"
-    undone = {**undone, **{m: note for m in result.stat_columns}}
+    undone = {**undone, **{m: KEPT_WHOLE for m in result.stat_columns}}
     return trial, trial_styles, trial_veto, undone
+
+
+# a choice, not a degradation: no warning (Megatron's MLA keeps linear_q_down_proj whole too)
+KEPT_WHOLE = "kept whole: a norm over its output's width feeds a matmul that contracts it"
 
 
 def _traffic(result: PropagationResult) -> tuple[int, int]:
@@ -296,13 +301,17 @@ def _traffic(result: PropagationResult) -> tuple[int, int]:
 
 
 def _minor_matmuls(program: CapturedProgram, settings: CompileSettings) -> set[str]:
-    """Modules whose weight is under 2 % of their block's matmul weights (an MoE router)."""
-    found = list(_block_matmuls(program))
-    size = {w: math.prod(settings.full_shapes.get(w, ())) for _, _, w in found}
+    """Modules of a block whose weights are under 2 % of the block's matrices (an MoE router)."""
+    per_module: dict[str, int] = {}
     per_block: dict[str, int] = {}
-    for module, _, w in found:
-        per_block[block_of(module)] = per_block.get(block_of(module), 0) + size[w]
-    return {m for m, _, w in found if size[w] * 50 < per_block[block_of(m)]}
+    for name, shape in settings.full_shapes.items():
+        module = name.rsplit(".", 1)[0]
+        block = block_of(module)
+        if block is None or len(shape) < 2:
+            continue
+        per_module[module] = per_module.get(module, 0) + math.prod(shape)
+        per_block[block] = per_block.get(block, 0) + math.prod(shape)
+    return {m for m, size in per_module.items() if size * 50 < per_block[block_of(m)]}
 
 
 def _why_not_split(weight: str, settings: CompileSettings) -> str:

@@ -23,7 +23,7 @@ from nxd_autoshard.rules.registry import (
     shape_of,
 )
 
-__all__ = ["gather_rule", "index_put_rule", "scatter_rule", "slice_scatter_rule"]
+__all__ = ["gather_rule", "index_rule", "index_put_rule", "scatter_rule", "slice_scatter_rule"]
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default=None):
@@ -170,3 +170,21 @@ def gather_rule(node, placements, tp):
     return _shard_through(
         lambda n, own: own, lambda n, d: d, [x, index], placements, ndim, forbidden
     )
+
+
+@rule(aten.index)
+def index_rule(node, placements, tp):
+    """x[i0, i1, ...] (leading index tensors, no skipped dims): a shard of a dim after the
+    indexed ones passes, moved to where the result keeps it; the indices are replicated."""
+    x, indices = node.args[0], node.args[1]
+    if any(i is None for i in indices):
+        return None  # slices between indices move the dims around: not handled
+    p = placements.get(x)
+    index_nodes = [i for i in indices if isinstance(i, torch.fx.Node)]
+    needs = {i: R for i in index_nodes if isinstance(placements.get(i), (Shard, Partial))}
+    if isinstance(p, Partial):
+        return Decision(P, needs)  # a selection of rows: linear in x
+    k = len(indices)
+    if not isinstance(p, Shard) or p.dim < k:
+        return None
+    return Decision(Shard(node.meta["val"].dim() - (x.meta["val"].dim() - p.dim)), needs)
