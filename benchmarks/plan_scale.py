@@ -74,6 +74,7 @@ MODELS = {
     ),
 }
 TP, PP, BATCH, SEQ = 8, 8, 2, 128
+LOAD_AT_START = os.getloadavg()[0]
 
 
 def _worker(tool: str, config: dict, pp: int) -> dict:
@@ -132,7 +133,10 @@ def _worker(tool: str, config: dict, pp: int) -> dict:
             )
             times["stages"] = pipe.num_stages
         times["capture"] = time.perf_counter() - t
-    times["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    times["peak_rss_mb"] = usage.ru_maxrss / 1024
+    # CPU seconds: on a machine shared with other jobs they move far less than wall time
+    times["cpu"] = usage.ru_utime + usage.ru_stime
     return times
 
 
@@ -151,7 +155,10 @@ def _measure(tool: str, config: dict, pp: int) -> dict:
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
-    return {**json.loads(line), "wall": wall}
+    got = json.loads(line)
+    # what the worker's own clock did not see: interpreter start, exit, the pipe
+    spent = sum(got.get(k, 0.0) for k in ("imports", "build", "capture", "passes", "report"))
+    return {**got, "wall": wall, "rest": wall - spent}
 
 
 def _cell(r: dict | None, key: str = "wall", fmt: str = "{:.1f} s") -> str:
@@ -165,24 +172,30 @@ def _cell(r: dict | None, key: str = "wall", fmt: str = "{:.1f} s") -> str:
 def _ratio(a: dict | None, b: dict | None) -> str:
     if not a or not b or "error" in a or "error" in b:
         return "-"
-    return f"{a['wall'] / b['wall']:.2f}"
+    return f"{a['wall'] / b['wall']:.2f} / {a['cpu'] / b['cpu']:.2f}"
+
+
+def _time(r: dict | None) -> str:
+    if r is None or "error" in r:
+        return _cell(r)
+    return f"{r['wall']:.1f} / {r['cpu']:.1f} s"
 
 
 def _table(rows: list[tuple[str, int, int, dict[str, dict]]]) -> str:
     head = (
-        "| model | layers | pp | autoshard wall | peak RSS | imports | build | capture | "
-        "other passes | report | export alone | export RSS | pipeline() | pipeline() RSS "
-        "| autoshard / export | autoshard / pipeline() |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| model | layers | pp | autoshard wall / CPU | peak RSS | imports | build | capture | "
+        "other passes | report | start, exit | export alone wall / CPU | RSS | pipeline() wall "
+        "/ CPU | RSS | autoshard / export (wall / CPU) | autoshard / pipeline() (wall / CPU) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for name, layers, pp, r in rows:
         a, e, p = r.get("autoshard"), r.get("export"), r.get("pipeline")
         lines.append(
-            f"| {name} | {layers} | {pp} | {_cell(a)} | {_cell(a, 'peak_rss_mb', '{:.0f} MB')} | "
+            f"| {name} | {layers} | {pp} | {_time(a)} | {_cell(a, 'peak_rss_mb', '{:.0f} MB')} | "
             f"{_cell(a, 'imports')} | {_cell(a, 'build')} | {_cell(a, 'capture')} | "
-            f"{_cell(a, 'passes')} | {_cell(a, 'report')} | {_cell(e)} | "
-            f"{_cell(e, 'peak_rss_mb', '{:.0f} MB')} | {_cell(p)} | "
+            f"{_cell(a, 'passes')} | {_cell(a, 'report')} | {_cell(a, 'rest')} | {_time(e)} | "
+            f"{_cell(e, 'peak_rss_mb', '{:.0f} MB')} | {_time(p)} | "
             f"{_cell(p, 'peak_rss_mb', '{:.0f} MB')} | {_ratio(a, e)} | {_ratio(a, p)} |"
         )
     return "\n".join(lines)
@@ -219,6 +232,10 @@ def main() -> None:
             results[tool] = _measure(tool, config, pp)
             print(name, layers, tool, json.dumps(results[tool]), flush=True)
         rows.append((name, layers, pp, results))
+        _write(rows, ns.no_write)  # after every row: a long run that is stopped keeps its rows
+
+
+def _write(rows: list, no_write: bool) -> None:
     per_pass = [
         (name, layers, r["autoshard"]["per_pass"])
         for name, layers, _, r in rows
@@ -226,7 +243,8 @@ def main() -> None:
     ]
     body = [
         f"- Date: {datetime.date.today().isoformat()}; {_machine()}; 1 thread; load average "
-        f"{os.getloadavg()[0]:.1f} at the end",
+        f"{LOAD_AT_START:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (the machine is "
+        "shared: wall times move with the load, CPU seconds much less)",
         f"- Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_scale.py` (tp {TP}, "
         f"pp min({PP}, layers), microbatch {BATCH} x {SEQ} token ids on meta, bf16 shapes; every "
         "cell is one fresh process, wall time including interpreter start and imports)",
@@ -241,8 +259,9 @@ def main() -> None:
             + ", ".join(f"{k} {v:.2f} s" for k, v in passes.items()),
         ]
     text = "\n".join(body)
-    print(text)
-    if not ns.no_write:
+    if no_write:
+        print(text)
+    else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _results import write_section
 
