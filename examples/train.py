@@ -62,14 +62,10 @@ def main() -> None:
     dp = world // (ns.tp * ns.pp)
     mine = chunk_batch(args, kwargs, dp)[Mesh(dp, ns.pp, ns.tp).coords(rank)["dp"]]
 
+    # no example inputs: this rank's shards come from the plan of the model's own dummy inputs,
+    # captured when the optimizer asks for them; each step's microbatch shape is captured once
     sharded = autoshard(
-        model,
-        tp=ns.tp,
-        pp=ns.pp,
-        microbatches=ns.microbatches,
-        schedule=ns.schedule,
-        example_inputs=mine[0],
-        example_kwargs=mine[1],
+        model, tp=ns.tp, pp=ns.pp, microbatches=ns.microbatches, schedule=ns.schedule
     )
     optimizer = sharded.optimizer(torch.optim.AdamW, lr=ns.lr)
     for step in range(ns.steps):

@@ -56,7 +56,9 @@ def autoshard(
     names the first block of each later stage).
     schedule: "gpipe", "1f1b", "interleaved" or "looped_bfs" (2 stages per rank) from
     torch.distributed.pipelining. dp: data-parallel replicas (default: the rest of the world).
-    example_inputs: one step's batch as `train_step` will get it (this replica's, on a mesh).
+    example_inputs: one step's batch as `train_step` will get it (this replica's, on a mesh), to
+    capture now. Without them autoshard returns at once and the model is captured at its first
+    call with the real batch (or, where a plan is needed earlier, with its own dummy_inputs).
     strict: raise PlanError instead of warning when a matmul of a repeated block stays replicated.
     compile: torch.compile every stage program of this rank, one graph each (fullgraph, static
     shapes): True (inductor), a backend name ("inductor", "aot_eager", "neuron"), or a dict of
@@ -65,11 +67,6 @@ def autoshard(
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not example_inputs and not example_kwargs:
-        raise ValueError(
-            "autoshard needs example inputs to capture the model: "
-            "autoshard(model, tp, example_inputs=(input_ids,))"
-        )
     compiled = compile_options(compile)  # before the (slow) capture: a bad backend fails now
     if balance not in BALANCE:
         raise ValueError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
@@ -121,6 +118,8 @@ def autoshard(
         strict=strict,
     )
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    if not example_inputs and not example_kwargs:
+        return sharded  # captured at the first call, with the real batch
     if pipeline.n_stages > 1:
         chunks = runtime.step_chunks(sharded)
         example_inputs, example_kwargs = chunk_batch(example_inputs, example_kwargs, chunks)[0]

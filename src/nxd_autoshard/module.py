@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils import _pytree as pytree
 
-from nxd_autoshard.compiler.capture import _default_kwargs, meta_shadow
+from nxd_autoshard.compiler.capture import _default_kwargs, meta_shadow, own_example_inputs
 from nxd_autoshard.compiler.driver import LocalProgram, compile_call
 from nxd_autoshard.compiler.plan import CompileSettings, Plan
 from nxd_autoshard.inspect.history import History
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram, input_signature
-from nxd_autoshard.runtime.base import Runtime, loss_of
+from nxd_autoshard.runtime.base import LocalState, Runtime, loss_of
 from nxd_autoshard.runtime.pipeline import _attach
 from nxd_autoshard.runtime.simulated import SimulatorRuntime
 
@@ -49,6 +49,12 @@ class ShardedModule(torch.nn.Module):
     forward runs the local program with real collectives. Without one (`SimulatorRuntime`),
     parameters are the full tensors and forward (or `simulate`) runs every rank in one process
     with emulated collectives.
+
+    The program is captured at the first call (`forward`, `train_step`, `eval_step`) with its
+    real inputs, unless autoshard got example inputs. What needs a program before that
+    (`explain()`, the notebook view, this rank's parameter shards on a process group, hence
+    `parameters()`, `optimizer()`, `state_dict()`, `save_checkpoint()`) captures the model's own
+    example call (a Hugging Face model's `dummy_inputs`) or says what to pass.
     """
 
     def __init__(
@@ -107,6 +113,9 @@ class ShardedModule(torch.nn.Module):
         )
         self._programs: dict[tuple, list[LocalProgram]] = {}
         self.train(model.training)
+        early = self.runtime.state_before_capture(self, self._full, self._buffers_full)
+        if early is not None:
+            self._install_state(early)
 
     # ------------------------------------------------------------------ building
     def _capture(self, args: tuple, kwargs: dict) -> LocalProgram:
@@ -119,8 +128,61 @@ class ShardedModule(torch.nn.Module):
             plan=self.plan,
         )
         if not self._installed:
-            self._install_state(entry)
+            self._install_state(
+                self.runtime.local_state(self, entry, self._full, self._buffers_full)
+            )
         return entry
+
+    def _ensure_program(self, needed_by: str) -> None:
+        """Capture the model's own example call if nothing has been captured yet."""
+        if self._programs:
+            return
+        own = own_example_inputs(self._shadow[0])
+        if own is None:
+            raise ValueError(
+                f"{needed_by} needs the captured program, and nothing has been captured yet: "
+                f"{self._model_name} is captured at its first call (forward, train_step or "
+                "eval_step) and has no example inputs of its own (a Hugging Face model's "
+                "dummy_inputs). Pass one step's batch, as train_step will get it (on a pipeline, "
+                "one microbatch's is enough), to autoshard: autoshard(model, ..., "
+                "example_inputs=(input_ids,), example_kwargs={...}), or run one call first"
+            )
+        args, kwargs = pytree.tree_map(
+            lambda x: x.to(self._device()) if isinstance(x, torch.Tensor) else x, own
+        )
+        # one microbatch as it is: the pipeline's capture sees one chunk
+        self._program_for(args, kwargs)
+
+    def _ensure_installed(self, needed_by: str) -> None:
+        if not self._installed:
+            self._ensure_program(needed_by)
+
+    # On a process group the parameters are this rank's pieces of the plan: until it exists
+    # they are not registered, so the module's tensor accessors capture first (or say what to
+    # pass) instead of answering with no parameters, which an optimizer would silently keep.
+    def named_parameters(self, *args, **kwargs):
+        self._ensure_installed("this rank's parameters (parameters(), an optimizer over them)")
+        return super().named_parameters(*args, **kwargs)
+
+    def parameters(self, *args, **kwargs):  # a generator: check at the call, not the first next()
+        self._ensure_installed("this rank's parameters (parameters(), an optimizer over them)")
+        return super().parameters(*args, **kwargs)
+
+    def named_buffers(self, *args, **kwargs):
+        self._ensure_installed("this rank's buffers")
+        return super().named_buffers(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        self._ensure_installed("state_dict() of this rank's shards")
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._ensure_installed("load_state_dict() into this rank's shards")
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...
+        self._ensure_installed("moving or casting this rank's parameters")
+        return super()._apply(fn, recurse)
 
     # the plan's decisions, by the names the report, goldens and runtime read
     placements = property(lambda self: self.plan.placements)
@@ -137,10 +199,9 @@ class ShardedModule(torch.nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def _install_state(self, entry: LocalProgram) -> None:
+    def _install_state(self, state: LocalState) -> None:
         """Register what the runtime installs: this rank's stages' shards, or every full tensor."""
         self._installed = True
-        state = self.runtime.local_state(self, entry, self._full, self._buffers_full)
         for name, param in state.parameters.items():
             _attach(self, name, param, parameter=True)
         for name, buf in state.buffers.items():
@@ -215,6 +276,7 @@ class ShardedModule(torch.nn.Module):
     def optimizer(self, optimizer_class=torch.optim.AdamW, *, zero: bool = False, **kwargs):
         """An optimizer over this rank's parameters; zero=True shards its state over dp (ZeRO-1,
         torch's ZeroRedundancyOptimizer)."""
+        self._ensure_installed("optimizer()")
         return self.runtime.optimizer(list(self.parameters()), optimizer_class, zero=zero, **kwargs)
 
     def sync_grads(self) -> None:
@@ -231,6 +293,7 @@ class ShardedModule(torch.nn.Module):
         """
         from pathlib import Path
 
+        self._ensure_installed("save_checkpoint()")
         self.runtime.save_checkpoint(self, Path(directory))
 
     # ------------------------------------------------------------------ inspection
@@ -240,31 +303,48 @@ class ShardedModule(torch.nn.Module):
 
     def stages(self, program: int = 0) -> list[StageProgram]:
         """Pipeline stages of a captured program, by default the first ([] without pipelining)."""
+        self._ensure_program("stages()")
         entries = [e for es in self._programs.values() for e in es]
         return entries[program].stages or []
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
         """The local program of the first captured call."""
+        self._ensure_program("graph_module")
         return self.programs()[0].gm
 
     @property
     def history(self) -> History:
         """The passes of the first captured program: name, seconds, op counts, graph after each."""
+        self._ensure_program("history")
         return History(self.programs()[0].history)
 
     def explain(self, format: str | None = None, *, program: int = 0):
         """The plan report (see `report.explain`): a Report, or its "text" / "html" / "json" form."""
         from nxd_autoshard.inspect.report import explain
 
+        self._ensure_program("explain()")
         return explain(self, format=format, program=program)
 
     def _repr_html_(self) -> str:
+        from html import escape
+
         from nxd_autoshard.inspect.report import explain
 
+        try:
+            self._ensure_program("the plan view")
+        except ValueError as err:  # a notebook cell showing the module must not fail
+            return f"<pre>{escape(self.extra_repr())}\n\n{escape(str(err))}</pre>"
         return explain(self).to_html(full=True)
 
+    def extra_repr(self) -> str:
+        mesh = f"{self._model_name}, tp={self.tp}, pp={self.pipeline.pp}, dp={self.pipeline.dp}"
+        if not self._programs:
+            return f"{mesh}, not captured yet (captured at the first call)"
+        return f"{mesh}, {len(self.programs())} captured program(s)"
+
     def local_shape(self, name: str) -> tuple[int, ...]:
+        self._ensure_program("local_shape()")
         return self.plan.local_shape(name, self._full_shapes[name], self.tp)
 
     def full_shape(self, name: str) -> tuple[int, ...]:

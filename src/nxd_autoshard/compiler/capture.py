@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 from nxd_autoshard.ir.errors import CaptureError
 from nxd_autoshard.ir.program import CapturedProgram
 
-__all__ = ["capture", "fake_shadow", "functionalize", "meta_shadow"]
+__all__ = ["capture", "fake_shadow", "functionalize", "meta_shadow", "own_example_inputs"]
 
 
 def meta_shadow(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,6 +57,26 @@ def _default_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
     if "use_cache" in params and "use_cache" not in kwargs:
         kwargs = {**kwargs, "use_cache": False}
     return kwargs
+
+
+def own_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict] | None:
+    """The example call a model defines itself, as (args, kwargs): a Hugging Face model's
+    `dummy_inputs` (token ids of shape (3, 5), or whatever inputs its forward needs, e.g. an
+    encoder-decoder's decoder ids); None when the model has none."""
+    try:
+        dummy = getattr(model, "dummy_inputs", None)
+    except Exception:  # a property that needs real weights or a config the model lacks
+        return None
+    if not isinstance(dummy, dict) or not dummy:
+        return None
+    if not all(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(dummy)):
+        return None
+    params = inspect.signature(model.forward).parameters
+    if any(k not in params for k in dummy) and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    ):
+        return None  # the dummy inputs of a base class the forward does not take
+    return (), dict(dummy)
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):

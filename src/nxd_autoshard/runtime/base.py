@@ -85,6 +85,13 @@ class Runtime(ABC):
     ) -> LocalState:
         """The parameters and buffers to install from the first captured program."""
 
+    def state_before_capture(
+        self, host: Host, full: dict[str, torch.nn.Parameter], buffers: dict[str, torch.Tensor]
+    ) -> LocalState | None:
+        """The tensors to install before any program is captured, where they do not depend on the
+        plan; None where they are the pieces the plan decides (installed at the first capture)."""
+        return None
+
     @abstractmethod
     def step_chunks(self, host: Host) -> int:
         """Into how many pieces a pipelined step's batch is cut (the capture sees one)."""

@@ -65,7 +65,13 @@ class SimulatorRuntime(Runtime):
         full: dict[str, torch.nn.Parameter],
         buffers: dict[str, torch.Tensor],
     ) -> LocalState:
-        # the full tensors themselves: gradients of the simulated ranks accumulate into them
+        return self.state_before_capture(host, full, buffers)
+
+    def state_before_capture(
+        self, host: Host, full: dict[str, torch.nn.Parameter], buffers: dict[str, torch.Tensor]
+    ) -> LocalState:
+        # the full tensors themselves, whatever the plan: gradients of the simulated ranks
+        # accumulate into them, and an optimizer can be built over them before the first call
         return LocalState(dict(full), dict(buffers), keep_full=True)
 
     def step_chunks(self, host: Host) -> int:
