@@ -7,6 +7,7 @@ import torch
 from conftest import config_dict
 
 from nxd_autoshard import PlanError, autoshard
+from nxd_autoshard.compiler.recompute import checkpoint_mode, mark_recompute
 from nxd_autoshard.runtime.recompute import Recompute, with_recompute
 from nxd_autoshard.runtime.simulator import trace_collectives
 from nxd_autoshard.tools.cli import main
@@ -28,11 +29,9 @@ def _assert_all_ok(checks):
     assert all("(missing)" not in c.name for c in checks)
 
 
-def _step(model, mode, args, kwargs):
+def _step(sharded, model, args, kwargs):
     """Loss, every gradient, the collectives run during backward, bytes saved for backward."""
-    sharded = autoshard(
-        model, 2, example_inputs=args, example_kwargs=kwargs, activation_checkpointing=mode
-    )
+    model.zero_grad(set_to_none=True)
     saved = [0]
 
     def pack(t):
@@ -45,52 +44,49 @@ def _step(model, mode, args, kwargs):
         forward = len(log)
         out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    return sharded, out.loss.detach(), grads, log[forward:], saved[0]
+    return out.loss.detach(), grads, log[forward:], saved[0]
+
+
+def _remark(sharded, spec) -> None:
+    """What autoshard(activation_checkpointing=spec) does, on a module already captured
+    (one capture serves every mode)."""
+    gm = sharded.graph_module
+    gm.meta.pop("nxd_recompute_gm", None)  # the outlined copy with_recompute keeps
+    mark_recompute(gm, checkpoint_mode(spec))
 
 
 # ---------------------------------------------------------------- checkpointing (simulator)
-@pytest.mark.parametrize(
-    "attention,mode,regions",
-    [
-        ("sdpa", "full", 4),  # 2 blocks, each cut once at its attention all-reduce
-        ("sdpa", "selective", 2),
-        ("eager", "selective", 2),  # matmul -> softmax -> matmul
-        ("sdpa", "mlp", 2),  # a list of classes: LlamaMLP
-    ],
-)
-def test_checkpointing_keeps_loss_and_every_gradient(attention, mode, regions):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_checkpointing_keeps_loss_and_every_gradient(attention):
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    model = _llama(attention)
+    # eager attention with dropout: the recompute must draw the same masks
+    model = _llama(attention, attention_dropout=0.5 if attention == "eager" else 0.0)
     args, kwargs = random_batch(model)
-    spec = [LlamaMLP] if mode == "mlp" else mode
-    _, loss, grads, backward, saved = _step(copy.deepcopy(model), None, args, kwargs)
-    sharded, loss_ck, grads_ck, backward_ck, saved_ck = _step(model, spec, args, kwargs)
-    torch.testing.assert_close(loss_ck, loss, rtol=0, atol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_ck[name], grad, rtol=1e-6, atol=1e-7, msg=name)
-    # the recompute issues no collective: backward runs exactly the collectives it ran without
-    assert backward_ck == backward
-    assert all(phase == "backward" for _, phase, _, _ in backward_ck)
-    outlined = with_recompute(sharded.graph_module)
-    found = [m for m in outlined.modules() if isinstance(m, Recompute)]
-    assert len(found) == regions
-    if attention == "eager":
-        ops = {str(n.target) for m in found for n in m.body.graph.nodes}
-        assert any("softmax" in o for o in ops) and any("matmul" in o for o in ops)
-    assert saved_ck < saved  # the regions' activations are not kept for backward
-
-
-def test_checkpointing_with_dropout_recomputes_the_same_masks():
-    model = _llama("eager", attention_dropout=0.5)
-    args, kwargs = random_batch(model)
+    sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)
     torch.manual_seed(3)
-    _, loss, grads, _, _ = _step(copy.deepcopy(model), None, args, kwargs)
-    torch.manual_seed(3)
-    _, loss_ck, grads_ck, _, _ = _step(model, "full", args, kwargs)
-    torch.testing.assert_close(loss_ck, loss, rtol=0, atol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_ck[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    loss, grads, backward, saved = _step(sharded, model, args, kwargs)
+    modes = {"full": 4, "selective": 2}  # 2 blocks, "full" cut at each attention all-reduce
+    if attention == "sdpa":
+        modes[LlamaMLP] = 2
+    for spec, regions in modes.items():
+        _remark(sharded, [spec] if isinstance(spec, type) else spec)
+        torch.manual_seed(3)
+        loss_ck, grads_ck, backward_ck, saved_ck = _step(sharded, model, args, kwargs)
+        torch.testing.assert_close(loss_ck, loss, rtol=0, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads_ck[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+        # the recompute issues no collective: backward runs exactly the collectives it ran without
+        assert backward_ck == backward
+        assert all(phase == "backward" for _, phase, _, _ in backward_ck)
+        found = [m for m in with_recompute(sharded.graph_module).modules()]
+        found = [m for m in found if isinstance(m, Recompute)]
+        assert len(found) == regions, spec
+        if attention == "eager" and spec == "selective":
+            ops = {str(n.target) for m in found for n in m.body.graph.nodes}
+            assert any("softmax" in o for o in ops) and any("matmul" in o for o in ops)
+        assert saved_ck < saved  # the regions' activations are not kept for backward
+        assert f"activation checkpointing: {regions} regions" in sharded.explain("text")
 
 
 def test_checkpointing_pipeline_simulated():
@@ -99,10 +95,13 @@ def test_checkpointing_pipeline_simulated():
 
 
 # ---------------------------------------------------------------- checkpointing (gloo)
-@pytest.mark.parametrize("tp,pp,mode", [(2, 1, "full"), (2, 2, "selective")])
-def test_checkpointing_on_gloo(tp, pp, mode):
+@pytest.mark.parametrize(
+    "tp,pp,mode,precision", [(2, 1, "full", "fp32"), (2, 2, "selective", "bf16")]
+)
+def test_checkpointing_on_gloo(tp, pp, mode, precision):
     cfg = config_dict("llama", num_hidden_layers=2 * pp)
-    _assert_all_ok(verify_config(cfg, tp, pp=pp, activation_checkpointing=mode))
+    checks = verify_config(cfg, tp, pp=pp, activation_checkpointing=mode, precision=precision)
+    _assert_all_ok(checks)
 
 
 def _compiled_rank(rank, world):
@@ -135,7 +134,7 @@ def test_checkpointing_compiles_in_one_graph():
 
 
 # ---------------------------------------------------------------- bf16
-def _curves(model, args, kwargs, steps, lr=1e-3):
+def _curves(model, args, kwargs, steps, lr=1e-3, tps=(1, 2)):
     """Loss curves of AdamW: fp32 unsharded, bf16 unsharded from fp32 masters (the NxD scheme
     written out by hand), and autoshard's precision="bf16" at tp 1 and tp 2 (simulator)."""
     fp32 = copy.deepcopy(model)
@@ -162,10 +161,11 @@ def _curves(model, args, kwargs, steps, lr=1e-3):
         opt.step()
         bf16.append(loss.item())
     sharded_curves = {}
-    for tp in (1, 2):
+    for tp in tps:
         sharded = autoshard(
             copy.deepcopy(model), tp, example_inputs=args, example_kwargs=kwargs, precision="bf16"
         )
+        assert "precision: bf16 weights and activations" in sharded.explain("text")
         opt = sharded.optimizer(torch.optim.AdamW, lr=lr)
         got = []
         for _ in range(steps):
@@ -241,7 +241,7 @@ def test_bf16_zero1_dp2_tp2_on_gloo():
     results = run_ranks(_zero_rank, 4, args=(steps,))
     model = _llama()
     args, kwargs = random_batch(model, batch=4)
-    fp32, bf16, _ = _curves(model, args, kwargs, steps)
+    fp32, bf16, _ = _curves(model, args, kwargs, steps, tps=())
     for kind, dtypes, got in results:
         assert kind == "ZeroRedundancyOptimizer"
         assert dtypes == {"torch.float32"}  # fp32 masters and fp32 gradients
