@@ -203,7 +203,13 @@ class ShardedModule(torch.nn.Module):
         return _default_kwargs(self._shadow[0], dict(kwargs))
 
     def _loss_from(self, output, target) -> torch.Tensor:
-        return loss_of(output, target, self.loss_fn, self._model_name)
+        if self._compute_dtype is not torch.float32 and self.loss_fn is not None:
+            # a loss function of the bf16 outputs computes and reduces in fp32
+            output = pytree.tree_map(
+                lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                output,
+            )
+        return loss_of(output, target, self.loss_fn, self._model_name).float()
 
     # ------------------------------------------------------------------ running (the runtime's)
     def forward(self, *args, **kwargs):
