@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 
 from nxd_autoshard.compiler.plans import load_plan, resolve_styles
+from nxd_autoshard.compiler.precision import DTYPES
+from nxd_autoshard.compiler.recompute import checkpoint_mode
 from nxd_autoshard.compiler.split import (
     BALANCE,
     check_stage_count,
@@ -46,6 +48,8 @@ def autoshard(
     loss_fn=None,
     strict: bool = False,
     compile: bool | str | Mapping[str, Any] | None = None,
+    activation_checkpointing: str | list[type] | None = None,
+    precision: str = "fp32",
 ) -> ShardedModule:
     """Shard an unmodified model over a (dp, pp, tp) mesh; see the README for the contract.
 
@@ -63,11 +67,18 @@ def autoshard(
     compile: torch.compile every stage program of this rank, one graph each (fullgraph, static
     shapes): True (inductor), a backend name ("inductor", "aot_eager", "neuron"), or a dict of
     torch.compile options with "backend". Needs a process group (each rank compiles its own).
+    activation_checkpointing: recompute in backward "full" (each repeated block), "selective"
+    (the attention core: sdpa, or matmul-softmax-matmul) or the modules of a list of classes;
+    regions are cut at communicating collectives, so the recompute issues none.
+    precision: "fp32", or "bf16" (bf16 weights and activations computed from the fp32 master
+    weights, which the optimizer steps; fp32 gradients, the model's own fp32 upcasts kept).
     """
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     compiled = compile_options(compile)  # before the (slow) capture: a bad backend fails now
+    recompute = checkpoint_mode(activation_checkpointing)
+    _check_precision(model, precision)
     if balance not in BALANCE:
         raise ValueError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
     microbatches = microbatches or (pp if pp > 1 else 1)
@@ -116,6 +127,8 @@ def autoshard(
         pipeline=pipeline,
         loss_fn=loss_fn,
         strict=strict,
+        precision=precision,
+        recompute=recompute,
     )
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if not example_inputs and not example_kwargs:
@@ -125,6 +138,26 @@ def autoshard(
         example_inputs, example_kwargs = chunk_batch(example_inputs, example_kwargs, chunks)[0]
     sharded._program_for(example_inputs, example_kwargs)
     return sharded
+
+
+def _check_precision(model: torch.nn.Module, precision: str) -> None:
+    """The precision is known and the model's floating weights can be its fp32 masters."""
+    if precision not in DTYPES:
+        raise ValueError(
+            f"precision={precision!r}: use 'fp32' or 'bf16' (fp16 would need loss scaling, "
+            "which autoshard does not do)"
+        )
+    if precision == "fp32":
+        return
+    low = sorted(
+        {str(p.dtype) for p in model.parameters() if p.is_floating_point()} - {"torch.float32"}
+    )
+    if low:
+        raise ValueError(
+            f"precision={precision!r} keeps the model's parameters as the fp32 master weights, "
+            f"but they are {', '.join(low)}: pass the model in fp32 (model.float()); the "
+            f"program computes in {precision} from them"
+        )
 
 
 def _choose_runtime(

@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 from nxd_autoshard.compiler.capture import _default_kwargs, meta_shadow, own_example_inputs
 from nxd_autoshard.compiler.driver import LocalProgram, compile_call
 from nxd_autoshard.compiler.plan import CompileSettings, Plan
+from nxd_autoshard.compiler.precision import DTYPES
 from nxd_autoshard.inspect.history import History
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram, input_signature
@@ -68,6 +69,8 @@ class ShardedModule(torch.nn.Module):
         pipeline: PipelineConfig | None = None,
         loss_fn=None,
         strict: bool = False,
+        precision: str = "fp32",
+        recompute: str | tuple[str, ...] | None = None,
     ):
         super().__init__()
         self.tp = tp
@@ -76,7 +79,11 @@ class ShardedModule(torch.nn.Module):
         self.runtime = runtime if runtime is not None else SimulatorRuntime()
         self.loss_fn = loss_fn
         self._installed = False
-        self._shadow = [meta_shadow(model)]  # in a list: not a registered submodule
+        self._compute_dtype = DTYPES[precision]
+        # captured as the model runs in the compute dtype (`model.to(bfloat16)`), its own upcasts
+        # included; the program reads the fp32 masters and casts them (compiler/precision.py)
+        shadow = meta_shadow(model)
+        self._shadow = [shadow.to(self._compute_dtype) if precision != "fp32" else shadow]
         self._model_name = type(model).__name__
         self._config = (
             getattr(model, "config", None)
@@ -110,6 +117,8 @@ class ShardedModule(torch.nn.Module):
             cuts=self.pipeline.cuts,
             balance=self.pipeline.balance,
             strict=strict,
+            precision=precision,
+            recompute=recompute,
         )
         self._programs: dict[tuple, list[LocalProgram]] = {}
         self.train(model.training)
@@ -209,7 +218,18 @@ class ShardedModule(torch.nn.Module):
         if not state.keep_full:
             self._full = {}  # the full weights are no longer needed on this rank
 
+    def _cast_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Floating inputs in the compute dtype, as the model cast to it would need them."""
+        if self._compute_dtype is torch.float32:
+            return args, kwargs
+        dtype = self._compute_dtype
+        return pytree.tree_map(
+            lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+            (tuple(args), dict(kwargs)),
+        )
+
     def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]:
+        args, kwargs = self._cast_inputs(args, kwargs)
         kwargs = _default_kwargs(self._shadow[0], dict(kwargs))
         key = (input_signature(args, {k: kwargs[k] for k in sorted(kwargs)}), self.training)
         for entry in self._programs.get(key, []):
@@ -226,9 +246,9 @@ class ShardedModule(torch.nn.Module):
         self._programs.setdefault(key, []).append(entry)
         return entry, self._flatten(entry, args, kwargs)
 
-    @staticmethod
-    def _flatten(entry: LocalProgram, args: tuple, kwargs: dict) -> list:
+    def _flatten(self, entry: LocalProgram, args: tuple, kwargs: dict) -> list:
         """The call's flat inputs in the program's order; token ids outside the vocab raise."""
+        args, kwargs = self._cast_inputs(args, kwargs)
         ordered = {k: kwargs[k] for k in entry.kwarg_order}
         flat = pytree.tree_leaves((args, ordered))
         entry.program.check_token_inputs(flat)
@@ -244,7 +264,13 @@ class ShardedModule(torch.nn.Module):
         return _default_kwargs(self._shadow[0], dict(kwargs))
 
     def _loss_from(self, output, target) -> torch.Tensor:
-        return loss_of(output, target, self.loss_fn, self._model_name)
+        if self._compute_dtype is not torch.float32 and self.loss_fn is not None:
+            # a loss function of the bf16 outputs computes and reduces in fp32
+            output = pytree.tree_map(
+                lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                output,
+            )
+        return loss_of(output, target, self.loss_fn, self._model_name).float()
 
     # ------------------------------------------------------------------ running (the runtime's)
     def forward(self, *args, **kwargs):

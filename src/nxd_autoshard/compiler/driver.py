@@ -26,7 +26,9 @@ from nxd_autoshard.compiler.normalize import (
 )
 from nxd_autoshard.compiler.partition import partition
 from nxd_autoshard.compiler.plan import CompileSettings, Plan, decide_placements
+from nxd_autoshard.compiler.precision import DTYPES, cast_state
 from nxd_autoshard.compiler.propagate import PropagationResult
+from nxd_autoshard.compiler.recompute import check_found, mark_recompute
 from nxd_autoshard.compiler.split import split_stages
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.printer import graph_text
@@ -168,6 +170,31 @@ def _split(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
     return program
 
 
+def _programs(
+    program: CapturedProgram, ctx: CompileContext
+) -> list[tuple[torch.fx.GraphModule, int]]:
+    """Every graph a runtime runs, with its count of state inputs: the program and its stages."""
+    return [(program.gm, program.num_state)] + [
+        (st.gm, len(st.state_names)) for st in ctx.stages or []
+    ]
+
+
+def _precision(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+    """fp32 master weights cast to the compute dtype where first used (with precision=)."""
+    for gm, n_state in _programs(program, ctx):
+        cast_state(gm, n_state, DTYPES[ctx.settings.precision])
+    return program
+
+
+def _recompute(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+    """Regions recomputed in backward, cut at communicating collectives (with activation_checkpointing=)."""
+    mode = ctx.settings.recompute
+    check_found(mark_recompute(program.gm, mode), mode, ctx.settings.model_name)
+    for st in ctx.stages or []:
+        mark_recompute(st.gm, mode)
+    return program
+
+
 # the passes after capture, in order: the only list (plan_meta's progress bar and the README read it)
 PASSES: tuple[Pass, ...] = (
     _on_graph(drop_assertions),
@@ -179,12 +206,15 @@ PASSES: tuple[Pass, ...] = (
     Pass("partition", _partition),
     Pass("retarget_device", _retarget),
     Pass("split", _split, lambda ctx: ctx.settings.n_stages > 1),
+    Pass("precision", _precision, lambda ctx: ctx.settings.precision != "fp32"),
+    Pass("recompute", _recompute, lambda ctx: ctx.settings.recompute is not None),
 )
 
 
-def pass_names(n_stages: int = 1) -> list[str]:
-    """Names of the passes a call goes through, capture first."""
-    probe = CompileContext(CompileSettings(1, {}, False, "", {}, n_stages=n_stages), Plan(), None)
+def pass_names(n_stages: int = 1, **options) -> list[str]:
+    """Names of the passes a call goes through, capture first (`options`: CompileSettings fields)."""
+    settings = CompileSettings(1, {}, False, "", {}, n_stages=n_stages, **options)
+    probe = CompileContext(settings, Plan(), None)
     return ["capture"] + [p.name for p in PASSES if p.applies(probe)]
 
 
@@ -244,9 +274,10 @@ def compile_call(
     for step in PASSES:
         if not step.applies(ctx):
             continue
-        before, started = count_ops(program.gm), time.perf_counter()
+        gms = [st.gm for st in ctx.stages] if ctx.stages else [program.gm]
+        before, started = sum(count_ops(g) for g in gms), time.perf_counter()
         program = step.run(program, ctx)
-        gms = [st.gm for st in ctx.stages] if step.name == "split" else [program.gm]
+        gms = [st.gm for st in ctx.stages] if ctx.stages else [program.gm]
         _record(program.history, step.name, gms, before, started)
     kwarg_order = list(_default_kwargs(model, dict(kwargs)).keys())
     return LocalProgram(program, ctx.result, kwarg_order, ctx.stages)

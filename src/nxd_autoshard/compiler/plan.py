@@ -34,6 +34,8 @@ class CompileSettings:
     cuts: list[str] | None = None
     balance: str = "flops"
     strict: bool = False  # raise instead of warning when a block's matmul stays replicated
+    precision: str = "fp32"  # compute dtype name (compiler.precision.DTYPES); masters stay fp32
+    recompute: str | tuple[str, ...] | None = None  # activation checkpointing (compiler.recompute)
 
 
 @dataclass

@@ -64,30 +64,52 @@ def summary_lines(report) -> list[str]:
     t = report.totals
     verdict = _verdict(report)
     sizes = ", ".join(f"{k} = {v}" for k, v in report.sizes.items()) or "static"
-    return [
-        (
-            f"{report.model} | tp {report.tp} | pp {report.pp} | sequence parallel "
-            f"{'on' if report.sequence_parallel else 'off'} | program {report.program} of "
-            f"{report.programs} ({report.mode}; inputs {', '.join(report.inputs)})"
-        ),
-        (
-            f"parameters: {t['parameters']} tensors, {fmt_bytes(t['param_bytes_per_rank'])} per rank "
-            f"(full model {fmt_bytes(t['param_bytes_full'])})"
-        ),
-        (
-            f"collectives: {t['collective_nodes']} nodes; per step forward {_kinds(t['forward'])} "
-            f"({fmt_bytes(t['bytes_forward'])}/rank), backward {_kinds(t['backward'])} "
-            f"({fmt_bytes(t['bytes_backward'])}/rank); bytes at example sizes {sizes}"
-        ),
-        f"blocks: {t['blocks']}; {verdict}",
-    ] + (
+    return (
         [
-            f"pipeline: {len(report.stages)} stages, imbalance (max / mean forward FLOPs) "
-            f"{t['stage_imbalance']:.3f}"
+            (
+                f"{report.model} | tp {report.tp} | pp {report.pp} | sequence parallel "
+                f"{'on' if report.sequence_parallel else 'off'} | program {report.program} of "
+                f"{report.programs} ({report.mode}; inputs {', '.join(report.inputs)})"
+            ),
+            (
+                f"parameters: {t['parameters']} tensors, {fmt_bytes(t['param_bytes_per_rank'])} per rank "
+                f"(full model {fmt_bytes(t['param_bytes_full'])})"
+            ),
+            (
+                f"collectives: {t['collective_nodes']} nodes; per step forward {_kinds(t['forward'])} "
+                f"({fmt_bytes(t['bytes_forward'])}/rank), backward {_kinds(t['backward'])} "
+                f"({fmt_bytes(t['bytes_backward'])}/rank); bytes at example sizes {sizes}"
+            ),
+            f"blocks: {t['blocks']}; {verdict}",
         ]
-        if len(report.stages) > 1
-        else []
+        + (
+            [
+                f"pipeline: {len(report.stages)} stages, imbalance (max / mean forward FLOPs) "
+                f"{t['stage_imbalance']:.3f}"
+            ]
+            if len(report.stages) > 1
+            else []
+        )
+        + _training_lines(report)
     )
+
+
+def _training_lines(report) -> list[str]:
+    """Mixed precision and activation checkpointing, when on."""
+    lines = []
+    if report.precision != "fp32":
+        lines.append(
+            f"precision: {report.precision} weights and activations, computed from fp32 master "
+            "weights; fp32 gradients"
+        )
+    if report.recomputed:
+        blocks = sorted({r.rsplit("[", 1)[0] for r in report.recomputed})
+        shown = ", ".join(blocks[:3]) + (f", ... ({len(blocks)} in all)" if len(blocks) > 3 else "")
+        lines.append(
+            f"activation checkpointing: {len(report.recomputed)} regions recomputed in backward "
+            f"({shown}), cut at the forward collectives (none is issued again)"
+        )
+    return lines
 
 
 def _verdict(report) -> str:

@@ -205,6 +205,8 @@ class Report:
     stages: list[StageReport]
     totals: dict[str, Any] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    precision: str = "fp32"  # compute dtype; parameters and gradients stay fp32 masters
+    recomputed: list[str] = field(default_factory=list)  # activation-checkpointed regions
 
     def to_dict(self) -> dict:
         """The report as plain data (what `explain(format="json")` returns)."""
@@ -551,6 +553,10 @@ def build_report(sharded, *, program: int = 0) -> Report:
         tp=tp,
         pp=sharded.pipeline.pp,
         sequence_parallel=False,
+        precision=sharded._settings.precision,
+        recomputed=sorted(
+            {n.meta["nxd_recompute"] for n in gm.graph.nodes if "nxd_recompute" in n.meta}
+        ),
         program=program,
         programs=len(programs),
         mode="train" if prog.training else "eval",

@@ -33,6 +33,7 @@ __all__ = [
     "all_gather",
     "all_reduce",
     "axis_groups",
+    "bound_groups",
     "grad_all_reduce",
     "reduce_scatter",
     "shard",
@@ -54,6 +55,11 @@ def axis_groups(groups: dict[str, object]) -> Iterator[None]:
     finally:
         _GROUPS.clear()
         _GROUPS.update(saved)
+
+
+def bound_groups() -> dict[str, object]:
+    """The axes bound now (a recompute in backward binds them again, see `recompute.py`)."""
+    return dict(_GROUPS)
 
 
 def _group(axis: str):

@@ -32,6 +32,7 @@ from nxd_autoshard.runtime.pipeline import (
     stage_ranks,
     unpack_last_outputs,
 )
+from nxd_autoshard.runtime.recompute import with_recompute
 
 if TYPE_CHECKING:
     from nxd_autoshard.compiler.driver import LocalProgram
@@ -148,8 +149,11 @@ class ProcessGroupRuntime(Runtime):
         return pytree.tree_unflatten(list(outs), program.out_spec)
 
     def _runnable(self, gm: torch.fx.GraphModule):
-        """The program as this rank runs it: compiled (autoshard's compile=), or the graph itself."""
-        return gm if self.compile is None else self.compile(gm)
+        """The program as this rank runs it: its recomputed regions under checkpoints, compiled
+        (autoshard's compile=) or as it is."""
+        gm = with_recompute(gm)
+        # gm.forward, not gm: a module stored on a pipeline StageModule would become its submodule
+        return gm.forward if self.compile is None else self.compile(gm)
 
     def simulate(self, host: Host, args: tuple, kwargs: dict) -> Any:
         raise RuntimeError(
@@ -234,7 +238,7 @@ class ProcessGroupRuntime(Runtime):
                 state,
                 set(host._full_shapes),
                 self.group,
-                run=None if self.compile is None else self.compile(entry.stages[s].gm),
+                run=self._runnable(entry.stages[s].gm),
             )
             for s in local
         ]

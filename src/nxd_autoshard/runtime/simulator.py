@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+from torch.utils.checkpoint import checkpoint
 
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.placements import Placement, Shard, shard_tensor, unshard_tensor
 from nxd_autoshard.runtime.collectives import local_vocab_embedding, reduce_loss
+from nxd_autoshard.runtime.recompute import Recompute, with_recompute
 
 __all__ = ["PerRank", "simulate_graph", "scatter_to_ranks", "trace_collectives"]
 
@@ -195,7 +197,11 @@ def _at(value, rank: int):
 
 
 def simulate_graph(gm: torch.fx.GraphModule, tp: int, per_rank_inputs: list) -> list:
-    """Run `gm` for all ranks in lockstep; inputs and outputs are PerRank lists (or shared values)."""
+    """Run `gm` for all ranks in lockstep; inputs and outputs are PerRank lists (or shared values).
+
+    Regions marked for recompute run under a checkpoint (`runtime/recompute.py`).
+    """
+    gm = with_recompute(gm)
     env: dict[torch.fx.Node, object] = {}
     placeholders = iter(per_rank_inputs)
     result = None
@@ -209,12 +215,39 @@ def simulate_graph(gm: torch.fx.GraphModule, tp: int, per_rank_inputs: list) -> 
                 env[node] = _sim_collective(node.target, args, tp)
             else:
                 env[node] = PerRank(node.target(*_at(args, r), **_at(kwargs, r)) for r in range(tp))
+        elif node.op == "call_module":
+            args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+            env[node] = _simulate_recompute(gm.get_submodule(node.target), tp, args)
         elif node.op == "get_attr":
             env[node] = getattr(gm, node.target)
         elif node.op == "output":
             result = torch.fx.node.map_arg(node.args[0], lambda n: env[n])
         # free values no later node reads
     return result
+
+
+def _simulate_recompute(region: Recompute, tp: int, args: tuple) -> tuple:
+    """All ranks' run of one recomputed region under one checkpoint.
+
+    The checkpoint gets every rank's tensors as its own arguments (not inside PerRank lists),
+    so it sees their devices and restores their random state for the recompute.
+    """
+    flat: list = []
+    layout: list[int | None] = []  # tp values of a PerRank argument, None for a shared one
+    for a in args:
+        if isinstance(a, PerRank):
+            layout.append(len(a))
+            flat.extend(a)
+        else:
+            layout.append(None)
+            flat.append(a)
+
+    def body(*values):
+        it = iter(values)
+        ins = [PerRank(next(it) for _ in range(n)) if n is not None else next(it) for n in layout]
+        return tuple(simulate_graph(region.body, tp, ins))
+
+    return checkpoint(body, *flat, use_reentrant=False)
 
 
 class _ScatterToRanks(torch.autograd.Function):

@@ -1,6 +1,7 @@
 """Command line.
 
 nxd-autoshard verify --config cfg.json --tp 4 [--pp 2 --dp 2 --schedule 1f1b] [--world gloo|sim]
+    [--activation-checkpointing full|selective] [--precision bf16]
 nxd-autoshard plan --config cfg.json --tp 8 [--format text|json|html] [-o FILE]
 """
 
@@ -33,6 +34,8 @@ def _verify(ns: argparse.Namespace) -> int:
         seed=ns.seed,
         rtol=ns.rtol,
         atol=ns.atol,
+        activation_checkpointing=ns.activation_checkpointing,
+        precision=ns.precision,
     )
     for check in checks:
         print(check.line())
@@ -139,8 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--batch", type=int, default=None, help="default: max(2, dp x microbatches)")
     v.add_argument("--seq", type=int, default=16)
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--rtol", type=float, default=1e-4)
-    v.add_argument("--atol", type=float, default=1e-5)
+    v.add_argument(
+        "--activation-checkpointing",
+        choices=("full", "selective"),
+        default=None,
+        help="recompute each repeated block (full) or the attention core (selective) in backward",
+    )
+    v.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: bf16 compute from fp32 master weights, checked against the model in bf16",
+    )
+    v.add_argument("--rtol", type=float, default=None, help="default: 1e-4 (bf16: 4e-2)")
+    v.add_argument("--atol", type=float, default=None, help="default: 1e-5 (bf16: 1e-3)")
     v.set_defaults(func=_verify)
     p = sub.add_parser("plan", help="plan a model from its config on the meta device and report it")
     p.add_argument("--config", required=True, help="config.json, or a folder holding one")

@@ -71,17 +71,36 @@ def _float_outputs(output) -> dict[str, torch.Tensor]:
     }
 
 
-def _reference(model, args, kwargs):
+# tolerances (rtol, atol) of the checks: fp32 round-off, or bf16's (8-bit mantissa) against
+# the unsharded model run in bf16
+TOLERANCES = {"fp32": (1e-4, 1e-5), "bf16": (4e-2, 1e-3)}
+
+
+def _reference(model, args, kwargs, precision: str = "fp32"):
+    """The unsharded model's loss, outputs and fp32 gradients; with precision="bf16" its bf16 copy
+    (`model.to(bfloat16)`, float inputs cast) as the sharded program computes from fp32 masters."""
     ref = copy.deepcopy(model)
+    if precision == "bf16":
+        ref = ref.to(torch.bfloat16)
+        args, kwargs = pytree.tree_map(
+            lambda x: (
+                x.to(torch.bfloat16) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            ),
+            (args, kwargs),
+        )
     out = ref(*args, **kwargs)
     loss = loss_of(out)
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
+    grads = {
+        n: p.grad.detach().float().clone() for n, p in ref.named_parameters() if p.grad is not None
+    }
     return loss.detach(), {k: v.detach() for k, v in _float_outputs(out).items()}, grads
 
 
-def _sharded_run(model, tp, args, kwargs, plan):
-    sharded = autoshard(model, tp, example_inputs=args, example_kwargs=kwargs, plan=plan)
+def _sharded_run(model, tp, args, kwargs, plan, features):
+    sharded = autoshard(
+        model, tp, example_inputs=args, example_kwargs=kwargs, plan=plan, **features
+    )
     out = sharded(*args, **kwargs)
     loss = loss_of(out)
     loss.backward()
@@ -93,7 +112,7 @@ def _sharded_run(model, tp, args, kwargs, plan):
     )
 
 
-def _pipelined(model, tp, args, kwargs, plan, mesh: Mesh, microbatches, schedule):
+def _pipelined(model, tp, args, kwargs, plan, mesh: Mesh, microbatches, schedule, features):
     return autoshard(
         model,
         tp,
@@ -105,6 +124,7 @@ def _pipelined(model, tp, args, kwargs, plan, mesh: Mesh, microbatches, schedule
         example_kwargs=kwargs,
         plan=plan,
         loss_fn=lambda output, target: loss_of(output),
+        **features,
     )
 
 
@@ -121,16 +141,18 @@ def _rank_worker(
     dp=1,
     microbatches=None,
     schedule="1f1b",
+    features=None,
 ):
+    features = features or {}
     model = build_model(config_dict, seed=seed)
     args, kwargs = random_batch(model, batch=batch, seq=seq, seed=seed + 1)
     if pp == 1 and dp == 1:
-        _, loss, outs, grads = _sharded_run(model, tp, args, kwargs, plan)
+        _, loss, outs, grads = _sharded_run(model, tp, args, kwargs, plan, features)
         return (loss, outs, grads) if rank == 0 else None
     mesh = Mesh(dp, pp, tp)
     where = mesh.coords(rank)
     args, kwargs = chunk_batch(args, kwargs, dp)[where["dp"]]
-    sharded = _pipelined(model, tp, args, kwargs, plan, mesh, microbatches, schedule)
+    sharded = _pipelined(model, tp, args, kwargs, plan, mesh, microbatches, schedule, features)
     loss = sharded.train_step(*args, **kwargs)
     grads = sharded.gather_grads()  # every rank joins its tp group's gathers
     # one rank per stage reports: its stage's gradients (the loss is the same everywhere)
@@ -150,14 +172,23 @@ def verify_config(
     batch: int | None = None,
     seq: int = 16,
     seed: int = 0,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
+    activation_checkpointing: str | None = None,
+    precision: str = "fp32",
 ) -> list[Check]:
     """Compare the sharded model (gloo processes or the simulator) with the unsharded one in this process.
 
     With pp or dp > 1 the sharded side runs `train_step` on dp x microbatches chunks of the batch
     and its loss and gradients are compared with the unsharded model's on the whole batch.
+    activation_checkpointing / precision go to autoshard; with precision="bf16" the reference is
+    the unsharded model in bf16 and rtol / atol default to bf16's round-off (`TOLERANCES`).
     """
+    if precision not in TOLERANCES:
+        raise ValueError(f"unknown precision '{precision}': use one of {', '.join(TOLERANCES)}")
+    rtol = TOLERANCES[precision][0] if rtol is None else rtol
+    atol = TOLERANCES[precision][1] if atol is None else atol
+    features = {"activation_checkpointing": activation_checkpointing, "precision": precision}
     if world not in ("gloo", "sim"):
         raise ValueError(f"unknown world '{world}': use 'gloo' (processes) or 'sim' (one process)")
     config = load_config(config)
@@ -165,12 +196,12 @@ def verify_config(
     batch = batch or max(2, dp * microbatches)
     model = build_model(config, seed=seed)
     args, kwargs = random_batch(model, batch=batch, seq=seq, seed=seed + 1)
-    ref_loss, ref_outs, ref_grads = _reference(model, args, kwargs)
+    ref_loss, ref_outs, ref_grads = _reference(model, args, kwargs, precision)
     mesh = Mesh(dp, pp, tp)
     if world == "sim" and mesh.size == tp:
-        _, loss, outs, grads = _sharded_run(model, tp, args, kwargs, plan)
+        _, loss, outs, grads = _sharded_run(model, tp, args, kwargs, plan, features)
     elif world == "sim":
-        sharded = _pipelined(model, tp, args, kwargs, plan, mesh, microbatches, schedule)
+        sharded = _pipelined(model, tp, args, kwargs, plan, mesh, microbatches, schedule, features)
         with torch.no_grad():
             outs = _float_outputs(sharded.simulate(*args, **kwargs))
         loss = sharded.train_step(*args, **kwargs)
@@ -181,7 +212,19 @@ def verify_config(
         results = run_ranks(
             _rank_worker,
             mesh.size,
-            args=(config.to_dict(), tp, plan, batch, seq, seed, pp, dp, microbatches, schedule),
+            args=(
+                config.to_dict(),
+                tp,
+                plan,
+                batch,
+                seq,
+                seed,
+                pp,
+                dp,
+                microbatches,
+                schedule,
+                features,
+            ),
         )
         loss, outs, grads = results[0]
         for part in results[1:]:
