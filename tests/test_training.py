@@ -107,7 +107,7 @@ def test_checkpointing_on_gloo(tp, pp, mode, precision):
 def _compiled_rank(rank, world):
     from torch._dynamo.utils import counters
 
-    model = _llama()
+    model = _llama(num_hidden_layers=1)  # one block: compile time
     args, kwargs = random_batch(model)
     out = {}
     for compile in (None, "aot_eager"):
@@ -134,9 +134,9 @@ def test_checkpointing_compiles_in_one_graph():
 
 
 # ---------------------------------------------------------------- bf16
-def _curves(model, args, kwargs, steps, lr=1e-3, tps=(1, 2)):
+def _curves(model, args, kwargs, steps, lr=1e-3, tps=(2,)):
     """Loss curves of AdamW: fp32 unsharded, bf16 unsharded from fp32 masters (the NxD scheme
-    written out by hand), and autoshard's precision="bf16" at tp 1 and tp 2 (simulator)."""
+    written out by hand), and autoshard's precision="bf16" at each of `tps` (simulator)."""
     fp32 = copy.deepcopy(model)
     opt = torch.optim.AdamW(fp32.parameters(), lr=lr)
     want = []
@@ -189,8 +189,7 @@ def test_bf16_loss_curve_over_50_adamw_steps():
     args, kwargs = random_batch(model, batch=4)
     fp32, bf16, sharded = _curves(model, args, kwargs, 50)
     assert fp32[-1] < 0.5 * fp32[0]  # it trains
-    # the first forward is the bf16 model's exactly (tp 1) or up to tp's bf16 partial sums
-    assert abs(sharded[1][0] - bf16[0]) < 1e-5
+    # the first forward is the bf16 model's up to tp's bf16 partial sums (fp32: 1e-5 away)
     assert abs(sharded[2][0] - bf16[0]) < 2e-4
     # bf16 tolerance against fp32 (the bf16 model itself is 3.4e-3 away) ...
     assert (bf16 - fp32).abs().max() < 1e-2
