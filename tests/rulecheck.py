@@ -162,7 +162,12 @@ def assert_matches_unsharded(run: Sharded, tp: int, *, msg: str = "", **toleranc
     # NaN outputs (log of a negative input) would make every gradient NaN: they are left out
     weights = [w.masked_fill(ref.isnan(), 0) for w, (_, ref) in zip(weights, differentiable)]
     ref_loss = sum((ref.nan_to_num() * w).sum() for (_, ref), w in zip(differentiable, weights))
-    ref_grads = torch.autograd.grad(ref_loss, inputs, allow_unused=True)
+    try:
+        ref_grads = torch.autograd.grad(ref_loss, inputs, allow_unused=True)
+    except RuntimeError as error:
+        if "is not implemented" in str(error):
+            return  # the op itself has no derivative here (scatter with reduce=): values only
+        raise
     loss = sum(
         (got[r].nan_to_num() * w).sum()
         for (got, _), w in zip(differentiable, weights)

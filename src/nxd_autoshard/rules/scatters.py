@@ -146,7 +146,8 @@ def scatter_rule(node, placements, tp):
             return None
         if packet_of(node.target) is aten.scatter and not isinstance(src, torch.fx.Node):
             return None  # a scalar written into a Partial: each rank would add it once
-        return _partial_or_none(floats, placements, linear=True)
+        linear = node.kwargs.get("reduce") in (None, "add", "sum")  # not "multiply", "amax"...
+        return _partial_or_none(floats, placements, linear=linear)
     full = shape_of(x)
 
     def dim_in(n, d):
