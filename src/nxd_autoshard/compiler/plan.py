@@ -75,22 +75,13 @@ def decide_placements(
     The first capture decides the plan (and commits it); later ones propagate from it.
     """
     first = not plan.decided
-    styles = dict(settings.styles)
     veto: dict[str, str] = {}  # module -> "column" (rows instead) or "all" (replicated)
     undone: dict[str, str] = {}  # module -> why its auto/plan split was undone
     twins = _twins(settings.full_shapes)
     minor = _minor_matmuls(program, settings)
     inputs_of: dict[str, str] = {}  # column module -> its input node, in any round
     for _ in range(16):
-        result = propagate_placements(
-            program,
-            settings.tp,
-            styles=styles,
-            fixed=plan.placements,
-            auto=settings.auto and first,
-            veto=veto,
-            padded=plan.padded,
-        )
+        result = _propagate(program, settings, plan, veto, auto=settings.auto and first)
         for module, x in result.column_inputs.items():
             inputs_of.setdefault(module, x)
         # auto choices that end in a gather are undone; a rule the user wrote is kept
@@ -113,11 +104,8 @@ def decide_placements(
                     rows = rows and module not in minor  # a router is cheaper kept whole
                     veto[module] = "column" if rows else "all"
                     undone[module] = failed[root]
-        styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in veto}
     if first and result.stat_columns:
-        result, styles, veto, undone = _without_stat_columns(
-            program, settings, plan, result, styles, veto, undone
-        )
+        result, undone = _without_stat_columns(program, settings, plan, result, veto, undone)
     alike: dict[str, list[str]] = {}  # one warning per op and place, layer indices aside
     for line in result.fallbacks:
         key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", line.split(" on ")[0]))
@@ -248,7 +236,22 @@ def _report_replicated(
         )
 
 
-def _without_stat_columns(program, settings, plan, result, styles, veto, undone):
+def _propagate(program, settings, plan, veto: dict[str, str], *, auto: bool) -> PropagationResult:
+    """One propagation from the plan so far, without the styles of modules whose split was
+    undone."""
+    styles = {p: s for p, s in settings.styles.items() if p.rsplit(".", 1)[0] not in veto}
+    return propagate_placements(
+        program,
+        settings.tp,
+        styles=styles,
+        fixed=plan.placements,
+        auto=auto,
+        veto=veto,
+        padded=plan.padded,
+    )
+
+
+def _without_stat_columns(program, settings, plan, result, veto, undone):
     """Columns whose shard reaches a norm's statistic (a mean over the sharded width) cost an
     all-reduce of that small statistic, which is cheap where the shard then stays (OLMo 2's
     q/k norm before the heads), and not where the sharded width is contracted next (a
@@ -256,27 +259,14 @@ def _without_stat_columns(program, settings, plan, result, styles, veto, undone)
     The plan without those column splits is kept when it saves more traffic than the
     statistics' all-reduces themselves."""
     trial_veto = {**veto, **{m: "all" for m in result.stat_columns}}
-    trial_styles = {p: s for p, s in styles.items() if p.rsplit(".", 1)[0] not in trial_veto}
-
-    def run(styles, veto):  # propagation writes node placements: the plan kept runs last
-        return propagate_placements(
-            program,
-            settings.tp,
-            styles=styles,
-            fixed=plan.placements,
-            auto=settings.auto,
-            veto=veto,
-            padded=plan.padded,
-        )
-
-    trial = run(trial_styles, trial_veto)
+    trial = _propagate(program, settings, plan, trial_veto, auto=settings.auto)
     converged = not any(m not in trial_veto for m in trial.failed_columns if m in trial.auto_styles)
     ours, stats = _traffic(result)
     theirs, _ = _traffic(trial)
     if not converged or ours - theirs <= 2 * stats:
-        return run(styles, veto), styles, veto, undone
-    undone = {**undone, **{m: KEPT_WHOLE for m in result.stat_columns}}
-    return trial, trial_styles, trial_veto, undone
+        # propagation writes node placements: the plan kept must be the last one run
+        return _propagate(program, settings, plan, veto, auto=settings.auto), undone
+    return trial, {**undone, **{m: KEPT_WHOLE for m in result.stat_columns}}
 
 
 # a choice, not a degradation: no warning (Megatron's MLA keeps linear_q_down_proj whole too)
