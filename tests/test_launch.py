@@ -258,3 +258,43 @@ def test_invalid_arguments() -> None:
         run_ranks(_identity, 0)
     with pytest.raises(ValueError):
         run_ranks(_identity, 2, start_method="no-such-method")
+
+
+def _flaky_backend(marker_dir: str):
+    """A gloo process group whose creation fails once per rank (a marker file remembers)."""
+
+    def create(store, rank, world_size, timeout):
+        marker = Path(marker_dir) / f"failed-{rank}"
+        if not marker.exists():
+            marker.touch()
+            raise RuntimeError("Gloo connectFullMesh failed (simulated)")
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+    return create
+
+
+def _count_runs(rank: int, world_size: int, marker_dir: str) -> int:
+    with open(Path(marker_dir) / f"ran-{rank}", "a") as f:
+        f.write("x")
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def test_failed_rendezvous_is_retried_and_fn_runs_once(tmp_path) -> None:
+    # the first launch's process groups fail on every rank; fn must not have run anywhere
+    # then, and the second launch runs it once per rank
+    name = "nxd_flaky_test"
+    if name.upper() not in dist.Backend.backend_list and name not in dist.Backend.backend_list:
+        dist.Backend.register_backend(name, _flaky_backend(str(tmp_path)), devices=["cpu"])
+    out = run_ranks(_count_runs, 2, args=(str(tmp_path),), backend=name, timeout_s=60)
+    assert out == [2, 2]
+    assert [(tmp_path / f"ran-{r}").read_text() for r in range(2)] == ["x", "x"]
+
+
+def test_backend_that_never_forms_a_group_is_named() -> None:
+    with pytest.raises(RankError) as info:
+        run_ranks(_identity, 2, backend="no-such-backend", timeout_s=30)
+    assert "join the process group" in str(info.value) and "none ran the function" in str(
+        info.value
+    )

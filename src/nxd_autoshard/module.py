@@ -352,6 +352,26 @@ class ShardedModule(torch.nn.Module):
         self._ensure_program("explain()")
         return explain(self, format=format, program=program)
 
+    def dtensor_plan(self, *, program: int = 0):
+        """This plan as a DTensor `parallelize_module` plan `{module: ColwiseParallel(), ...}`.
+
+        Regions DTensor's styles cannot express (fused blocks, padded vocab, replicated KV heads,
+        hard-coded head counts, ...) are left out, each module named with why in `.skipped`;
+        `parallelize_module(model, mesh["tp"], plan)` then gives this plan's loss and gradients.
+        """
+        from nxd_autoshard.inspect.dtensor_plan import dtensor_plan
+
+        self._ensure_program("dtensor_plan()")
+        entry = [e for es in self._programs.values() for e in es][program]
+        return dtensor_plan(
+            entry.program,
+            entry.result,
+            self.plan,
+            self._shadow[0],
+            self._settings.aliases,
+            tp=self.tp,
+        )
+
     def _repr_html_(self) -> str:
         from html import escape
 

@@ -42,6 +42,16 @@ _OK = "ok"
 _ERR = "error"
 
 
+_INIT_ERR = "init error"  # init_process_group failed: fn ran nowhere, the launch can be retried
+
+
+# Launches whose rendezvous fails before any rank runs fn are retried this many times in all.
+# gloo's connectFullMesh sometimes fails on a loaded machine ("Connection closed by peer"
+# between two live ranks of one launch); nothing of the user's has run, so a fresh store and
+# fresh processes are safe.
+_RENDEZVOUS_ATTEMPTS = 3
+
+
 class RankError(RuntimeError):
     """A rank failed, died without reporting, or did not finish in time.
 
@@ -115,6 +125,15 @@ def _worker(
             backend, store=store, rank=rank, world_size=world_size, timeout=timeout
         )
         initialised = True
+        # fn starts only once every rank is in the process group: a rendezvous that fails on
+        # one rank then leaves nothing run on the others, and the parent may retry the launch
+        if store.add("nxd/joined", 1) == world_size:
+            store.set("nxd/all_joined", "1")
+        store.wait(["nxd/all_joined"])
+    except BaseException:  # noqa: BLE001 - everything is reported to the parent
+        _report(conn, (_INIT_ERR, traceback.format_exc()), initialised)
+        return
+    try:
         conn.send((_JOINED, None))
         result = fn(rank, world_size, *args)
         buf = io.BytesIO()
@@ -122,9 +141,16 @@ def _worker(
         payload: tuple[str, Any] = (_OK, buf.getvalue())
     except BaseException:  # noqa: BLE001 - everything is reported to the parent
         payload = (_ERR, traceback.format_exc())
+    _report(conn, payload, initialised)
+
+
+def _report(conn: mp_connection.Connection, payload: tuple[str, Any], initialised: bool) -> None:
+    """Send a rank's last message to the parent, then leave the process group."""
     try:
         conn.send(payload)
         conn.close()
+    except (BrokenPipeError, EOFError, OSError):
+        pass  # the parent is gone: it has given up on this launch
     finally:
         if initialised:
             try:
@@ -172,6 +198,12 @@ class _Attempt:
         self.errors: dict[int, str] = {}  # rank -> message (traceback or exit description)
         self.timed_out: list[int] = []
         self.joined: set[int] = set()  # ranks that are in the process group
+        self.init_failed: set[int] = set()  # ranks whose init_process_group failed
+
+    @property
+    def retryable(self) -> bool:
+        """The rendezvous failed before any rank ran fn."""
+        return bool(self.init_failed) and not self.joined
 
 
 def _launch_once(
@@ -239,6 +271,8 @@ def _launch_once(
                 return
             pending.discard(rank)
             readers.pop(reader, None)
+            if kind == _INIT_ERR:
+                attempt.init_failed.add(rank)
             if kind == _OK:
                 try:
                     attempt.results[rank] = torch.load(io.BytesIO(data), weights_only=False)
@@ -350,11 +384,19 @@ def run_ranks(
             f"start method {start_method!r} is not available here "
             f"(choose from {mp.get_all_start_methods()})"
         )
-    attempt = _launch_once(fn, world_size, tuple(args), backend, timeout_s, start_method, env)
+    for _ in range(_RENDEZVOUS_ATTEMPTS):
+        attempt = _launch_once(fn, world_size, tuple(args), backend, timeout_s, start_method, env)
+        if not attempt.retryable:
+            break
 
     if attempt.errors:
         failed = sorted(attempt.errors)
         parts = [f"run_ranks: rank(s) {failed} of {world_size} failed"]
+        if attempt.retryable:
+            parts[0] += (
+                f" to join the process group ({_RENDEZVOUS_ATTEMPTS} launches, none ran the "
+                "function)"
+            )
         for rank in failed:
             parts.append(f"--- rank {rank} ---\n{attempt.errors[rank].rstrip()}")
         raise RankError("\n".join(parts), failed)

@@ -1,0 +1,436 @@
+"""The plan as DTensor parallel styles: a `parallelize_module` plan for users who stay on DTensor.
+
+DTensor's styles run the module's own code on each rank's local shards: `ColwiseParallel` and
+`RowwiseParallel` on `nn.Linear` / `nn.Embedding`, plain tensors in between. That expresses a
+column -> row region of our rewrite when nothing between the two needs more than the module's
+own code on local tensors. It does not express what the rewrite does to the code in between: a
+view with a hard-coded head count (rewritten to heads/tp), KV heads replicated and sliced per
+rank (GQA with fewer KV heads than tp), fused q|k|v blocks, vocab padding, a norm statistic
+all-reduced over the shard, or a collective anywhere but around the two linears. Such a region
+is left out (its modules stay replicated under DTensor, which is correct, only less parallel)
+and `skipped` says why, per module, instead of exporting styles that would compute something
+else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from nxd_autoshard.compiler.plan import Plan
+from nxd_autoshard.compiler.propagate import PropagationResult
+from nxd_autoshard.ir import ops
+from nxd_autoshard.ir.placements import Replicate, Shard
+from nxd_autoshard.ir.program import CapturedProgram, module_path
+from nxd_autoshard.rules import DivideSize, Lower, tensor_inputs
+
+__all__ = ["DTensorPlan", "dtensor_plan"]
+
+aten = torch.ops.aten
+
+
+class DTensorPlan(dict):
+    """`{module name: ParallelStyle}` for `parallelize_module(model, tp_mesh, plan)`.
+
+    `skipped` maps each module the rewrite shards but this plan leaves replicated to the reason
+    DTensor's styles cannot express what the rewrite does there.
+    """
+
+    def __init__(self, styles: dict, skipped: dict[str, str]):
+        super().__init__(styles)
+        self.skipped = dict(skipped)
+
+    def __repr__(self) -> str:
+        lines = [f"DTensorPlan({len(self)} modules, {len(self.skipped)} left replicated)"]
+        lines += [f"  {name}: {_style_text(style)}" for name, style in self.items()]
+        lines += [f"  {name}: replicated ({why})" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _style_text(style) -> str:
+    inputs = getattr(style, "input_layouts", None)
+    outputs = getattr(style, "output_layouts", None)
+    return f"{type(style).__name__}(input_layouts={inputs}, output_layouts={outputs})"
+
+
+@dataclass
+class _Member:
+    """A module the rewrite shards, as DTensor would: its style and why it cannot, if it cannot."""
+
+    kind: str  # "colwise" | "rowwise" | "embedding_rowwise" | "embedding_colwise"
+    why: str | None = None
+    output_replicated: bool = False  # colwise whose output the rewrite gathers (an LM head)
+    input_replicated: bool = False  # rowwise whose input the rewrite slices from a replicated one
+
+
+# ops a value passes through unchanged in meaning on its way to a collective or the loss
+_LAYOUT = {"view", "reshape", "_unsafe_view", "_to_copy", "to", "contiguous", "clone", "alias"}
+
+
+def _name(target) -> str:
+    return getattr(getattr(target, "overloadpacket", target), "__name__", str(target))
+
+
+def _candidates(
+    plan: Plan, model: torch.nn.Module, aliases: tuple[tuple[str, ...], ...]
+) -> dict[str, _Member]:
+    """Modules with a sharded parameter, with the DTensor style their placements mean."""
+    modules = dict(model.named_modules())
+    tied = {name: group for group in aliases for name in group}
+    members: dict[str, _Member] = {}
+    for pname, placement in plan.placements.items():
+        if not isinstance(placement, Shard):
+            continue
+        mod_name, _, leaf = pname.rpartition(".")
+        if mod_name in members:
+            continue
+        mod = modules.get(mod_name)
+        weight = plan.placements.get(f"{mod_name}.weight", Replicate())
+        bias = plan.placements.get(f"{mod_name}.bias", Replicate())
+        if isinstance(mod, torch.nn.Linear):
+            kind = "colwise" if weight == Shard(0) else "rowwise"
+        elif isinstance(mod, torch.nn.Embedding):
+            kind = "embedding_rowwise" if weight == Shard(0) else "embedding_colwise"
+        else:
+            members[mod_name] = _Member(
+                "other",
+                f"a {type(mod).__name__} with {leaf} sharded: DTensor's ColwiseParallel and "
+                "RowwiseParallel shard nn.Linear and nn.Embedding only",
+            )
+            continue
+        member = _Member(kind)
+        expected_bias = Shard(0) if kind == "colwise" else Replicate()
+        if weight not in (Shard(0), Shard(1)) or (
+            mod_name + ".bias" in plan.placements and bias != expected_bias
+        ):
+            member.why = f"weight {weight} with bias {bias} is no colwise/rowwise layout"
+        for p in (f"{mod_name}.weight", f"{mod_name}.bias"):
+            if p in plan.blocks:
+                member.why = (
+                    f"{p} is sharded block by block (fused {plan.blocks[p]} projections): a "
+                    "DTensor Shard is one contiguous piece per rank"
+                )
+            elif p in plan.padded:
+                member.why = (
+                    f"{p} is padded to {plan.padded[p]} rows so that tp divides it: DTensor "
+                    "shards unpadded dims"
+                )
+            elif p in tied:
+                others = ", ".join(n for n in tied[p] if n != p)
+                member.why = f"{p} is tied to {others}: DTensor distributes each module's own"
+        members[mod_name] = member
+    return members
+
+
+def _localised_literal(node: torch.fx.Node, result: PropagationResult, tp: int) -> str | None:
+    """What the rewrite changed in this node's code that the model's own code would not."""
+    decision = result.decisions.get(node)
+    for step in decision.localise if decision else ():
+        if isinstance(step, Lower):
+            continue
+        if isinstance(step, DivideSize):
+            sizes = node.args[step.arg]
+            size = sizes[step.position] if isinstance(sizes, (list, tuple)) else sizes
+            if not isinstance(size, int) or size == -1:
+                continue  # -1 or a symbolic size: the code computes it from its local input
+            source = node.args[0] if node.args else None
+            val = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+            if (
+                isinstance(val, torch.Tensor)
+                and isinstance(sizes, (list, tuple))
+                and len(sizes) == val.dim()
+                and val.shape[step.position] == size * tp
+                and (size != 1 or _name(node.target) != "expand")
+            ):
+                # the input's own size at that dim (a shape-preserving view, an expand that keeps
+                # it): read off the input, so on a local shard the code reads the local size.
+                # Never so for an expand to size 1, which would broadcast a hard-coded size.
+                continue
+            return (
+                f"{node.name} ({_name(node.target)}) has the size {size * tp} in the model's "
+                f"code, which the rewrite makes {size} per rank; under DTensor the model's own "
+                "code runs on the shards and would need the local size"
+            )
+        return f"{node.name} ({_name(node.target)}) needs {type(step).__name__} from the rewrite"
+    return None
+
+
+def dtensor_plan(
+    program: CapturedProgram,
+    result: PropagationResult,
+    plan: Plan,
+    model: torch.nn.Module,
+    aliases: tuple[tuple[str, ...], ...] = (),
+    *,
+    tp: int,
+) -> DTensorPlan:
+    """DTensor styles for the regions of the partitioned `program` that they express exactly."""
+    from torch.distributed.tensor import Replicate as DReplicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    members = _candidates(plan, model, aliases)
+    tied = {name: group for group in aliases for name in group}
+    gm = program.gm
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state_of = {placeholders[i]: program.state_names[i] for i in range(program.num_state)}
+    sharded_state = {
+        node: name
+        for node, name in state_of.items()
+        if isinstance(plan.placements.get(name), Shard)
+    }
+
+    def owner(node: torch.fx.Node) -> str | None:
+        """The candidate module whose weight this linear / embedding node reads."""
+        if node.op != "call_function":
+            return None
+        if node.target is aten.linear.default:
+            weight = node.args[1]
+        elif node.target in (ops.vocab_parallel_embedding, aten.embedding.default):
+            weight = node.args[0]
+        else:  # an op of a module DTensor cannot shard (experts under a grouped matmul, say)
+            for value in tensor_inputs(node):
+                mod = sharded_state.get(value, "").rpartition(".")[0]
+                if mod in members and members[mod].kind == "other":
+                    return mod
+            return None
+        lookup = node.target is not aten.linear.default
+        for name in tied.get(state_of.get(weight), (state_of.get(weight),)):
+            mod = name.rpartition(".")[0] if name else None
+            if mod in members and members[mod].kind.startswith("embedding") == lookup:
+                return mod  # a tied weight: the module of this use (embedding or LM head)
+        return None
+
+    # regions: modules joined by the sharded values between them (union-find over names)
+    parent: dict[str, str] = {m: m for m in members}
+
+    def find(m: str) -> str:
+        while parent[m] != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    def union(a: str, b: str) -> None:
+        parent[find(a)] = find(b)
+
+    failures: dict[str, str] = {}  # module -> why its region cannot be expressed
+    explained: set[torch.fx.Node] = set()
+
+    def fail(module: str, why: str) -> None:
+        failures.setdefault(module, why)
+
+    for node in gm.graph.nodes:
+        mod = owner(node)
+        if mod is None:
+            continue
+        member = members[mod]
+        if member.kind == "other":
+            continue  # already refused, with its reason
+        written = _written_in_place(node)
+        if written:
+            fail(
+                mod,
+                f"the model writes into its output in place ({written}); DTensor forbids that "
+                "on the plain tensor a parallel style returns (a view made in autograd.Function)",
+            )
+        if member.kind == "colwise":
+            _walk_column(
+                node, mod, members, owner, result, sharded_state, explained, union, fail, tp
+            )
+        elif member.kind == "rowwise":
+            _reduce_later(node, mod, result, explained, fail)
+            source = node.args[0]
+            if isinstance(source, torch.fx.Node) and source.target is ops.shard:
+                if source.args[1] in (-1, source.meta["val"].dim() - 1):
+                    member.input_replicated = True
+                    explained.add(source)
+        elif member.kind == "embedding_rowwise":
+            explained.add(node)  # the module's own lookup; what follows it is checked here
+            if node.target is ops.vocab_parallel_embedding:
+                _reduce_later(node, mod, result, explained, fail)
+            else:
+                fail(mod, f"its lookup {node.name} is no vocab-parallel embedding")
+        else:  # embedding_colwise: the rewrite gathers its output
+            users = list(node.users)
+            if [u.target for u in users] == [ops.all_gather]:
+                explained.add(users[0])
+            else:
+                fail(mod, "its output is used sharded")
+
+    for node in gm.graph.nodes:
+        mod = owner(node)
+        if mod and members[mod].kind == "rowwise" and not members[mod].input_replicated:
+            if find(mod) == mod and not any(
+                find(m) == mod for m in members if m != mod
+            ):  # no column joined it: its sharded input comes from elsewhere
+                fail(mod, f"its input {node.args[0]} is sharded by the rewrite, not by a column")
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in ops.PARALLEL_OPS:
+            continue
+        if node in explained:
+            continue
+        if node.target is ops.grad_all_reduce and all(
+            (mod := owner(u)) and members[mod].kind == "colwise" for u in node.users
+        ):
+            continue  # the replicated input of column linears: ColwiseParallel's own
+        why = (
+            f"the rewrite puts {node.target.__name__} at {node.name} in "
+            f"'{module_path(node) or '<top level>'}'"
+        )
+        touched = _nearest_members(node, owner, result)
+        for mod in touched:
+            fail(mod, why)
+        if not touched:
+            for mod in members:
+                fail(mod, why + ", next to no module DTensor shards")
+
+    # a region is exported whole or not at all
+    bad_roots = {find(m) for m in failures} | {find(m) for m, mem in members.items() if mem.why}
+    reasons: dict[str, str] = {}
+    for root in bad_roots:
+        region = sorted(m for m in members if find(m) == root)
+        why = next(
+            (members[m].why or failures[m] for m in region if members[m].why or m in failures),
+            "",
+        )
+        cause = next((m for m in region if members[m].why or m in failures), region[0])
+        for m in region:
+            own = members[m].why or failures.get(m)
+            reasons[m] = own if own else f"its region is left whole: {cause}: {why}"
+
+    styles = {}
+    for mod, member in members.items():
+        if mod in reasons:
+            continue
+        if member.kind == "colwise":
+            styles[mod] = (
+                ColwiseParallel(output_layouts=DReplicate())
+                if member.output_replicated
+                else ColwiseParallel()
+            )
+        elif member.kind == "rowwise":
+            styles[mod] = (
+                RowwiseParallel(input_layouts=DReplicate())
+                if member.input_replicated
+                else RowwiseParallel()
+            )
+        elif member.kind == "embedding_rowwise":
+            styles[mod] = RowwiseParallel(input_layouts=DReplicate())
+        else:
+            styles[mod] = ColwiseParallel(output_layouts=DReplicate())
+    return DTensorPlan(styles, reasons)
+
+
+def _walk_column(column, mod, members, owner, result, sharded_state, explained, union, fail, tp):
+    """Follow a column linear's sharded output to the row linears (or gather) that end it."""
+    member = members[mod]
+    interior: list[torch.fx.Node] = []
+    rows, gathers = [], []
+    queue, seen = deque(column.users), set()
+    while queue:
+        node = queue.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "output":
+            fail(mod, "its sharded output is returned by the model as it is")
+            continue
+        if node.target in (ops.all_gather, ops.vocab_parallel_cross_entropy):
+            gathers.append(node)
+            continue
+        if isinstance(result.placements.get(node), Replicate):
+            continue  # a size read off the sharded value, not the value itself
+        user_mod = owner(node)
+        if user_mod is not None and members[user_mod].kind == "rowwise":
+            rows.append(node)
+            union(mod, user_mod)
+            continue
+        if node.target in ops.PARALLEL_OPS or user_mod is not None:
+            what = node.target.__name__ if node.target in ops.PARALLEL_OPS else user_mod
+            fail(mod, f"the rewrite feeds its sharded output to {what} at {node.name}")
+            continue
+        interior.append(node)
+        for value in tensor_inputs(node):
+            name = sharded_state.get(value)
+            if name and name != f"{mod}.bias":
+                fail(mod, f"{node.name} reads {name}, sharded by the rewrite, in the model's code")
+        queue.extend(node.users)
+    if gathers and rows:
+        fail(mod, "its output is both gathered and used sharded")
+        return
+    if gathers:
+        member.output_replicated = True
+        explained.update(gathers)
+        return  # under DTensor the code after it runs on the gathered value
+    for node in interior:
+        why = _localised_literal(node, result, tp)
+        if why:
+            fail(mod, why)
+            return
+
+
+def _nearest_members(start: torch.fx.Node, owner, result: PropagationResult) -> set[str]:
+    """The sharded modules nearest to a node through sharded values, up and down the graph."""
+    found: set[str] = set()
+    for step in (lambda n: tensor_inputs(n), lambda n: list(n.users)):
+        queue, seen = deque(step(start)), {start}
+        while queue:
+            node = queue.popleft()
+            if node in seen or node.op != "call_function":
+                continue
+            if isinstance(result.placements.get(node), Replicate):
+                continue  # regions are joined by sharded (or partial) values only
+            seen.add(node)
+            mod = owner(node)
+            if mod is not None:
+                found.add(mod)
+                continue
+            queue.extend(step(node))
+    return found
+
+
+def _reduce_later(start: torch.fx.Node, mod: str, result: PropagationResult, explained, fail):
+    """Follow a row linear's partial sums to the all-reduces that end them.
+
+    The rewrite may add two partial sums before one all-reduce (an embedding and the first
+    attention output); RowwiseParallel all-reduces each at once. Only linear ops touch a
+    partial sum, so reducing it first gives the same value.
+    """
+    queue, seen = deque(start.users), set()
+    while queue:
+        node = queue.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.target is ops.all_reduce:
+            explained.add(node)
+            continue
+        if node.op == "output" or node.target in ops.PARALLEL_OPS:
+            what = "the model's output" if node.op == "output" else node.target.__name__
+            fail(mod, f"its partial sums reach {what} at {node.name}, not an all-reduce")
+            continue
+        queue.extend(node.users)
+
+
+# torch.export names an in-place op's node after the op with its trailing underscore (`add_`,
+# `add__1`); functionalized, the node keeps that name in its `from_node` provenance
+_IN_PLACE_NAME = re.compile(r"[a-z0-9_]*[a-z0-9]_(_\d+)?")
+
+
+def _written_in_place(output: torch.fx.Node) -> str | None:
+    """The source line of an in-place write into a module's output (or its all-reduce), if any."""
+    values = [output] + [u for u in output.users if u.target is ops.all_reduce]
+    for value in values:
+        for user in value.users:
+            if not user.args or user.args[0] is not value:
+                continue
+            sources = user.meta.get("from_node") or []
+            name = getattr(sources[-1], "name", "") if sources else ""
+            if _IN_PLACE_NAME.fullmatch(name):
+                trace = (user.meta.get("stack_trace") or "").strip().splitlines()
+                return trace[-1].strip() if trace else name
+    return None
