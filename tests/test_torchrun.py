@@ -23,6 +23,10 @@ def test_torchrun_tp2_pp2_trains_like_the_unsharded_model():
         [
             str(torchrun),
             "--standalone",
+            # gloo's full-mesh connect can fail on a loaded machine before any step runs;
+            # torchrun's own remedy is restarting the worker group (the last run is checked)
+            "--max-restarts",
+            "2",
             "--nproc-per-node",
             "4",
             str(ROOT / "examples" / "train.py"),
@@ -39,7 +43,7 @@ def test_torchrun_tp2_pp2_trains_like_the_unsharded_model():
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    losses = [float(x) for x in re.findall(r"step \d+ loss ([0-9.]+)", out.stdout)]
+    losses = [float(x) for x in re.findall(r"step \d+ loss ([0-9.]+)", out.stdout)][-3:]
     assert len(losses) == 3 and losses[2] < losses[0]
     assert "tp 2 x pp 2 x dp 1 on 4 ranks" in out.stdout
 

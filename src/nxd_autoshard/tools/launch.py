@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["run_ranks", "RankError"]
+
+_log = logging.getLogger(__name__)
 
 
 # Extra time given to the process group's own timeout beyond the parent's deadline, so that
@@ -384,10 +387,18 @@ def run_ranks(
             f"start method {start_method!r} is not available here "
             f"(choose from {mp.get_all_start_methods()})"
         )
-    for _ in range(_RENDEZVOUS_ATTEMPTS):
+    for number in range(1, _RENDEZVOUS_ATTEMPTS + 1):
         attempt = _launch_once(fn, world_size, tuple(args), backend, timeout_s, start_method, env)
-        if not attempt.retryable:
+        if not attempt.retryable or number == _RENDEZVOUS_ATTEMPTS:
             break
+        first = attempt.errors[min(attempt.init_failed)].strip().splitlines()[-1]
+        _log.warning(
+            "run_ranks: the process group did not form (%s); nothing ran, launching again "
+            "(%d of %d)",
+            first,
+            number + 1,
+            _RENDEZVOUS_ATTEMPTS,
+        )
 
     if attempt.errors:
         failed = sorted(attempt.errors)
