@@ -20,6 +20,7 @@ from nxd_autoshard.compiler.capture import capture
 from nxd_autoshard.compiler.normalize import expert_linear_from_grouped_mm
 from nxd_autoshard.compiler.partition import partition
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
+from nxd_autoshard.ir.meta import placement_of
 from nxd_autoshard.ir.placements import Replicate
 from nxd_autoshard.ir.program import CapturedProgram
 from nxd_autoshard.runtime.simulator import scatter_to_ranks, simulate_graph
@@ -118,7 +119,7 @@ def run_sharded(
     result = propagate_placements(program, tp, styles={}, fixed=fixed, auto=False, padded=pads)
     calls = [n for n in program.gm.graph.nodes if n.op == "call_function"]
     ops = {n: _packet(n) for n in calls}
-    placed_in = {n: [a.meta.get("nxd_placement") for a in n.all_input_nodes] for n in calls}
+    placed_in = {n: [placement_of(a) for a in n.all_input_nodes] for n in calls}
     partition(program, result, tp)
 
     full = [t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in tensors]

@@ -188,3 +188,29 @@ def test_what_dtensor_cannot_express_is_named():
     padded = autoshard(_llama(vocab=127), tp=2, example_inputs=(args[0] % 127,)).dtensor_plan()
     assert "padded" in padded.skipped["model.embed_tokens"]
     assert "model.layers.0.self_attn.q_proj" in padded
+
+
+def test_llama_export_is_the_plan_an_expert_writes():
+    """The same styles and layouts as the hand-written Llama TP plan (torchtitan's, and
+    benchmarks/step_time.py's DTensor peer)."""
+    from torch.distributed.tensor import Replicate as DR
+    from torch.distributed.tensor import Shard as DS
+
+    args, kwargs = _lm_batch()
+    plan = autoshard(_llama(), tp=2, example_inputs=args, example_kwargs=kwargs).dtensor_plan()
+    col, row = ("ColwiseParallel", (DR(),), (DS(-1),)), ("RowwiseParallel", (DS(-1),), (DR(),))
+    want = {
+        "model.embed_tokens": ("RowwiseParallel", (DR(),), (DR(),)),
+        "lm_head": ("ColwiseParallel", (DR(),), (DR(),)),
+    }
+    for i in range(2):
+        p = f"model.layers.{i}"
+        want |= {f"{p}.self_attn.{n}_proj": col for n in "qkv"}
+        want |= {f"{p}.self_attn.o_proj": row, f"{p}.mlp.down_proj": row}
+        want |= {f"{p}.mlp.gate_proj": col, f"{p}.mlp.up_proj": col}
+    got = {
+        name: (type(s).__name__, tuple(s.input_layouts), tuple(s.output_layouts))
+        for name, s in plan.items()
+    }
+    assert got == want
+    assert not plan.skipped

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import transformers.integrations.moe  # noqa: F401  (registers the grouped_mm op expert_linear runs)
 from rulecheck import FALLBACK_NOTE, assert_matches_unsharded, run_sharded
 
+from nxd_autoshard.ir.meta import state_name_of
 from nxd_autoshard.ir.ops import expert_linear
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules import REGISTRY, handles_padding, rule_for
@@ -754,9 +755,7 @@ def _run(row: Row, tp: int):
     tensors = _tensors(row)
     run = run_sharded(row.fn, tensors, row.placements, tp, padded=tuple(row.padded))
     _, decision = run.decision_of(row.op)
-    by_name = {
-        n: n.meta.get("nxd_name") for n in run.program.gm.graph.nodes if n.op == "placeholder"
-    }
+    by_name = {n: state_name_of(n) for n in run.program.gm.graph.nodes if n.op == "placeholder"}
     names = [f"in{i}" for i in range(len(tensors))]
     needs = {names.index(by_name[n]): p for n, p in decision.needs.items() if by_name.get(n)}
     return run, decision, needs

@@ -13,6 +13,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from nxd_autoshard.ir.errors import CaptureError
+from nxd_autoshard.ir.meta import set_state
 from nxd_autoshard.ir.program import CapturedProgram
 
 __all__ = ["capture", "fake_shadow", "functionalize", "meta_shadow", "own_example_inputs"]
@@ -301,7 +302,7 @@ def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedPro
     # printers (goldens, history) name inputs by what they are, not by export's node names
     kinds = state_kinds + ["input"] * len(user_names)
     for node, name, kind in zip(placeholders, state_names + user_names, kinds):
-        node.meta["nxd_name"], node.meta["nxd_kind"] = name, kind
+        set_state(node, name, kind)
     static_dims = []
     for node in placeholders[len(state_names) :]:
         val = node.meta.get("val")

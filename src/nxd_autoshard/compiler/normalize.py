@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from nxd_autoshard.ir.meta import is_parameter, set_split_bias
+
 __all__ = [
     "drop_assertions",
     "linear_from_matmul",
@@ -42,7 +44,7 @@ def _transposed_param(node, ndim: int) -> torch.fx.Node | None:
     w = node.args[0]
     if not (
         isinstance(w, torch.fx.Node)
-        and w.meta.get("nxd_kind") == "parameter"
+        and is_parameter(w)
         and isinstance(w.meta.get("val"), torch.Tensor)
         and w.meta["val"].dim() == ndim
     ):
@@ -151,7 +153,7 @@ def split_bias(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         add.meta = {
             k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")
         }
-        node.meta["nxd_bias"] = bias
+        set_split_bias(node, bias)
     return _finish(gm)
 
 

@@ -7,6 +7,7 @@ import torch.fx
 
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops as C
+from nxd_autoshard.ir.meta import padded_of, placement_of, set_placement, set_tp
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, module_path
 from nxd_autoshard.rules import (
@@ -99,7 +100,7 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
         for fn, extra in redistribute_ops(src, dst, size=size, pad=pad):
             with graph.inserting_after(anchor):
                 current = graph.call_function(fn, (current, *extra))
-            current.meta["nxd_placement"] = dst
+            set_placement(current, dst)
             current.meta["nn_module_stack"] = value.meta.get("nn_module_stack", {})
             current.meta["val"] = value.meta.get("val")
             anchor = current
@@ -132,14 +133,14 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
         _check_size_queries(node)
         replace: dict[torch.fx.Node, torch.fx.Node] = {}
         for value, need in decision.needs.items():
-            have = value.meta.get("nxd_placement")
+            have = placement_of(value)
             if have != need:
                 padded = decision.padded if isinstance(need, Shard) else None
                 replace[value] = convert(value, have, need, padded)
         if not _is_replicated(decision.out):
             for value in tensor_inputs(node):
                 src = replace.get(value, value)
-                placed = src.meta.get("nxd_placement")
+                placed = placement_of(src)
                 if isinstance(placed, Replicate) and src in grad:
                     replace[value] = grad_reduce(src)
         if replace:
@@ -147,7 +148,7 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
             node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: replace.get(a, a))
         for step in decision.localise:
             LOCALISE[type(step)](node, step, tp)
-    gm.meta["nxd_tp"] = tp  # the graph is now one rank's: printers divide sharded dims by tp
+    set_tp(gm, tp)  # the graph is now one rank's: printers divide sharded dims by tp
     graph.lint()
     gm.recompile()
     return program
@@ -184,7 +185,9 @@ def _scale_input(node: torch.fx.Node, step: ScaleInput, tp: int) -> None:
     x = node.args[0]
     with node.graph.inserting_before(node):
         scaled = node.graph.call_function(torch.ops.aten.div.Tensor, (x, tp))
-    scaled.meta.update({k: x.meta[k] for k in ("val", "nxd_placement") if k in x.meta})
+    if "val" in x.meta:
+        scaled.meta["val"] = x.meta["val"]
+    set_placement(scaled, placement_of(x))
     scaled.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
     node.args = (scaled, *node.args[1:])
 
@@ -208,7 +211,7 @@ LOCALISE = {
 
 def _real_size_if_padded(value: torch.fx.Node, placed: Placement) -> int | None:
     """The unpadded size of a value's shard dim when propagation marked it padded, else None."""
-    if not isinstance(placed, Shard) or value.meta.get("nxd_padded") is None:
+    if not isinstance(placed, Shard) or padded_of(value) is None:
         return None
     return value.meta["val"].shape[placed.dim]
 
@@ -228,7 +231,7 @@ def _last_placeholder(graph: torch.fx.Graph) -> torch.fx.Node:
 def _check_size_queries(node: torch.fx.Node) -> None:
     if getattr(node.target, "overloadpacket", None) is not torch.ops.aten.sym_size:
         return
-    placed = node.args[0].meta.get("nxd_placement")
+    placed = placement_of(node.args[0])
     if isinstance(placed, Shard) and placed.dim == node.args[1]:
         mod = module_path(node)
         raise NotImplementedError(
@@ -240,7 +243,7 @@ def _check_size_queries(node: torch.fx.Node) -> None:
 def _localise_outputs(node: torch.fx.Node, convert) -> None:
     def fix(arg):
         if isinstance(arg, torch.fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor):
-            have = arg.meta.get("nxd_placement")
+            have = placement_of(arg)
             if have is not None and not isinstance(have, Replicate):
                 return convert(arg, have, Replicate())
         return arg

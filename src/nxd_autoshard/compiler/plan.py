@@ -12,6 +12,7 @@ import torch
 
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
 from nxd_autoshard.ir.errors import DivisibilityError, PlanError
+from nxd_autoshard.ir.meta import is_parameter, state_name_of
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import BlockCost, CapturedProgram, block_of
 from nxd_autoshard.rules import shape_of
@@ -146,13 +147,11 @@ def _block_matmuls(program: CapturedProgram):
         weights = [
             a
             for a in node.args[:3]
-            if isinstance(a, torch.fx.Node)
-            and a.meta.get("nxd_kind") == "parameter"
-            and a.meta["val"].dim() >= 2
+            if isinstance(a, torch.fx.Node) and is_parameter(a) and a.meta["val"].dim() >= 2
         ]
         if not weights:
             continue
-        weight = weights[0].meta["nxd_name"]
+        weight = state_name_of(weights[0])
         module = weight.rsplit(".", 1)[0]
         if block_of(module) is not None:
             yield module, node, weight

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from nxd_autoshard.ir.meta import placement_of, set_placement
+
 __all__ = ["DTYPES", "cast_state"]
 
 # precision name -> compute dtype (fp16 would need loss scaling, which is not here)
@@ -37,8 +39,7 @@ def cast_state(gm: torch.fx.GraphModule, n_state: int, dtype: torch.dtype) -> to
             {k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")}
         )
         cast.meta["val"] = val
-        if "nxd_placement" in ph.meta:
-            cast.meta["nxd_placement"] = ph.meta["nxd_placement"]
+        set_placement(cast, placement_of(ph))
         ph.meta["val"] = val.to(torch.float32)  # the fp32 master's metadata (fake stays fake)
     gm.graph.lint()
     gm.recompile()

@@ -1,6 +1,6 @@
 """Activation checkpointing of the local program: which nodes are recomputed in backward.
 
-The pass only marks nodes (`node.meta["nxd_recompute"]`, a region name such as
+The pass only marks nodes (`ir.meta.set_recompute`, a region name such as
 `model.layers.0[1]`); the runtime outlines each region into a call under
 `torch.utils.checkpoint` (`runtime/recompute.py`), so the program the report and the
 goldens read stays flat.
@@ -20,6 +20,7 @@ import torch.fx
 
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.errors import PlanError
+from nxd_autoshard.ir.meta import set_recompute
 from nxd_autoshard.ir.program import _normalize_module_path, block_of, module_path
 
 __all__ = ["MODES", "check_found", "checkpoint_mode", "mark_recompute", "recompute_regions"]
@@ -185,11 +186,11 @@ def recompute_regions(gm: torch.fx.GraphModule, mode) -> dict[str, list[torch.fx
 def mark_recompute(gm: torch.fx.GraphModule, mode) -> int:
     """Mark the nodes of each region with its name; returns how many regions were found."""
     for node in gm.graph.nodes:
-        node.meta.pop("nxd_recompute", None)
+        set_recompute(node, None)
     regions = recompute_regions(gm, mode)
     for name, nodes in regions.items():
         for node in nodes:
-            node.meta["nxd_recompute"] = name
+            set_recompute(node, name)
     return len(regions)
 
 

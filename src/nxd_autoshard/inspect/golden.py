@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from nxd_autoshard.ir.meta import state_name_of, tp_of
 from nxd_autoshard.ir.printer import graph_text
 
 __all__ = [
@@ -34,7 +35,7 @@ def golden_text(obj) -> str:
     if isinstance(obj, torch.fx.GraphModule):
         return f"# nxd-autoshard golden v{GOLDEN_VERSION}\n" + graph_text(obj)
     if hasattr(obj, "gm") and hasattr(obj, "state_names"):
-        return _program_section(obj, 0, 1, model=None, tp=int(obj.gm.meta.get("nxd_tp", 1)))
+        return _program_section(obj, 0, 1, model=None, tp=tp_of(obj.gm))
     programs = obj.programs()
     sections = []
     for i, p in enumerate(programs):
@@ -94,7 +95,7 @@ def _crossing(stage, names: list[str]) -> str:
     """Values crossing a stage boundary without fx's run-dependent names: user inputs by name,
     the rest counted."""
     by_name = {n.name: n for n in stage.gm.graph.nodes}
-    named = [by_name[n].meta.get("nxd_name") for n in names if n in by_name]
+    named = [state_name_of(by_name[n]) for n in names if n in by_name]
     named = [n for n in named if n] if len(named) == len(names) else []
     rest = len(names) - len(named)
     parts = named + ([f"{rest} activation{'s' if rest != 1 else ''}"] if rest else [])

@@ -17,6 +17,7 @@ import torch.fx
 
 from nxd_autoshard.inspect.render import fmt_bytes
 from nxd_autoshard.ir import ops
+from nxd_autoshard.ir.meta import placement_of
 from nxd_autoshard.ir.placements import Partial, Shard
 from nxd_autoshard.ir.printer import display_module, target_name
 
@@ -79,7 +80,7 @@ def _rows(report, gm: torch.fx.GraphModule):
             rows.append(("coll", f"{name}[tp] {c.shape if c else ''}  {sends}"))
             current_module = None
             continue
-        placement = node.meta.get("nxd_placement")
+        placement = placement_of(node)
         kind = (
             "shard"
             if isinstance(placement, Shard)

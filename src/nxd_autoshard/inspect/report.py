@@ -26,6 +26,7 @@ import torch.fx
 
 from nxd_autoshard.compiler.partition import requires_grad_nodes
 from nxd_autoshard.ir import ops as C
+from nxd_autoshard.ir.meta import is_parameter, placement_of, recompute_of, state_name_of
 from nxd_autoshard.ir.placements import Partial, Shard, placement_str
 from nxd_autoshard.ir.printer import (
     display_module,
@@ -298,7 +299,7 @@ def concrete(size) -> int:
 
 def _local(node: torch.fx.Node, tp: int) -> tuple[list, torch.dtype]:
     val = node.meta.get("val")
-    return local_shape(val, node.meta.get("nxd_placement"), tp), val.dtype
+    return local_shape(val, placement_of(node), tp), val.dtype
 
 
 def _event(kind: str, phase: str, shape: list, itemsize: int) -> CommEvent:
@@ -382,8 +383,7 @@ def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
                 + "]",
                 forward=forward,
                 backward=backward,
-                of_parameter=source.op == "placeholder"
-                and source.meta.get("nxd_kind") == "parameter",
+                of_parameter=source.op == "placeholder" and is_parameter(source),
             )
         )
     return rows
@@ -421,7 +421,7 @@ def _weight_and_activation(node: torch.fx.Node):
     weight, _, out_dim, act = role
     while isinstance(act, torch.fx.Node) and act.target in _COLLECTIVE_FNS:
         act = act.args[0]
-    return weight.meta.get("nxd_placement"), out_dim, act
+    return placement_of(weight), out_dim, act
 
 
 def _reduces_a_sharded_dim(node: torch.fx.Node) -> bool:
@@ -430,9 +430,7 @@ def _reduces_a_sharded_dim(node: torch.fx.Node) -> bool:
     if packet not in (torch.ops.aten.sum, torch.ops.aten.mean) or not node.args:
         return False
     source = node.args[0]
-    return isinstance(node.meta.get("nxd_placement"), Partial) and isinstance(
-        getattr(source, "meta", {}).get("nxd_placement"), Shard
-    )
+    return isinstance(placement_of(node), Partial) and isinstance(placement_of(source), Shard)
 
 
 def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int, int, int]:
@@ -473,20 +471,18 @@ def _signature(block: str, nodes: list[torch.fx.Node], tp: int) -> tuple:
                 refs.append(index[arg])
             elif arg.op == "placeholder":
                 refs.append(
-                    str(arg.meta.get("nxd_name", arg.name)).replace(block + ".", "<block>.", 1)
+                    str((state_name_of(arg) or arg.name)).replace(block + ".", "<block>.", 1)
                 )
             else:
                 refs.append("outside")
         val = node.meta.get("val")
         shape = (
-            str(local_shape(val, node.meta.get("nxd_placement"), tp))
-            if isinstance(val, torch.Tensor)
-            else ""
+            str(local_shape(val, placement_of(node), tp)) if isinstance(val, torch.Tensor) else ""
         )
         out.append(
             (
                 target_name(node.target),
-                placement_str(node.meta.get("nxd_placement")),
+                placement_str(placement_of(node)),
                 shape,
                 tuple(refs),
                 display_module(node).replace(block, "<block>", 1),
@@ -500,7 +496,7 @@ def _flops(node: torch.fx.Node, tp: int) -> int:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return 0
-    out = [concrete(s) for s in local_shape(val, node.meta.get("nxd_placement"), tp)]
+    out = [concrete(s) for s in local_shape(val, placement_of(node), tp)]
     if name in _MATMULS:
         first = node.args[1] if name in ("aten.addmm", "aten.baddbmm") else node.args[0]
         if not isinstance(first, torch.fx.Node) or not isinstance(
@@ -554,9 +550,7 @@ def build_report(sharded, *, program: int = 0) -> Report:
         pp=sharded.pipeline.pp,
         sequence_parallel=False,
         precision=sharded._settings.precision,
-        recomputed=sorted(
-            {n.meta["nxd_recompute"] for n in gm.graph.nodes if "nxd_recompute" in n.meta}
-        ),
+        recomputed=sorted({recompute_of(n) for n in gm.graph.nodes if recompute_of(n)}),
         program=program,
         programs=len(programs),
         mode="train" if prog.training else "eval",

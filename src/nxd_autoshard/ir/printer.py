@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from nxd_autoshard.ir.meta import placement_of, state_kind_of, state_name_of, tp_of
 from nxd_autoshard.ir.placements import Shard, placement_str
 
 _DTYPES = {
@@ -86,7 +87,7 @@ class _Names:
 
     def value(self, node: torch.fx.Node) -> str:
         if node not in self.values:
-            named = node.meta.get("nxd_name") if node.op == "placeholder" else None
+            named = state_name_of(node) if node.op == "placeholder" else None
             if named is None:
                 named, self.count = f"%{self.count}", self.count + 1
             self.values[node] = named
@@ -215,15 +216,15 @@ def value_names(gm: torch.fx.GraphModule) -> _Names:
 
 def graph_text(gm: torch.fx.GraphModule) -> str:
     """The normalized text of a graph: inputs, then one line per op grouped by module, then outputs."""
-    tp = int(gm.meta.get("nxd_tp", 1))
+    tp = tp_of(gm)
     names = value_names(gm)
     lines = ["inputs:"]
     body: list[str] = []
     module = None
     for node in gm.graph.nodes:
-        placement = placement_str(node.meta.get("nxd_placement"))
+        placement = placement_str(placement_of(node))
         if node.op == "placeholder":
-            kind = node.meta.get("nxd_kind", "input")
+            kind = state_kind_of(node) or "input"
             lines.append(
                 f"  {names.value(node)}: {placement} "
                 f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}"

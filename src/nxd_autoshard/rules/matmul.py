@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nxd_autoshard.ir.meta import is_parameter
 from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules.registry import Decision, P, R, aten, padded_of, rule, shape_of
@@ -61,7 +62,7 @@ def _matmul_decision(a, b, pa, pb, out_nd):
 def _trained(weight) -> bool:
     """A parameter: a Partial input through it would need its weight gradient all-reduced
     (weight-sized), so the input is reduced first (activation-sized, and often reduced anyway)."""
-    return getattr(weight, "meta", {}).get("nxd_kind") == "parameter"
+    return is_parameter(weight)
 
 
 def _padded_shard(node, placement) -> bool:

@@ -6,7 +6,7 @@ program must change (a size literal divided by tp, a retarget to a runtime op) i
 `Decision.localise`, which the partition pass applies.
 
 Vocab padding: a vocab dim that tp does not divide is sharded as `Shard(dim)` over a zero-padded
-size (`padded_size`), recorded as `node.meta["nxd_padded"]` by propagation. Only rules registered
+size (`padded_size`), recorded by propagation (`ir.meta.padded_of`). Only rules registered
 with `padding_aware=True` read that mark and say, through `Decision.padded`, whether their output
 still carries the padding; propagation gathers a padded input of any other op to Replicate (the
 gather slices the padding off), so no rule can mistake padding for data.
@@ -21,6 +21,7 @@ import torch
 import torch.fx
 from torch.fx.experimental import symbolic_shapes as _symbolic
 
+from nxd_autoshard.ir.meta import padded_of
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate
 
 __all__ = [
@@ -177,11 +178,6 @@ def hint_int(size) -> int:
         if fn is not None:
             return int(fn(size))
     return int(size.node.hint)
-
-
-def padded_of(node) -> int | None:
-    """Padded global size of a value's shard dim (vocab padding), or None when it is not padded."""
-    return node.meta.get("nxd_padded") if isinstance(node, torch.fx.Node) else None
 
 
 def shape_of(node) -> tuple[int, ...]:

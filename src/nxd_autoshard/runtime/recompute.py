@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch.utils.checkpoint import checkpoint
 
+from nxd_autoshard.ir.meta import recompute_of, set_recompute
 from nxd_autoshard.runtime.collectives import axis_groups, bound_groups
 
 __all__ = ["Recompute", "with_recompute"]
@@ -52,7 +53,7 @@ def with_recompute(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return done
     regions: dict[str, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
-        name = node.meta.get("nxd_recompute")
+        name = recompute_of(node)
         if name is not None and node.op == "call_function":
             regions.setdefault(name, []).append(node)
     if not regions:
@@ -97,7 +98,7 @@ def _outlined(gm: torch.fx.GraphModule, regions: dict[str, list[torch.fx.Node]])
         target = f"recompute_{len(modules)}"
         modules[target] = Recompute(body, name)
         call = graph.call_module(target, tuple(env[i] for i in inputs))
-        call.meta["nxd_recompute"] = name
+        set_recompute(call, name)
         call.meta["nn_module_stack"] = nodes[0].meta.get("nn_module_stack", {})
         for k, o in enumerate(outputs):
             get = graph.call_function(operator.getitem, (call, k))
@@ -123,6 +124,6 @@ def _body(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]):
         env[i].meta = dict(i.meta)
     for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
-        env[node].meta.pop("nxd_recompute", None)  # inside the region it runs plainly
+        set_recompute(env[node], None)  # inside the region it runs plainly
     graph.output(tuple(env[o] for o in outputs))
     return torch.fx.GraphModule(gm, graph), inputs, outputs
