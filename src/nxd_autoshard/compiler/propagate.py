@@ -19,6 +19,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from nxd_autoshard.ir.meta import (
+    index_of,
+    padded_of,
+    set_index,
+    set_padded,
+    set_placement,
+    split_bias_of,
+)
 from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard, padded_size
 from nxd_autoshard.ir.program import CapturedProgram, module_path
@@ -26,7 +34,6 @@ from nxd_autoshard.rules import (
     Decision,
     R,
     handles_padding,
-    padded_of,
     rule_for,
     shape_of,
     tensor_inputs,
@@ -63,7 +70,7 @@ def weight_role(
 ) -> tuple[torch.fx.Node, torch.fx.Node | None, int, torch.fx.Node] | None:
     """For a linear-like node: (weight, bias, out-feature dim of the weight, activation)."""
     packet = getattr(node.target, "overloadpacket", None)
-    split_off = node.meta.get("nxd_bias")  # set by split_bias
+    split_off = split_bias_of(node)  # set by split_bias
     if packet is aten.linear:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         return node.args[1], bias if bias is not None else split_off, 0, node.args[0]
@@ -101,7 +108,7 @@ def _is_param(node, program: CapturedProgram) -> str | None:
 
 
 def _placeholder_index(node) -> int:
-    return node.meta["nxd_index"]
+    return index_of(node)
 
 
 def _reads_user_input(node, program: CapturedProgram) -> bool:
@@ -145,8 +152,12 @@ def propagate_placements(
     padded = dict(padded or {})
 
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        node.meta["nxd_index"] = i
+        set_index(node, i)
     vocab_sizes = _vocab_sizes(program)
+    seeding = _Seeding(
+        program, tp, styles, auto, veto, vocab_sizes,
+        chosen, placements, param_of, auto_styles, column_module, column_inputs, padded,
+    )  # fmt: skip
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -154,7 +165,7 @@ def propagate_placements(
             if name is not None:
                 param_of[node] = name
             placements[node] = chosen.get(name, R) if name else (R if _is_tensor(node) else None)
-            node.meta["nxd_padded"] = padded.get(name)
+            set_padded(node, padded.get(name))
             continue
         if node.op == "output":
             continue
@@ -163,22 +174,7 @@ def propagate_placements(
             continue
         ins = tensor_inputs(node)
         # seed linear / embedding weights from styles (or auto) on first use
-        _seed_weights(
-            node,
-            program,
-            tp,
-            styles,
-            auto,
-            veto,
-            chosen,
-            placements,
-            param_of,
-            auto_styles,
-            column_module,
-            column_inputs,
-            padded,
-            vocab_sizes,
-        )
+        _seed_weights(node, seeding)
         pls = {n: placements[n] for n in ins}
         decision = _decide_node(node, pls, tp)
         if decision.blocks and not _mark_blocks(
@@ -201,8 +197,8 @@ def propagate_placements(
             )
         decisions[node] = decision
         placements[node] = decision.out
-        node.meta["nxd_placement"] = decision.out
-        node.meta["nxd_padded"] = decision.padded
+        set_placement(node, decision.out)
+        set_padded(node, decision.padded)
         if _packet(node) in (aten.sum, aten.mean) and isinstance(decision.out, Partial):
             if isinstance(pls.get(node.args[0]), Shard):
                 stat_columns.update(origins.get(node.args[0], ()))
@@ -217,7 +213,7 @@ def propagate_placements(
 
     _store_params_as_used(decisions, placements, param_of, fixed, styles)
     for node, p in placements.items():
-        node.meta["nxd_placement"] = p
+        set_placement(node, p)
     params = {param_of[n]: placements[n] for n in param_of}
     padded = {name: size for name, size in padded.items() if isinstance(chosen.get(name), Shard)}
     return PropagationResult(
@@ -336,54 +332,56 @@ def _all_replicate(p) -> bool:
     return p is None or isinstance(p, Replicate)
 
 
-def _seed_weights(
-    node,
-    program,
-    tp,
-    styles,
-    auto,
-    veto,
-    chosen,
-    placements,
-    param_of,
-    auto_styles,
-    column_module,
-    column_inputs,
-    padded,
-    vocab_sizes,
-):
+@dataclass
+class _Seeding:
+    """What seeding linear and embedding weights reads (the first six) and writes (the rest)."""
+
+    program: CapturedProgram
+    tp: int
+    styles: dict[str, str]  # parameter name -> plan style
+    auto: bool
+    veto: dict[str, str]  # module -> "column" or "all"
+    vocab_sizes: set[int]
+    chosen: dict[str, Placement]  # parameter name -> placement
+    placements: dict  # node -> placement
+    param_of: dict  # placeholder node -> parameter name
+    auto_styles: dict[str, str]  # module -> style auto chose
+    column_module: dict[str, str]  # weight -> module of its column linear
+    column_inputs: dict[str, str]  # column module -> name of its input node
+    padded: dict[str, int]  # parameter name -> padded size of its shard dim
+
+
+def _seed_weights(node: torch.fx.Node, s: _Seeding) -> None:
     """Give a linear's or embedding's parameters their placements the first time they are used."""
     packet = _packet(node)
     if packet is aten.embedding:
-        _seed_embedding(
-            node, program, tp, styles, auto, veto, chosen, placements, param_of, auto_styles, padded
-        )
+        _seed_embedding(node, s)
         return
     if packet not in LINEAR_OPS:
         return
     role = weight_role(node)
     weight, bias, out_dim, x = role
-    name = param_of.get(weight)
-    if name is None or name in chosen:
+    name = s.param_of.get(weight)
+    if name is None or name in s.chosen:
         return
     ndim = len(shape_of(weight))
     if ndim != (3 if node.target in (expert_linear, grouped_linear) else 2):
         return
     mod = name.rsplit(".", 1)[0]
-    style = styles.get(name)
-    refused = veto.get(mod)
-    if style is None and auto and refused != "all":
-        px = placements.get(x)
+    style = s.styles.get(name)
+    refused = s.veto.get(mod)
+    if style is None and s.auto and refused != "all":
+        px = s.placements.get(x)
         in_features = shape_of(weight)[_in_dim(out_dim, ndim)]
         out_features = shape_of(weight)[out_dim]
-        vocab_head = out_features in vocab_sizes  # padded when tp does not divide it
+        vocab_head = out_features in s.vocab_sizes  # padded when tp does not divide it
         whole = isinstance(px, (Replicate, Partial))
         # a projection back into a replicated residual stream splits by rows, as Megatron's
         # output projections: split by columns, the stream itself would end up sharded
-        residual = whole and in_features % tp == 0 and _feeds_residual(node, placements)
-        if whole and refused is None and not residual and (out_features % tp == 0 or vocab_head):
+        residual = whole and in_features % s.tp == 0 and _feeds_residual(node, s.placements)
+        if whole and refused is None and not residual and (out_features % s.tp == 0 or vocab_head):
             style = "column"
-        elif in_features % tp == 0 and (
+        elif in_features % s.tp == 0 and (
             (isinstance(px, Shard) and px.dim == x.meta["val"].dim() - 1)
             # its column split was undone: rows, the input sliced (replicated) or reduce-
             # scattered (partial), as Megatron's RowParallelLinear(input_is_parallel=False)
@@ -391,32 +389,32 @@ def _seed_weights(
         ):
             style = "row"
         if style:
-            auto_styles[mod] = style
+            s.auto_styles[mod] = style
     if style is None:
         style = "replicate"
     out_features = shape_of(weight)[out_dim]
-    vocab_head = style == "vocab_parallel" or out_features in vocab_sizes
+    vocab_head = style == "vocab_parallel" or out_features in s.vocab_sizes
     if style == "vocab_parallel":
         style = "column"
     w_pl, b_pl = _style_placements(style, out_dim, ndim)
     pad = None
-    if style == "column" and out_features % tp:
+    if style == "column" and out_features % s.tp:
         if vocab_head:  # the LM head: padded like NxD's ColumnParallelLinear(pad=True)
-            pad = padded_size(out_features, tp)
+            pad = padded_size(out_features, s.tp)
         else:
             w_pl, b_pl = R, R
-    chosen[name] = w_pl
-    placements[weight] = w_pl
-    _mark_padded(weight, name, pad, padded)
+    s.chosen[name] = w_pl
+    s.placements[weight] = w_pl
+    _mark_padded(weight, name, pad, s.padded)
     if style == "column":
-        column_module[name] = mod
-        column_inputs[mod] = x.name
-    if bias is not None and bias in param_of:
-        bname = param_of[bias]
-        if bname not in chosen:
-            chosen[bname] = b_pl
-            placements[bias] = b_pl
-            _mark_padded(bias, bname, pad, padded)
+        s.column_module[name] = mod
+        s.column_inputs[mod] = x.name
+    if bias is not None and bias in s.param_of:
+        bname = s.param_of[bias]
+        if bname not in s.chosen:
+            s.chosen[bname] = b_pl
+            s.placements[bias] = b_pl
+            _mark_padded(bias, bname, pad, s.padded)
 
 
 # ops between a projection and the residual add that change no layout (dropout, casts, a scale)
@@ -446,35 +444,38 @@ def _feeds_residual(node: torch.fx.Node, placements: dict) -> bool:
     return False
 
 
-def _seed_embedding(
-    node, program, tp, styles, auto, veto, chosen, placements, param_of, auto_styles, padded
-):
+def _seed_embedding(node: torch.fx.Node, s: _Seeding) -> None:
     """An embedding table read by token ids is vocab-parallel; a vocab tp does not divide is padded."""
     weight = node.args[0]
-    name = param_of.get(weight)
-    if name is None or name in chosen:
+    name = s.param_of.get(weight)
+    if name is None or name in s.chosen:
         return
     mod = name.rsplit(".", 1)[0]
-    style = styles.get(name)
-    if style is None and auto and mod not in veto and _reads_user_input(node.args[1], program):
+    style = s.styles.get(name)
+    if (
+        style is None
+        and s.auto
+        and mod not in s.veto
+        and _reads_user_input(node.args[1], s.program)
+    ):
         style = "vocab_parallel"
-        auto_styles[mod] = style
+        s.auto_styles[mod] = style
     rows, width = shape_of(weight)
     placement, pad = R, None
     if style == "vocab_parallel":
         placement = Shard(0)
-        pad = padded_size(rows, tp) if rows % tp else None
-    elif style == "column" and width % tp:
+        pad = padded_size(rows, s.tp) if rows % s.tp else None
+    elif style == "column" and width % s.tp:
         warnings.warn(
-            f"nxd-autoshard: embedding '{name}' has {width} columns, which tp={tp} does not divide; "
+            f"nxd-autoshard: embedding '{name}' has {width} columns, which tp={s.tp} does not divide; "
             "it is replicated (only a vocab dim is padded: use 'vocab_parallel' to shard its rows)",
             stacklevel=5,
         )
     elif style == "column":
         placement = Shard(1)
-    chosen[name] = placement
-    placements[weight] = placement
-    _mark_padded(weight, name, pad, padded)
+    s.chosen[name] = placement
+    s.placements[weight] = placement
+    _mark_padded(weight, name, pad, s.padded)
 
 
 def _mark_padded(param: torch.fx.Node, name: str, pad: int | None, padded: dict[str, int]) -> None:
@@ -483,7 +484,7 @@ def _mark_padded(param: torch.fx.Node, name: str, pad: int | None, padded: dict[
         padded.pop(name, None)
     else:
         padded[name] = pad
-    param.meta["nxd_padded"] = pad
+    set_padded(param, pad)
 
 
 def _mark_blocks(split_node, count, param_of, blocks, placements, decisions) -> bool:
