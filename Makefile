@@ -21,17 +21,24 @@ demo: venv
 test: venv lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests --ignore=tests/models
 
-# Model code from other libraries (torchtitan 0.3) in tests/models, which skip without it. Its
-# install is large (torchtitan imports triton, ~1 GB) and --no-deps: its declared dependencies
-# (datasets, wandb, tensorboard, ...) are for its trainer, not for the model code tested here.
+# Model code from other libraries (torchtitan 0.3, timm 1.0) in tests/models, which skip without
+# it. Installed --no-deps: torchtitan's declared dependencies (datasets, wandb, tensorboard, ...)
+# are for its trainer, not for the model code tested here (it imports triton, ~1 GB), and timm's
+# would pull a CUDA torch. timm needs torchvision (0.28 is torch 2.13's; pillow is what it
+# imports), whose PyPI build is CUDA-only: its C extension cannot load here, and once installed
+# it breaks `import transformers` models. So timm, torchvision and pillow go to their own
+# directory, on the path of this lane only (tests/models/conftest.py makes torchvision importable).
 MODELS_PKGS := torchtitan==0.3.0 spmd_types tyro docstring_parser triton
+MODELS_SITE := .models-site
+MODELS_SITE_PKGS := timm==1.0.22 torchvision==0.28.0 pillow
 
-$(BIN)/.models: $(BIN)/.installed
+$(BIN)/.models: $(BIN)/.installed Makefile
 	$(BIN)/pip install -q --no-deps $(MODELS_PKGS)
+	$(BIN)/pip install -q --no-deps --target $(MODELS_SITE) $(MODELS_SITE_PKGS)
 	touch $@
 
 test-models: $(BIN)/.models
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests/models
+	OMP_NUM_THREADS=1 PYTHONPATH=$(MODELS_SITE) $(BIN)/python -m pytest -q -n 2 tests/models
 
 # code health: imports point one way (import-linter layers contract), ruff lint and format
 lint: venv
@@ -54,4 +61,4 @@ test-torch29: $(VENV29)/bin/.installed
 	OMP_NUM_THREADS=1 $(VENV29)/bin/python -m pytest -q -n 2 tests --ignore=tests/models
 
 clean:
-	rm -rf $(VENV) $(VENV29)
+	rm -rf $(VENV) $(VENV29) $(MODELS_SITE)

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Beyond Hugging Face: model code from other libraries, sharded in the simulator and checked.
 
-For each model (torchtitan 0.3's own Llama 3 / Qwen3 / Qwen3 MoE when torchtitan is installed,
-`make test-models`; the small modules of tests/test_constructs.py that reproduce timm's fused
+For each model (torchtitan 0.3's own Llama 3 / Qwen3 / Qwen3 MoE and timm 1.0's ViT when they
+are installed, `make test-models`; the small modules of tests/test_constructs.py that reproduce timm's fused
 qkv, torchtitan's constructs and OLMo 2's q/k norm; HF OLMo 2 and Phi-3 from tiny configs):
 the largest loss and gradient error against the unsharded model, collectives per block
 (forward + backward) against the block optimum the report computes, and what stayed
 replicated.
 
-Usage:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/architectures.py [--no-write]
+Usage (timm lives in .models-site, see the Makefile):
+    OMP_NUM_THREADS=1 PYTHONPATH=.models-site .venv/bin/python benchmarks/architectures.py [--no-write]
 
 Writes the section "## Beyond Hugging Face: numerical check and collectives per block" of
 benchmarks/RESULTS.md.
@@ -123,6 +123,26 @@ def _models():
         ),
     ]
     try:
+        import conftest  # noqa: F401 - tests/models: makes PyPI's torchvision importable
+        from timm.models.vision_transformer import VisionTransformer
+
+        def vit(**kw):
+            def make():
+                config = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+                return VisionTransformer(**config, num_classes=10, mlp_ratio=2.0, **kw), (
+                    torch.randn(2, 3, 32, 32),
+                )
+
+            return make
+
+        rows += [
+            ("timm ViT (fused qkv, class token)", 2, vit()),
+            ("timm ViT (fused qkv, class token)", 4, vit()),
+            ("timm ViT with q/k norm and LayerScale", 2, vit(qk_norm=True, init_values=0.1)),
+        ]
+    except ImportError:
+        pass  # timm: `make test-models` (PYTHONPATH=.models-site)
+    try:
         import test_torchtitan as t
         from torchtitan.models import llama3, qwen3
     except ImportError:
@@ -186,7 +206,7 @@ def main(argv=None) -> int:
             "backward per replicated weight read by each rank's own heads (a per-head q/k "
             "norm). Replicated KV projections (KV heads below tp) add the gradient gathers of "
             "their per-rank slices."
-            + ("" if titan else " torchtitan rows need `make test-models` first."),
+            + ("" if titan else " torchtitan and timm rows need `make test-models` first."),
         ]
     )
     if not args.no_write:
