@@ -168,6 +168,7 @@ def test_history_lists_each_pass_and_diffs_two_steps():
     assert [r.name for r in history] == [
         "capture",
         "drop_assertions",
+        "decompose_variance",
         "linear_from_matmul",
         "expert_linear_from_grouped_mm",
         "split_bias",

@@ -268,3 +268,47 @@ def test_split_cuts_between_blocks_and_chains_to_the_same_result(n_stages):
         carried = simulate_graph(stage.gm, 2, state + list(carried))
         assert len(carried) == 1 or stage.is_last  # one activation crosses each cut
     torch.testing.assert_close(carried[0][0], want, atol=1e-5, rtol=1e-5)
+
+
+class _HandWrittenNorm(torch.nn.Module):
+    """A LayerNorm written with var over a column's whole width, then a row projection."""
+
+    def __init__(self, width=16, hidden=32, op="var"):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, hidden), torch.nn.Linear(hidden, width)
+        self.op = op
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.op == "var":
+            var = h.var(-1, keepdim=True, unbiased=False)
+            mean = h.mean(-1, keepdim=True)
+        elif self.op == "std":
+            var = h.std(-1, keepdim=True) ** 2
+            mean = h.mean(-1, keepdim=True)
+        else:
+            var, mean = torch.var_mean(h, -1, keepdim=True, correction=1)
+        return x + self.down((h - mean) / torch.sqrt(var + 1e-5))
+
+
+@pytest.mark.parametrize("op", ["var", "std", "var_mean"])
+def test_a_variance_over_a_sharded_width_reduces_locally(op):
+    from nxd_autoshard import autoshard
+
+    torch.manual_seed(0)
+    model, x = _HandWrittenNorm(op=op), torch.randn(4, 3, 16)
+    want = model(x).square().mean()
+    want.backward()
+    # the plan asks for the split (auto weighs the statistics' all-reduces against keeping the
+    # small projection whole, and may keep it whole)
+    plan = {"up": "column", "down": "row"}
+    sharded = autoshard(model, tp=2, example_inputs=(x,), plan=plan, auto=False)
+    got = sharded(x).square().mean()
+    got.backward()
+    torch.testing.assert_close(got, want)
+    grads = sharded.gather_grads()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name, atol=1e-5, rtol=1e-4)
+    assert sharded.plan.placements["up.weight"] == Shard(0)
+    # the statistics are all-reduced (small), the activation never gathered
+    assert "all_gather" not in collectives(sharded.graph_module)

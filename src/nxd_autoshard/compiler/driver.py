@@ -17,6 +17,7 @@ import torch.fx
 
 from nxd_autoshard.compiler.capture import _default_kwargs, capture
 from nxd_autoshard.compiler.normalize import (
+    decompose_variance,
     drop_assertions,
     expert_linear_from_grouped_mm,
     linear_from_matmul,
@@ -198,6 +199,7 @@ def _recompute(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram
 # the passes after capture, in order: the only list (plan_meta's progress bar and the README read it)
 PASSES: tuple[Pass, ...] = (
     _on_graph(drop_assertions),
+    _on_graph(decompose_variance),
     _on_graph(linear_from_matmul),
     _on_graph(expert_linear_from_grouped_mm),
     _on_graph(split_bias),

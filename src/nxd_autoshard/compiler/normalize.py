@@ -8,6 +8,7 @@ import torch.fx
 from nxd_autoshard.ir.meta import is_parameter, set_split_bias
 
 __all__ = [
+    "decompose_variance",
     "drop_assertions",
     "linear_from_matmul",
     "expert_linear_from_grouped_mm",
@@ -34,6 +35,79 @@ def drop_assertions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             aten._assert_tensor_metadata,
         ):
             gm.graph.erase_node(node)
+    return _finish(gm)
+
+
+_VARIANCE = {
+    aten.var.correction: aten.var,
+    aten.std.correction: aten.std,
+    aten.var_mean.correction: aten.var_mean,
+    aten.var.dim: aten.var,  # (self, dim, unbiased, keepdim)
+    aten.std.dim: aten.std,
+    aten.var_mean.dim: aten.var_mean,
+}
+
+
+def decompose_variance(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Write var / std / var_mean over static dims as mean, subtract, square, sum and divide.
+
+    Those ops have rules: a variance over a sharded dim (a LayerNorm written by hand over a
+    column's width) then reduces each rank's piece and all-reduces the small reduced value, as
+    sum and mean do, instead of gathering the activation. Autograd through the same formula gives
+    the same gradient. Only float32/float64: torch accumulates a bf16 variance in float32.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target not in _VARIANCE:
+            continue
+        x = node.args[0]
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.dtype not in (torch.float32, torch.float64):
+            continue
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = list(range(val.dim())) if not dims else [d % val.dim() for d in dims]
+        sizes = [val.shape[d] for d in dims]
+        if not all(isinstance(size, int) for size in sizes):
+            continue  # a dynamic (batch or sequence) dim: its count is not a constant
+        count = 1
+        for size in sizes:
+            count *= size
+        if node.target._overloadname == "dim":
+            unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+            correction = 1 if unbiased else 0
+            keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+        else:
+            correction = node.kwargs.get("correction")
+            correction = 1 if correction is None else correction
+            keepdim = node.kwargs.get("keepdim", False)
+        kind = _VARIANCE[node.target]
+        meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+
+        def add(target, *args):
+            with graph.inserting_before(node):
+                new = graph.call_function(target, args)
+            new.meta.update(meta)
+            new.meta["val"] = target(
+                *torch.fx.node.map_arg(args, lambda n: n.meta["val"])  # noqa: B023
+            )
+            return new
+
+        mean = add(aten.mean.dim, x, dims, True)
+        centred = add(aten.sub.Tensor, x, mean)
+        squares = add(aten.mul.Tensor, centred, centred)
+        total = add(aten.sum.dim_IntList, squares, dims, keepdim)
+        # count <= correction: 0/0, a NaN, as torch gives
+        var = add(aten.div.Tensor, total, float(max(count - correction, 0)))
+        if kind is aten.var:
+            node.replace_all_uses_with(var)
+        elif kind is aten.std:
+            node.replace_all_uses_with(add(aten.sqrt.default, var))
+        else:  # var_mean: (var, mean), read through getitem
+            outs = (var, mean if keepdim else add(aten.mean.dim, x, dims, False))
+            for user in list(node.users):
+                user.replace_all_uses_with(outs[user.args[1]])
+                graph.erase_node(user)
+        graph.erase_node(node)
     return _finish(gm)
 
 
