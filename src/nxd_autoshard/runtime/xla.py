@@ -254,6 +254,7 @@ class RankTrace:
     outputs: list[torch.Tensor]
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     input_grads: list[torch.Tensor | None] = field(default_factory=list)
+    roles: dict[int, tuple[str, str]] = field(default_factory=dict)  # tensor id -> (role, name)
 
     def results(self) -> list[torch.Tensor]:
         """Every tensor the program computes, in a fixed order (outputs, then gradients)."""
@@ -262,9 +263,32 @@ class RankTrace:
         out += [g for g in self.input_grads if g is not None]
         return out
 
+    def result_roles(self) -> list[tuple[str, str]]:
+        """(role, name) of each element of the HLO's result tuple, as `results()` orders them."""
+        out = [("output", str(i)) for i, t in enumerate(self.outputs) if isinstance(t, torch.Tensor)]
+        out += [("gradient", n) for n in sorted(self.grads)]
+        out += [("input_gradient", str(i)) for i, g in enumerate(self.input_grads) if g is not None]
+        return out
+
     def hlo_text(self) -> str:
         torch_xla, _ = require_xla()
         return torch_xla._XLAC._get_xla_tensors_hlo(self.results())
+
+    def parameters(self) -> list[dict]:
+        """What feeds each HLO parameter, in parameter order: a state tensor, a program input,
+        the rank input, a received gradient, or a scalar torch-xla hoisted out of the program
+        (its value given: a launcher feeds it as torch-xla would)."""
+        torch_xla, _ = require_xla()
+        ids, data = torch_xla._XLAC._get_tensors_xla_device_data_node(self.results())
+        out = []
+        for index, (tensor_id, tensor) in enumerate(zip(ids, data)):
+            role, name = self.roles.get(tensor_id, ("scalar", ""))
+            entry = {"index": index, "role": role, "name": name}
+            entry.update(shape=list(tensor.shape), dtype=str(tensor.dtype))
+            if role == "scalar" and tensor.dim() == 0:
+                entry["value"] = tensor.cpu().item()  # a host copy of device data, not a run
+            out.append(entry)
+        return out
 
     def hlo_proto(self) -> bytes:
         """The serialized HloModuleProto (what neuronx-cc --framework XLA compiles)."""
@@ -297,8 +321,8 @@ def trace_rank(
     device = device or xla_device()
     torch_xla._XLAC._set_all_reduce_token(str(device), None)  # one chain per trace
     local = _on_device(with_recompute(gm), device)
-    # a (1,)-shaped input: torch-xla turns a 0-d tensor holding 0 or 1 into an HLO constant
-    tp_rank = torch.tensor([mesh.coords(rank)["tp"]], dtype=torch.int64).to(device).reshape(())
+    raw_rank = _rank_input(mesh.coords(rank)["tp"], device)
+    tp_rank = raw_rank.reshape(()) if isinstance(raw_rank, torch.Tensor) else raw_rank
     names = list(state_names) or [f"state_{i}" for i in range(len(state))]
     wanted = set(params)
     placed = []
@@ -308,11 +332,19 @@ def trace_rank(
             value.requires_grad_(True)
         placed.append(value)
     moved = [_to_device(x, device, backward) for x in inputs]
+    tensor_id = torch_xla._XLAC._xla_get_tensor_id
+    roles = {tensor_id(v): ("state", n) for n, v in zip(names, placed)}
+    roles.update(
+        {tensor_id(x): ("input", str(i)) for i, x in enumerate(moved) if isinstance(x, torch.Tensor)}
+    )
+    if isinstance(raw_rank, torch.Tensor):
+        roles[tensor_id(raw_rank)] = ("rank", "tp_rank")
     with xla_ops(mesh, tp_rank), torch.enable_grad():
         outputs = list(local(*placed, *moved))
-        trace = RankTrace(rank, outputs)
+        trace = RankTrace(rank, outputs, roles=roles)
         if backward:
-            _backward(outputs, device)
+            for i, cotangent in enumerate(_backward(outputs, device)):
+                roles[tensor_id(cotangent)] = ("cotangent", str(i))
             trace.grads = {
                 n: p.grad
                 for n, p in zip(names, placed)
@@ -330,6 +362,12 @@ def trace_rank(
     return trace
 
 
+def _rank_input(coord: int, device: torch.device) -> torch.Tensor:
+    """The rank's tp coordinate as device data (an HLO parameter, the same program on every rank)."""
+    # shape (1,) (the lowering reshapes it): torch-xla makes a 0-d 0 or 1 an HLO constant
+    return torch.tensor([coord], dtype=torch.int64).to(device)
+
+
 def _to_device(x: Any, device: torch.device, grad: bool) -> Any:
     if not isinstance(x, torch.Tensor):
         return x
@@ -339,13 +377,14 @@ def _to_device(x: Any, device: torch.device, grad: bool) -> Any:
     return moved
 
 
-def _backward(outputs: list, device: torch.device) -> None:
+def _backward(outputs: list, device: torch.device) -> list[torch.Tensor]:
     """Backward of the loss (a 0-d float first output), else of every float output with a
-    cotangent input of its shape (device data: an HLO parameter, as a received gradient)."""
+    cotangent input of its shape (device data: an HLO parameter, as a received gradient);
+    returns those cotangents."""
     first = outputs[0] if outputs else None
     if isinstance(first, torch.Tensor) and first.dim() == 0 and first.requires_grad:
         first.backward()
-        return
+        return []
     roots, cotangents = [], []
     for out in outputs:
         if isinstance(out, torch.Tensor) and out.requires_grad and out.dtype.is_floating_point:
@@ -353,6 +392,7 @@ def _backward(outputs: list, device: torch.device) -> None:
             cotangents.append(torch.ones(out.shape, dtype=out.dtype).to(device))
     if roots:
         torch.autograd.backward(roots, cotangents)
+    return cotangents
 
 
 # ------------------------------------------------------------------ reading the HLO
@@ -417,3 +457,46 @@ def program_collectives(gm: torch.fx.GraphModule, *, backward: bool = True) -> d
         counts["all-reduce"] += n[ops.grad_all_reduce]
         counts["all-gather"] += n[ops.reduce_scatter] + n[ops.shard]
     return {k: v for k, v in counts.items() if v}
+
+
+# ------------------------------------------------------------------ GSPMD, a second opinion
+def partition_spec(placement, ndim: int, axis: str = "tp") -> tuple:
+    """torch-xla SPMD partition spec of one of our placements: Shard(d) names the mesh axis at
+    dim d, Replicate is all None. A blocked shard (fused q|k|v) maps to a plain shard of the dim:
+    GSPMD's layout then differs from ours but its results are still the unsharded ones."""
+    from nxd_autoshard.ir.placements import Shard
+
+    spec: list[str | None] = [None] * ndim
+    if isinstance(placement, Shard):
+        spec[placement.dim % ndim] = axis
+    return tuple(spec)
+
+
+def spmd_step(model: torch.nn.Module, args: tuple, kwargs: dict, placements: dict, devices: int):
+    """The loss and gradients (on CPU) of `model` on `devices` XLA SPMD devices, its parameters
+    marked with our placements' partition specs. Needs a process started with SPMD on
+    (`xr.use_spmd()` before any XLA tensor) and CPU_NUM_DEVICES=devices."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    torch_xla, _ = require_xla()
+    if xr.global_runtime_device_count() != devices:
+        raise RuntimeError(
+            f"SPMD needs {devices} devices, the runtime has {xr.global_runtime_device_count()}: "
+            f"start the process with CPU_NUM_DEVICES={devices}"
+        )
+    device = torch_xla.device()
+    mesh = xs.Mesh(np.arange(devices), (devices,), ("tp",))
+    model = model.to(device)
+    if hasattr(model, "tie_weights"):  # .to(xla) makes new parameters: HF ties them again
+        model.tie_weights()
+    names = dict(model.named_parameters())
+    for name, param in names.items():
+        xs.mark_sharding(param, mesh, partition_spec(placements[name], param.dim()))
+    moved = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    out = model(*[moved(a) for a in args], **{k: moved(v) for k, v in kwargs.items()})
+    out.loss.backward()
+    torch_xla.sync()
+    grads = {n: p.grad.cpu() for n, p in names.items() if p.grad is not None}
+    return out.loss.detach().cpu(), grads

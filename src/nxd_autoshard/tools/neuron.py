@@ -311,6 +311,26 @@ def _signature(values: Sequence[Any], names: Sequence[str]) -> list[dict]:
     return out
 
 
+def _named(parameters: list[dict], input_names: Sequence[str]) -> list[dict]:
+    """HLO parameters with program inputs called by their names."""
+    for p in parameters:
+        if p["role"] == "input":
+            p["name"] = input_names[int(p["name"])]
+    return parameters
+
+
+def _results(trace, spec: StageSpec) -> list[dict]:
+    """The HLO result tuple, element by element: outputs, parameter gradients, input gradients."""
+    out = []
+    for (role, name), tensor in zip(trace.result_roles(), trace.results()):
+        if role == "output":
+            name = spec.output_names[int(name)]
+        elif role == "input_gradient":
+            name = spec.input_names[int(name)]
+        out.append({"role": role, "name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
+    return out
+
+
 def _out_signature(gm: torch.fx.GraphModule, names: Sequence[str]) -> list[dict]:
     out = []
     for name, node in zip(names, gm.graph.output_node().args[0]):
@@ -409,12 +429,10 @@ def compile_for_neuron(
                 "hlo_sha256": hashlib.sha256(proto).hexdigest(),
                 "trace_seconds": round(trace_seconds, 3),
                 "tp_ranks_identical": identical,
-                "inputs": (
-                    [{"name": "tp_rank", "shape": [], "dtype": "torch.int64", "role": "rank"}]
-                    + _signature(spec.inputs, spec.input_names)
-                ),
+                "inputs": _signature(spec.inputs, spec.input_names),
                 "outputs": _out_signature(spec.gm, spec.output_names),
-                "gradients": params,
+                "hlo_parameters": _named(trace.parameters(), spec.input_names),
+                "hlo_results": _results(trace, spec),
                 "parameters": [
                     {
                         "name": n,
@@ -451,7 +469,13 @@ def compile_for_neuron(
         if exe is None:
             raise RuntimeError(why)
         for stage in stages:
-            subprocess.run([exe, *stage["neuronx_cc"][1:]], cwd=out, check=True)
+            try:
+                subprocess.run([exe, *stage["neuronx_cc"][1:]], cwd=out, check=True)
+            except subprocess.CalledProcessError as err:
+                raise RuntimeError(
+                    f"neuronx-cc failed on stage {stage['stage']} (exit {err.returncode}); see "
+                    f"{out / ('stage%d.log' % stage['stage'])}"
+                ) from err
         manifest["neuronx_cc"]["ran"] = True
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return manifest
