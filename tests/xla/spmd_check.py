@@ -12,7 +12,6 @@ import torch_xla.runtime as xr
 
 xr.use_spmd()  # before any XLA tensor exists
 
-import torch  # noqa: E402
 import torch_xla  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
@@ -38,7 +37,9 @@ def main(family: str, tp: int, dump: str) -> None:
     loss, grads = xla.spmd_step(model, args, kwargs, placements, tp)
     assert set(grads) == set(want_grads), sorted(set(want_grads) ^ set(grads))
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()  # noqa: E731
-    partitioned = sorted(Path(dump).glob("*after_spmd-partitioning*.txt"), key=lambda p: p.stat().st_size)
+    partitioned = sorted(
+        Path(dump).glob("*after_spmd-partitioning*.txt"), key=lambda p: p.stat().st_size
+    )
     text = partitioned[-1].read_text() if partitioned else ""
     gspmd = xla.hlo_collectives(text)
     print(
@@ -48,11 +49,15 @@ def main(family: str, tp: int, dump: str) -> None:
                 "loss": loss.item(),
                 "want_loss": want.item(),
                 "loss_abs": abs(loss.item() - want.item()),
-                "grad_max_abs": max((grads[n] - g).abs().max().item() for n, g in want_grads.items()),
+                "grad_max_abs": max(
+                    (grads[n] - g).abs().max().item() for n, g in want_grads.items()
+                ),
                 "grad_max_rel": max(rel(grads[n], g) for n, g in want_grads.items()),
                 "sharded_params": sum(1 for p in placements.values() if p.is_shard()),
                 "gspmd": {f"{k} {g}": n for (k, g), n in gspmd.items()},
-                "gspmd_all_reduce": sum(n for (k, _), n in gspmd.items() if k.startswith("all-reduce")),
+                "gspmd_all_reduce": sum(
+                    n for (k, _), n in gspmd.items() if k.startswith("all-reduce")
+                ),
                 "ours": ours,
                 "ours_all_reduce": ours.get("all-reduce", 0) + ours.get("all-reduce/max", 0),
                 "dump_files": len(partitioned),

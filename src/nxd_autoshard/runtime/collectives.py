@@ -232,7 +232,9 @@ def local_vocab_embedding(
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
-def vocab_cross_entropy_forward(logits, target, ignore_index: int, vocab_size: int, size: int, rank, reduce):
+def vocab_cross_entropy_forward(
+    logits, target, ignore_index: int, vocab_size: int, size: int, rank, reduce
+):
     """Per-token losses of vocab-sharded logits and what the backward keeps.
 
     `rank` is an int or a 0-d integer tensor (the XLA lowering passes a tensor input, so the
@@ -272,7 +274,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, vocab_size, group):
         size, rank = _size_rank(group)
         loss, saved = vocab_cross_entropy_forward(
-            logits, target, ignore_index, vocab_size, size, rank, lambda x, op: _reduce(x, group, op)
+            logits,
+            target,
+            ignore_index,
+            vocab_size,
+            size,
+            rank,
+            lambda x, op: _reduce(x, group, op),
         )
         ctx.save_for_backward(*saved)
         return loss

@@ -94,21 +94,39 @@ class _Lowering:
         self.groups = mesh.groups("tp")
         self.size = mesh.tp
 
+    def _functional(self) -> bool:
+        """Under torch.compile, where the tp group is the whole world: torch's functional
+        collectives, which Dynamo traces (xm's grouped ones are opaque C++ calls to it) and
+        torch-xla lowers to the same XLA collectives (replica groups: all devices)."""
+        return torch.compiler.is_compiling() and len(self.groups) == 1
+
     def reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         kind = {"sum": self.xm.REDUCE_SUM, "max": self.xm.REDUCE_MAX}[op]
+        if self._functional():
+            return torch.ops._c10d_functional.all_reduce(x.contiguous(), kind, "")
         return self.xm.all_reduce(kind, x.contiguous(), groups=self.groups)
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % x.dim()
+        if self._functional():
+            first = x.movedim(dim, 0).contiguous()
+            out = torch.ops._c10d_functional.all_gather_into_tensor(first, self.size, "")
+            return out.movedim(0, dim)
         # pin_layout=False: a real all-gather (the pinned one is an all-reduce of a padded
         # buffer), as NxD's gather_from_tensor_model_parallel_region
-        return self.xm.all_gather(x.contiguous(), dim % x.dim(), groups=self.groups, pin_layout=False)
+        return self.xm.all_gather(x.contiguous(), dim, groups=self.groups, pin_layout=False)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % x.dim()
+        if self._functional():
+            first = x.movedim(dim, 0).contiguous()
+            out = torch.ops._c10d_functional.reduce_scatter_tensor(first, "sum", self.size, "")
+            return out.movedim(0, dim)
         return self.xm.reduce_scatter(
             self.xm.REDUCE_SUM,
             x.contiguous(),
             1.0,
-            dim % x.dim(),
+            dim,
             self.size,
             groups=self.groups,
             pin_layout=False,
@@ -224,7 +242,7 @@ def xla_ops(mesh: Mesh, rank: torch.Tensor) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ tracing one rank's program
-def _on_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+def on_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
     """A copy of `gm` whose device constants (arange(..., device=cpu), ...) are `device`."""
     env: dict = {}
     graph = torch.fx.Graph()
@@ -265,7 +283,9 @@ class RankTrace:
 
     def result_roles(self) -> list[tuple[str, str]]:
         """(role, name) of each element of the HLO's result tuple, as `results()` orders them."""
-        out = [("output", str(i)) for i, t in enumerate(self.outputs) if isinstance(t, torch.Tensor)]
+        out = [
+            ("output", str(i)) for i, t in enumerate(self.outputs) if isinstance(t, torch.Tensor)
+        ]
         out += [("gradient", n) for n in sorted(self.grads)]
         out += [("input_gradient", str(i)) for i, g in enumerate(self.input_grads) if g is not None]
         return out
@@ -320,7 +340,7 @@ def trace_rank(
     torch_xla, xm = require_xla()
     device = device or xla_device()
     torch_xla._XLAC._set_all_reduce_token(str(device), None)  # one chain per trace
-    local = _on_device(with_recompute(gm), device)
+    local = on_device(with_recompute(gm), device)
     raw_rank = _rank_input(mesh.coords(rank)["tp"], device)
     tp_rank = raw_rank.reshape(()) if isinstance(raw_rank, torch.Tensor) else raw_rank
     names = list(state_names) or [f"state_{i}" for i in range(len(state))]
@@ -335,7 +355,11 @@ def trace_rank(
     tensor_id = torch_xla._XLAC._xla_get_tensor_id
     roles = {tensor_id(v): ("state", n) for n, v in zip(names, placed)}
     roles.update(
-        {tensor_id(x): ("input", str(i)) for i, x in enumerate(moved) if isinstance(x, torch.Tensor)}
+        {
+            tensor_id(x): ("input", str(i))
+            for i, x in enumerate(moved)
+            if isinstance(x, torch.Tensor)
+        }
     )
     if isinstance(raw_rank, torch.Tensor):
         roles[tensor_id(raw_rank)] = ("rank", "tp_rank")
@@ -407,7 +431,8 @@ def canonical_hlo(text: str) -> str:
 
 
 _COLLECTIVE = re.compile(
-    r"^\s*(?:ROOT )?%\S+ = .*? (all-reduce|all-gather|reduce-scatter|collective-permute)\((.*)$", re.M
+    r"^\s*(?:ROOT )?%\S+ = .*? (all-reduce|all-gather|reduce-scatter|collective-permute)\((.*)$",
+    re.M,
 )
 _GROUPS = re.compile(r"replica_groups=(\{(?:\{[0-9,]*\},?)*\}|\[[^\]]*\][^,]*)")
 _APPLY = re.compile(r"to_apply=%?([A-Za-z]+)")

@@ -131,7 +131,9 @@ def stage_specs(sharded, args: tuple, kwargs: dict) -> list[StageSpec]:
     """The distinct programs of a ShardedModule at this call (one per pipeline stage)."""
     mesh: Mesh = sharded.mesh
     if sharded.pipeline.virtual != 1:
-        raise ValueError("the XLA hand-off supports one stage per pp rank (no interleaved schedules)")
+        raise ValueError(
+            "the XLA hand-off supports one stage per pp rank (no interleaved schedules)"
+        )
     if sharded.pipeline.n_stages == 1:
         entry, flat = sharded._program_for(args, kwargs)
         program = entry.program
@@ -273,9 +275,7 @@ def expected_collectives(sharded, specs: list[StageSpec], spec: StageSpec) -> di
     return out
 
 
-def prove_one_program(
-    sharded, args: tuple, kwargs: dict, *, ranks: str = "tp"
-) -> list[StageProof]:
+def prove_one_program(sharded, args: tuple, kwargs: dict, *, ranks: str = "tp") -> list[StageProof]:
     """Trace every tp rank (ranks="tp": those of dp replica 0; "all": every rank) of every stage
     and read their HLO: one program per stage when the canonical texts are equal."""
     specs = stage_specs(sharded, args, kwargs)
@@ -327,7 +327,9 @@ def _results(trace, spec: StageSpec) -> list[dict]:
             name = spec.output_names[int(name)]
         elif role == "input_gradient":
             name = spec.input_names[int(name)]
-        out.append({"role": role, "name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype)})
+        out.append(
+            {"role": role, "name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype)}
+        )
     return out
 
 
@@ -367,6 +369,7 @@ def compile_for_neuron(
     from nxd_autoshard.tools.hf import build_model
 
     neuronx_cc_command("x", "y", target=target, optlevel=optlevel)  # check the flags first
+    xla.require_xla()  # before building anything
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
