@@ -141,3 +141,30 @@ def test_openxla_compile_of_a_stage_program(family):
     torch.testing.assert_close(loss.detach().cpu(), want.detach(), rtol=1e-5, atol=1e-6)
     names = [n for n in spec.state_names if n in sharded._full_shapes]
     _assert_grads(model, {n: p.grad for n, p in zip(names, params) if p.grad is not None})
+
+
+@pytest.mark.parametrize(
+    "family,overrides", [("llama", {"vocab_size": 127}), ("gpt2", {"vocab_size": 127})]
+)
+def test_padded_vocab_is_one_program(family, overrides):
+    """A vocab tp does not divide: the last rank's padding rows are masked by a comparison with
+    the rank input, not by a rank-specific slice."""
+    _, sharded, args, kwargs = _sharded(family, 2, **overrides)
+    assert sharded.padded  # the embedding / LM head are padded to 128 rows
+    (proof,) = neuron.prove_one_program(sharded, args, kwargs)
+    assert proof.identical
+    assert proof.collectives == proof.expected
+
+
+@pytest.mark.parametrize("name", ["mixtral", "t5"])
+def test_more_families_are_one_program(name):
+    """MoE experts (Mixtral's fused expert weights) and an encoder-decoder (T5, where some
+    sharded values carry no gradient: their shard has no backward all-gather)."""
+    from test_equivalence import UNSEEN
+
+    model = build_model(UNSEEN[name])
+    args, kwargs = random_batch(model, seq=16)
+    sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)
+    (proof,) = neuron.prove_one_program(sharded, args, kwargs)
+    assert proof.identical
+    assert proof.collectives == proof.expected, (proof.collectives, proof.expected)

@@ -459,29 +459,50 @@ def hlo_groups(groups: list[list[int]]) -> str:
     return "{" + ",".join("{" + ",".join(map(str, g)) + "}" for g in groups) + "}"
 
 
-def program_collectives(gm: torch.fx.GraphModule, *, backward: bool = True) -> dict[str, int]:
+def program_collectives(
+    gm: torch.fx.GraphModule, *, backward: bool = True, grad_inputs: set[int] | None = None
+) -> dict[str, int]:
     """The XLA collectives our own partitioned program amounts to, counted from its ops: forward
     all-reduce (sum; the vocab-parallel loss adds a max and two sums), all-gather, reduce-scatter;
-    backward: grad_all_reduce's all-reduce, the all-gather of reduce_scatter's and shard's."""
-    n = {f: 0 for f in ops.PARALLEL_OPS}
+    backward, for ops whose input carries a gradient: grad_all_reduce's all-reduce, the all-gather
+    of reduce_scatter's and shard's. `grad_inputs`: indices of the placeholders with a gradient
+    (None: every floating one)."""
+    grad = _grad_nodes(gm, grad_inputs)
+    fwd = {f: 0 for f in ops.PARALLEL_OPS}
+    bwd = {f: 0 for f in ops.PARALLEL_OPS}
     for node in gm.graph.nodes:
-        if node.target in n:
-            n[node.target] += 1
-    for name, sub in gm.named_modules():  # recompute regions outlined from the graph
-        if name and isinstance(sub, torch.fx.GraphModule):
-            for node in sub.graph.nodes:
-                if node.target in n:
-                    n[node.target] += 1
+        if node.target in fwd:
+            fwd[node.target] += 1
+            bwd[node.target] += bool(node.args) and node.args[0] in grad
     counts = {
-        "all-reduce": n[ops.all_reduce] + 2 * n[ops.vocab_parallel_cross_entropy],
-        "all-reduce/max": n[ops.vocab_parallel_cross_entropy],
-        "all-gather": n[ops.all_gather],
-        "reduce-scatter": n[ops.reduce_scatter],
+        "all-reduce": fwd[ops.all_reduce] + 2 * fwd[ops.vocab_parallel_cross_entropy],
+        "all-reduce/max": fwd[ops.vocab_parallel_cross_entropy],
+        "all-gather": fwd[ops.all_gather],
+        "reduce-scatter": fwd[ops.reduce_scatter],
     }
     if backward:
-        counts["all-reduce"] += n[ops.grad_all_reduce]
-        counts["all-gather"] += n[ops.reduce_scatter] + n[ops.shard]
+        counts["all-reduce"] += bwd[ops.grad_all_reduce]
+        counts["all-gather"] += bwd[ops.reduce_scatter] + bwd[ops.shard]
     return {k: v for k, v in counts.items() if v}
+
+
+def _grad_nodes(gm: torch.fx.GraphModule, grad_inputs: set[int] | None) -> set[torch.fx.Node]:
+    """Values that carry a gradient: the chosen floating placeholders and what they feed."""
+    grad: set[torch.fx.Node] = set()
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = node.meta.get("val")
+        floating = isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+        if floating and (grad_inputs is None or i in grad_inputs):
+            grad.add(node)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not any(a in grad for a in node.all_input_nodes):
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, (list, tuple)) or (
+            isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+        ):
+            grad.add(node)
+    return grad
 
 
 # ------------------------------------------------------------------ GSPMD, a second opinion

@@ -268,7 +268,12 @@ class StageProof:
 def expected_collectives(sharded, specs: list[StageSpec], spec: StageSpec) -> dict:
     """Our count: the stage program's collectives over the tp groups, plus its gradient syncs."""
     tp = xla.hlo_groups(sharded.mesh.groups("tp"))
-    out = {(kind, tp): n for kind, n in xla.program_collectives(spec.gm).items()}
+    # the placeholders trace_rank gives a gradient: parameters and the floating inputs
+    n_state = len(spec.state_names)
+    with_grad = {i for i, n in enumerate(spec.state_names) if n in sharded._full_shapes}
+    with_grad |= set(range(n_state, n_state + len(spec.inputs)))
+    counts = xla.program_collectives(spec.gm, grad_inputs=with_grad)
+    out = {(kind, tp): n for kind, n in counts.items()}
     for _, groups, _ in _grad_sync(sharded, specs, spec):
         key = ("all-reduce", xla.hlo_groups(groups))
         out[key] = out.get(key, 0) + 1
