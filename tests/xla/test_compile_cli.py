@@ -85,3 +85,12 @@ def test_compile_from_python(tmp_path):
     assert stage["ranks"] == [[0, 1], [2, 3]]
     dp_groups = xla.hlo_groups([[0, 2], [1, 3]])
     assert stage["collectives"][f"all-reduce {dp_groups}"] == 1
+
+
+def test_equal_middle_stages_are_one_program(tmp_path):
+    config = json.loads((CONFIGS / "llama.json").read_text())
+    config["num_hidden_layers"] = 4
+    manifest = compile_for_neuron(config, 2, tmp_path, pp=4, seq=8, check_ranks=False)
+    same = [s["same_program_as_stage"] for s in manifest["stages"]]
+    assert same[0] is None and same[1] is None and same[-1] is None  # embedding / head differ
+    assert same[2] == 1, same  # one decoder layer each: the HLO of stage 1

@@ -215,15 +215,17 @@ def _grad_sync(sharded, specs: list[StageSpec], spec: StageSpec):
     for other in specs:
         for name in other.state_names:
             holders.setdefault(name, []).append(other.index)
-    tied = [n for n in params if len(holders.get(n, [])) > 1]
-    if tied:
-        stages = holders[tied[0]]
+    tied: dict[tuple[int, ...], list[str]] = {}  # holding stages -> the weights they share
+    for name in params:
+        if len(holders.get(name, [])) > 1:
+            tied.setdefault(tuple(holders[name]), []).append(name)
+    for stages, names in sorted(tied.items()):
         groups = [
             [mesh.rank(dp=d, pp=s, tp=t) for s in stages]
             for d in range(mesh.dp)
             for t in range(mesh.tp)
         ]
-        syncs.append((tied, groups, 1.0))
+        syncs.append((names, groups, 1.0))
     if mesh.dp > 1 and params:
         syncs.append((params, mesh.groups("dp"), 1.0 / mesh.dp))
     return syncs
@@ -401,6 +403,7 @@ def compile_for_neuron(
     exe, why = neuron_compiler()
     run = exe is not None if run_compiler is None else run_compiler
     stages = []
+    seen: dict[str, int] = {}  # canonical HLO -> the first stage with it
     for spec in specs:
         t0 = time.perf_counter()
         first = spec.ranks[0][0]
@@ -425,6 +428,8 @@ def compile_for_neuron(
         argv = neuronx_cc_command(
             hlo_file, neff, target=target, optlevel=optlevel, logfile=f"stage{spec.index}.log"
         )
+        canonical = hashlib.sha256(xla.canonical_hlo(text).encode()).hexdigest()
+        same_as = seen.setdefault(canonical, spec.index)
         found = {f"{k}{g and ' ' + g}": n for (k, g), n in xla.hlo_collectives(text).items()}
         params = [n for n in spec.state_names if n in sharded._full_shapes]
         stages.append(
@@ -437,6 +442,8 @@ def compile_for_neuron(
                 "hlo_sha256": hashlib.sha256(proto).hexdigest(),
                 "trace_seconds": round(trace_seconds, 3),
                 "tp_ranks_identical": identical,
+                # middle stages of equal blocks are often one program: one NEFF serves them
+                "same_program_as_stage": same_as if same_as != spec.index else None,
                 "inputs": _signature(spec.inputs, spec.input_names),
                 "outputs": _out_signature(spec.gm, spec.output_names),
                 "hlo_parameters": _named(trace.parameters(), spec.input_names),
