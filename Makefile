@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean test-torch29 test-models
+.PHONY: demo test lint venv clean test-torch29 test-models test-xla
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,7 @@ demo: venv
 	OMP_NUM_THREADS=1 $(BIN)/python examples/demo.py
 
 test: venv lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests --ignore=tests/models
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests --ignore=tests/models --ignore=tests/xla
 
 # Model code from other libraries (torchtitan 0.3, timm 1.0) in tests/models, which skip without
 # it. Installed --no-deps: torchtitan's declared dependencies (datasets, wandb, tensorboard, ...)
@@ -58,7 +58,22 @@ $(VENV29)/bin/.installed: pyproject.toml
 	touch $@
 
 test-torch29: $(VENV29)/bin/.installed
-	OMP_NUM_THREADS=1 $(VENV29)/bin/python -m pytest -q -n 2 tests --ignore=tests/models
+	OMP_NUM_THREADS=1 $(VENV29)/bin/python -m pytest -q -n 2 tests --ignore=tests/models --ignore=tests/xla
+
+# The torch-xla lane: its own venv (torch-xla 2.9.0 pins torch 2.9.0, a CUDA build of several GB
+# from PyPI that runs on CPU; about 2.5 min and 7 GB), PJRT on CPU. tests/xla skip without it.
+VENVXLA := .venv-xla
+XLA_PKGS := torch==2.9.0 torch-xla==2.9.0
+
+$(VENVXLA)/bin/.installed: pyproject.toml
+	test -x $(VENVXLA)/bin/python || $(PY) -m venv $(VENVXLA)
+	$(VENVXLA)/bin/pip install -q --upgrade pip
+	$(VENVXLA)/bin/pip install -q $(XLA_PKGS)
+	$(VENVXLA)/bin/pip install -q -e ".[test]" $(XLA_PKGS)
+	touch $@
+
+test-xla: $(VENVXLA)/bin/.installed
+	PJRT_DEVICE=CPU OMP_NUM_THREADS=1 $(VENVXLA)/bin/python -m pytest -q tests/xla
 
 clean:
-	rm -rf $(VENV) $(VENV29) $(MODELS_SITE)
+	rm -rf $(VENV) $(VENV29) $(VENVXLA) $(MODELS_SITE)

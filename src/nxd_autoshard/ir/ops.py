@@ -17,7 +17,8 @@ backend traces them. The compiler itself imports no runtime.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -27,6 +28,7 @@ __all__ = [
     "all_gather",
     "all_reduce",
     "bind",
+    "bound",
     "expert_linear",
     "grad_all_reduce",
     "reduce_scatter",
@@ -41,6 +43,19 @@ _IMPLEMENTATIONS: dict[str, Callable] = {}
 def bind(implementations: dict[str, Callable]) -> None:
     """Make the ops below run `implementations[name]` (a runtime calls this once, at import)."""
     _IMPLEMENTATIONS.update(implementations)
+
+
+@contextlib.contextmanager
+def bound(implementations: dict[str, Callable]) -> Iterator[None]:
+    """Run the ops by `implementations` inside the block only (a lowering that traces them, e.g.
+    torch-xla's), then as before."""
+    saved = dict(_IMPLEMENTATIONS)
+    _IMPLEMENTATIONS.update(implementations)
+    try:
+        yield
+    finally:
+        _IMPLEMENTATIONS.clear()
+        _IMPLEMENTATIONS.update(saved)
 
 
 def _run(name: str, *args):

@@ -232,45 +232,70 @@ def local_vocab_embedding(
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
+def vocab_cross_entropy_forward(
+    logits, target, ignore_index: int, vocab_size: int, size: int, rank, reduce
+):
+    """Per-token losses of vocab-sharded logits and what the backward keeps.
+
+    `rank` is an int or a 0-d integer tensor (the XLA lowering passes a tensor input, so the
+    ranks' programs do not differ by a constant); `reduce(x, op)` sums ("sum") or maxes ("max")
+    over the tp group.
+    """
+    local_vocab = logits.shape[-1]
+    start = rank * local_vocab
+    logits = logits.float()
+    logits = _mask_vocab_padding(logits, start, size, vocab_size)
+    global_max = reduce(logits.max(dim=-1).values, "max")
+    shifted = logits - global_max.unsqueeze(-1)
+    exp = shifted.exp()
+    sum_exp = reduce(exp.sum(dim=-1), "sum")
+    local_target, outside = _embedding_mask(target, start, local_vocab)
+    target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    target_logit = reduce(target_logit.masked_fill(outside, 0.0), "sum")
+    loss = sum_exp.log() - target_logit
+    ignored = target == ignore_index
+    loss = loss.masked_fill(ignored, 0.0)
+    softmax = exp / sum_exp.unsqueeze(-1)
+    return loss, (softmax, local_target, outside, ignored)
+
+
+def vocab_cross_entropy_backward(saved, grad: torch.Tensor) -> torch.Tensor:
+    """The logits' gradient (this rank's vocab columns) from `vocab_cross_entropy_forward`'s saved values."""
+    softmax, local_target, outside, ignored = saved
+    grad_logits = softmax.clone()
+    onehot = torch.zeros_like(grad_logits).scatter_(-1, local_target.unsqueeze(-1), 1.0)
+    grad_logits -= onehot * (~outside).unsqueeze(-1)
+    grad_logits *= (grad * (~ignored)).unsqueeze(-1)
+    return grad_logits
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, vocab_size, group):
         size, rank = _size_rank(group)
-        local_vocab = logits.shape[-1]
-        start = rank * local_vocab
-        logits = logits.float()
-        logits = _mask_vocab_padding(logits, start, size, vocab_size)
-        global_max = _reduce(logits.max(dim=-1).values, group, "max")
-        shifted = logits - global_max.unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = _reduce(exp.sum(dim=-1), group)
-        local_target, outside = _embedding_mask(target, start, local_vocab)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = _reduce(target_logit.masked_fill(outside, 0.0), group)
-        loss = sum_exp.log() - target_logit
-        ignored = target == ignore_index
-        loss = loss.masked_fill(ignored, 0.0)
-        softmax = exp / sum_exp.unsqueeze(-1)
-        ctx.save_for_backward(softmax, local_target, outside, ignored)
+        loss, saved = vocab_cross_entropy_forward(
+            logits,
+            target,
+            ignore_index,
+            vocab_size,
+            size,
+            rank,
+            lambda x, op: _reduce(x, group, op),
+        )
+        ctx.save_for_backward(*saved)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local_target, outside, ignored = ctx.saved_tensors
-        grad_logits = softmax.clone()
-        onehot = torch.zeros_like(grad_logits).scatter_(-1, local_target.unsqueeze(-1), 1.0)
-        grad_logits -= onehot * (~outside).unsqueeze(-1)
-        grad_logits *= (grad * (~ignored)).unsqueeze(-1)
-        return grad_logits, None, None, None, None
+        return vocab_cross_entropy_backward(ctx.saved_tensors, grad), None, None, None, None
 
 
-def _mask_vocab_padding(
-    logits: torch.Tensor, start: int, size: int, vocab_size: int
-) -> torch.Tensor:
+def _mask_vocab_padding(logits: torch.Tensor, start, size: int, vocab_size: int) -> torch.Tensor:
     local_vocab = logits.shape[-1]
     if size * local_vocab == vocab_size:  # not padded (the same answer on every rank)
         return logits
-    columns = torch.arange(start, start + local_vocab, device=logits.device)
+    # arange + start, not arange(start, ...): start may be a tensor (the XLA lowering's rank)
+    columns = torch.arange(local_vocab, device=logits.device) + start
     return logits.masked_fill(columns >= vocab_size, float("-inf"))
 
 

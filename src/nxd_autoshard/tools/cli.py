@@ -3,6 +3,7 @@
 nxd-autoshard verify --config cfg.json --tp 4 [--pp 2 --dp 2 --schedule 1f1b] [--world gloo|sim]
     [--activation-checkpointing full|selective] [--precision bf16]
 nxd-autoshard plan --config cfg.json --tp 8 [--format text|json|html] [-o FILE]
+nxd-autoshard compile --config cfg.json --tp 8 --pp 4 --target trn1|trn2 -o DIR  (torch-xla)
 """
 
 from __future__ import annotations
@@ -115,6 +116,43 @@ def _plan(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _compile(ns: argparse.Namespace) -> int:
+    import json
+
+    from nxd_autoshard.tools.neuron import compile_for_neuron
+
+    try:
+        manifest = compile_for_neuron(
+            ns.config,
+            ns.tp,
+            ns.output,
+            pp=ns.pp,
+            dp=ns.dp,
+            target=ns.target,
+            batch=ns.batch,
+            seq=ns.seq,
+            microbatches=ns.microbatches,
+            optlevel=ns.optlevel,
+            plan=ns.plan,
+            check_ranks=not ns.no_check_ranks,
+            run_compiler=True if ns.run_compiler else None,
+        )
+    except (ImportError, ValueError, RuntimeError, AutoshardError) as err:
+        return _fail(str(err))
+    for stage in manifest["stages"]:
+        same = {True: "one program for its tp ranks", None: "tp ranks not checked"}
+        print(
+            f"stage {stage['stage']}: {stage['hlo']} ({stage['hlo_bytes']} bytes, "
+            f"{same.get(stage['tp_ranks_identical'])}), collectives "
+            f"{json.dumps(stage['collectives'])}"
+        )
+        print("  " + " ".join(stage["neuronx_cc"]))
+    print(f"wrote {ns.output}/manifest.json")
+    if not manifest["neuronx_cc"]["ran"]:
+        print(f"not compiled: {manifest['neuronx_cc']['status']}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nxd-autoshard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,5 +219,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--keep-progress", action="store_true", help="leave the progress bar on screen")
     p.set_defaults(func=_plan)
+    c = sub.add_parser(
+        "compile",
+        help="trace each stage program on torch-xla and write its HLO, a manifest and the "
+        "neuronx-cc command (runs neuronx-cc where installed)",
+    )
+    c.add_argument("--config", required=True, help="config.json, or a folder holding one")
+    c.add_argument("--tp", type=int, required=True, help="tensor-parallel degree")
+    c.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    c.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    c.add_argument("--target", choices=("trn1", "trn2"), default="trn1", help="instance family")
+    c.add_argument("-o", "--output", required=True, help="directory for the HLO and manifest")
+    c.add_argument("--batch", type=int, default=2, help="microbatch size")
+    c.add_argument("--seq", type=int, default=128, help="sequence length")
+    c.add_argument("--microbatches", type=int, default=None, help="per step (default: pp)")
+    c.add_argument("--optlevel", type=int, choices=(1, 2, 3), default=2, help="neuronx-cc -O")
+    c.add_argument(
+        "--plan", default="auto", help="auto, a family name (llama, gpt2, ...) or a YAML file"
+    )
+    c.add_argument(
+        "--no-check-ranks", action="store_true", help="skip tracing every tp rank of each stage"
+    )
+    c.add_argument(
+        "--run-compiler", action="store_true", help="fail unless neuronx-cc is installed and runs"
+    )
+    c.set_defaults(func=_compile)
     ns = parser.parse_args(argv)
     return ns.func(ns)
