@@ -312,3 +312,26 @@ def test_a_variance_over_a_sharded_width_reduces_locally(op):
     assert sharded.plan.placements["up.weight"] == Shard(0)
     # the statistics are all-reduced (small), the activation never gathered
     assert "all_gather" not in collectives(sharded.graph_module)
+
+
+def test_a_size_read_needs_no_collective_unless_it_is_the_shard_dim():
+    b = GraphBuilder()
+    x = b.input("x", 4, 16)
+    w = b.param("up.weight", 32, 16)
+    v = b.param("down.weight", 16, 32)
+    h = b.op(aten.linear.default, x, w, module="up")
+    rows = b.op(aten.sym_size.int, h, 0, module="up")  # not the shard dim: read locally
+    flat = b.op(aten.view.default, h, [rows, -1], module="up")
+    out = b.op(aten.linear.default, flat, v, module="down")  # a partial sum
+    size = b.op(aten.sym_size.int, out, 1, module="down")  # of a partial: its full shape
+    program = b.program(out, size)
+    values = _weights(program, seed=4)
+    xin = torch.randn(4, 16)
+    want, want_size = run_unsharded(program, values, xin)
+    result = propagate_placements(program, 2, styles={})
+    assert not result.fallbacks
+    partition(program, result, 2)
+    assert collectives(program.gm) == ["grad_all_reduce", "all_reduce"]
+    outs, sizes = run_ranks_of(program, result, values, xin, 2)
+    torch.testing.assert_close(outs[0], want, atol=1e-5, rtol=1e-5)
+    assert sizes == want_size or list(sizes) == [want_size] * 2
