@@ -27,7 +27,7 @@ import torch.fx
 from nxd_autoshard.compiler.partition import requires_grad_nodes
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.meta import is_parameter, placement_of, recompute_of, state_name_of
-from nxd_autoshard.ir.placements import Partial, Shard, placement_str
+from nxd_autoshard.ir.placements import Partial, Replicate, Shard, placement_str
 from nxd_autoshard.ir.printer import (
     display_module,
     dtype_str,
@@ -36,7 +36,7 @@ from nxd_autoshard.ir.printer import (
     target_name,
     value_names,
 )
-from nxd_autoshard.ir.program import block_of
+from nxd_autoshard.ir.program import block_of, module_path
 
 __all__ = [
     "COMMUNICATION",
@@ -383,7 +383,7 @@ def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
                 + "]",
                 forward=forward,
                 backward=backward,
-                of_parameter=source.op == "placeholder" and is_parameter(source),
+                of_parameter=_parameter_source(source) is not None,
             )
         )
     return rows
@@ -410,7 +410,28 @@ def _param_rows(sharded) -> list[ParamRow]:
     return rows
 
 
+# ops that carry one tensor through unchanged in layout meaning (a cast, a transpose, `1 + w`)
+_CARRIES = {
+    "_to_copy", "to", "type_as", "t", "transpose", "permute", "view", "reshape", "_unsafe_view",
+    "expand", "unsqueeze", "squeeze", "alias", "clone", "contiguous", "add", "sub", "mul", "div",
+    "rsub", "neg",
+}  # fmt: skip
+
+
+def _parameter_source(node) -> torch.fx.Node | None:
+    """The parameter a value is read from through casts, transposes and scalar arithmetic."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        if name not in _CARRIES or len(tensors) != 1:
+            return None
+        node = tensors[0]
+    return node if isinstance(node, torch.fx.Node) and is_parameter(node) else None
+
+
 def _weight_and_activation(node: torch.fx.Node):
+    """(placement of the weight, its out dim, the activation) of a matmul with a parameter; None
+    for one between activations (attention's q @ k.T), which no plan splits by rows or columns."""
     from nxd_autoshard.compiler.propagate import LINEAR_OPS, weight_role
 
     if getattr(node.target, "overloadpacket", node.target) not in LINEAR_OPS:
@@ -419,6 +440,8 @@ def _weight_and_activation(node: torch.fx.Node):
     if role is None or not isinstance(role[0], torch.fx.Node):
         return None
     weight, _, out_dim, act = role
+    if _parameter_source(weight) is None:
+        return None
     while isinstance(act, torch.fx.Node) and act.target in _COLLECTIVE_FNS:
         act = act.args[0]
     return placement_of(weight), out_dim, act
@@ -437,8 +460,9 @@ def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int, int, int]:
     """Megatron's count for a block: an all-reduce per row-parallel output forward and per
     distinct column-parallel input backward (2 + 2 for attention + MLP), plus one each way per
     reduction over a sharded dim (a q/k RMSNorm over the whole projection width all-reduces its
-    statistic, a [batch, seq, 1] tensor); then the block's matmuls with a weight, and how many
-    of them are sharded."""
+    statistic, a [batch, seq, 1] tensor), plus one gradient gather backward per slice of a
+    replicated KV projection; then the block's matmuls with a weight, and how many of them are
+    sharded."""
     rows, column_inputs, matmuls, sharded = 0, set(), 0, 0
     for node in nodes:
         if _reduces_a_sharded_dim(node):
@@ -454,7 +478,30 @@ def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int, int, int]:
             column_inputs.add(act)
         elif isinstance(placement, Shard):
             rows += 1
-    return rows, len(column_inputs), matmuls, sharded
+    slices = sum(1 for node in nodes if node.target is C.shard and _replicated_projection(node))
+    return rows, len(column_inputs) + slices, matmuls, sharded
+
+
+def _replicated_projection(shard: torch.fx.Node) -> bool:
+    """A slice of a replicated projection's output within the block (KV heads fewer than tp:
+    the KV projection is replicated and each rank slices its heads, whose gradient is gathered
+    backward, as NxD's KV replication does)."""
+    block = block_of(module_path(shard))
+    todo, seen = [shard.args[0]], set()
+    while todo:
+        node = todo.pop()
+        if node in seen or not isinstance(node, torch.fx.Node) or node.op != "call_function":
+            continue
+        seen.add(node)
+        if node.target in _COLLECTIVE_FNS or block_of(module_path(node)) != block:
+            continue
+        found = _weight_and_activation(node)
+        if found is not None:
+            if isinstance(found[0], Replicate):
+                return True
+            continue
+        todo.extend(a for a in node.all_input_nodes if not is_parameter(a))
+    return False
 
 
 def _signature(block: str, nodes: list[torch.fx.Node], tp: int) -> tuple:
