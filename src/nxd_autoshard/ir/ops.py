@@ -13,6 +13,7 @@ backend traces them. The compiler itself imports no runtime.
 | reduce_scatter | Partial -> Shard(dim) | all-gather |
 | shard | Replicate -> Shard(dim) (local chunk) | all-gather |
 | grad_all_reduce | identity (Replicate input of a sharded op) | all-reduce |
+| all_gather_rs | Shard(dim) -> Replicate, read by sharded ops | reduce-scatter |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "COLLECTIVES",
     "PARALLEL_OPS",
     "all_gather",
+    "all_gather_rs",
     "all_reduce",
     "bind",
     "expert_linear",
@@ -62,6 +64,12 @@ def all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
 def all_gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Shard(dim) -> Replicate: concatenate the chunks; backward keeps the local chunk."""
     return _run("all_gather", x, dim, axis)
+
+
+def all_gather_rs(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Shard(dim) -> Replicate for sharded consumers only (Megatron-SP's gather into a column-
+    parallel region): concatenate the chunks; backward reduce-scatters their Partial gradient."""
+    return _run("all_gather_rs", x, dim, axis)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
@@ -122,5 +130,5 @@ def grouped_linear(
 
 
 # the ops that move data between ranks, and those with any rank-dependent behaviour
-COLLECTIVES = (all_reduce, all_gather, reduce_scatter, shard, grad_all_reduce)
+COLLECTIVES = (all_reduce, all_gather, reduce_scatter, shard, grad_all_reduce, all_gather_rs)
 PARALLEL_OPS = COLLECTIVES + (vocab_parallel_embedding, vocab_parallel_cross_entropy)

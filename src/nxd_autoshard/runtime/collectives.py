@@ -12,6 +12,7 @@ gives the right gradients without user code.
 | all_gather | Shard(dim) -> Replicate | local chunk |
 | reduce_scatter | Partial -> Shard(dim) | all-gather |
 | shard | Replicate -> Shard(dim) (local chunk) | all-gather |
+| all_gather_rs | Shard(dim) -> Replicate (sharded consumers) | reduce-scatter |
 | grad_all_reduce | identity (Replicate input of a sharded op) | all-reduce |
 
 The graph names a mesh axis ("tp"), never a rank or a group object, so every rank runs the
@@ -137,6 +138,17 @@ class _AllGather(torch.autograd.Function):
         return _chunk(grad, ctx.dim, ctx.group), None, None
 
 
+class _AllGatherRS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
@@ -178,6 +190,11 @@ def all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
 def all_gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Shard(dim) -> Replicate: concatenate the chunks; backward keeps the local chunk."""
     return _AllGather.apply(x, dim, _group(axis))
+
+
+def all_gather_rs(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Shard(dim) -> Replicate read by sharded ops: backward reduce-scatters the Partial gradient."""
+    return _AllGatherRS.apply(x, dim, _group(axis))
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
@@ -301,6 +318,7 @@ ops.bind(
     {
         "all_reduce": all_reduce,
         "all_gather": all_gather,
+        "all_gather_rs": all_gather_rs,
         "reduce_scatter": reduce_scatter,
         "shard": shard,
         "grad_all_reduce": grad_all_reduce,

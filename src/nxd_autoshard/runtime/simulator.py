@@ -76,6 +76,21 @@ class _SimGather(torch.autograd.Function):
         return (None, *(g.chunk(ctx.n, ctx.dim)[r].contiguous() for r, g in enumerate(grads)))
 
 
+class _SimGatherRS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim, *xs):
+        _record("all_gather", "forward", xs[0])
+        ctx.dim = dim
+        full = _cat(xs, dim)
+        return tuple(full.clone() for _ in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _record("reduce_scatter", "backward", grads[0])
+        total = torch.stack(grads).sum(0)
+        return (None, *(c.contiguous() for c in total.chunk(len(grads), ctx.dim)))
+
+
 class _SimReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dim, *xs):
@@ -158,6 +173,8 @@ def _sim_collective(target, args, tp: int):
         return PerRank(_SimAllReduce.apply(*x))
     if target is C.all_gather:
         return PerRank(_SimGather.apply(args[1], *x))
+    if target is C.all_gather_rs:
+        return PerRank(_SimGatherRS.apply(args[1], *x))
     if target is C.reduce_scatter:
         return PerRank(_SimReduceScatter.apply(args[1], *x))
     if target is C.shard:

@@ -1,0 +1,142 @@
+"""Sequence parallelism (Megatron-SP, NxD's `sequence_parallel_enabled`): the regions of a
+tensor-parallel plan that every rank computes whole (norms, dropout, residual adds, between a
+row-parallel output and the next column-parallel input) run on `Shard(seq)` activations.
+
+Found in the graph, not by module names: each value TP all-reduces (a row-parallel output, a
+vocab-parallel embedding) is reduce-scattered over its sequence dim instead where its consumer's
+rule can take that shard; the shard then flows through every op whose rule keeps it (element-wise
+ops, norms over the feature dim, dropout), and a consumer that cannot take it (a column-parallel
+linear, attention, a view merging batch and sequence) gets it all-gathered. A replicated weight
+read by such a region (a norm's) gets its gradient all-reduced over tp by the partition pass, as
+every replicated input of a sharded op. The sequence dim of a value is the one sized like the
+token ids' last dim (the captured dynamic sequence size, or its example size when static).
+
+    program, tp=2:  o_proj -> P -> reduce_scatter(dim 1) -> add / rms_norm on S(1) -> all_gather -> q_proj
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from nxd_autoshard.compiler.propagate import PropagationResult
+from nxd_autoshard.ir.placements import Partial, Replicate, Shard
+from nxd_autoshard.ir.program import CapturedProgram, check_sequence_length
+from nxd_autoshard.rules import R, Decision, hint_int, rule_for, tensor_inputs
+
+__all__ = ["sequence_dims", "sequence_parallel"]
+
+aten = torch.ops.aten
+
+# ops between token-id inputs and an embedding that keep the ids' dims
+_ID_VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.contiguous, aten.alias}
+
+
+def sequence_dims(program: CapturedProgram) -> list[tuple[int, int]]:
+    """(flat user-input index, dim) of every token-id input an embedding reads: its last dim is
+    the sequence the plan shards."""
+    state = program.num_state
+    index = {n: i for i, n in enumerate(n for n in program.gm.graph.nodes if n.op == "placeholder")}
+    found = []
+    for node in program.gm.graph.nodes:
+        if getattr(node.target, "overloadpacket", None) is not aten.embedding:
+            continue
+        ids = node.args[1]
+        while ids.op == "call_function" and getattr(ids.target, "overloadpacket", None) in _ID_VIEWS:
+            ids = ids.args[0]
+        if ids.op == "placeholder" and index[ids] >= state and ids.meta["val"].dim() >= 1:
+            entry = (index[ids] - state, ids.meta["val"].dim() - 1)
+            if entry not in found:
+                found.append(entry)
+    return found
+
+
+def _seq_sizes(program: CapturedProgram) -> list:
+    """The sequence sizes (SymInt or int) of the token inputs."""
+    inputs = [n for n in program.gm.graph.nodes if n.op == "placeholder"][program.num_state :]
+    return [inputs[i].meta["val"].shape[d] for i, d in sequence_dims(program)]
+
+
+def _same_size(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+            return a.node.expr == b.node.expr
+        return False
+    return int(a) == int(b)
+
+
+def _seq_dim(node: torch.fx.Node, sizes: list) -> int | None:
+    """The value's sequence dim: the last dim before the features sized like a token sequence."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    dims = [d for d in range(val.dim() - 1) if any(_same_size(val.shape[d], s) for s in sizes)]
+    return dims[-1] if dims else None
+
+
+def _all_shard(out) -> bool:
+    if isinstance(out, tuple):
+        return bool(out) and all(p is None or isinstance(p, Shard) for p in out)
+    return isinstance(out, Shard)
+
+
+def _try_sequence(node, trial: dict, seeds: dict, tp: int) -> Decision | None:
+    """The node's decision on sequence-sharded inputs, or None when it would move them (a
+    gather, another shard), needs a size rewritten, or does not keep a shard."""
+    rule = rule_for(node.target)
+    if rule is None:
+        return None
+    decision = rule(node, trial, tp)
+    if decision is None or decision.localise or decision.blocks or decision.padded:
+        return None
+    if not _all_shard(decision.out):
+        return None
+    for value, placed in trial.items():
+        need = decision.needs.get(value, placed)
+        if isinstance(placed, Shard) and need != placed:
+            return None  # a sequence shard gathered or resharded: the region ends here
+        if isinstance(placed, Replicate) and not isinstance(need, (Replicate, Shard)):
+            return None
+    decision.needs = {**seeds, **decision.needs}
+    return decision
+
+
+def sequence_parallel(program: CapturedProgram, result: PropagationResult, tp: int) -> int:
+    """Rewrite the decisions of the replicated regions to Shard(seq) (see the module docstring);
+    returns the number of ops that now run on a sequence shard."""
+    sizes = _seq_sizes(program)
+    if not sizes:
+        return 0
+    for size in sizes:
+        check_sequence_length(hint_int(size), tp)  # at the example inputs; each call checks its own
+    program.sequence_inputs, program.sequence_tp = sequence_dims(program), tp
+    sp: dict[torch.fx.Node, object] = {}
+    for node in program.gm.graph.nodes:
+        decision = result.decisions.get(node)
+        if decision is None or node.op != "call_function":
+            continue
+        ins = tensor_inputs(node)
+        have = {n: result.placements.get(n) for n in ins}
+        # TP's all-reduces at this node: each could be a reduce-scatter over the sequence
+        seeds = {}
+        for n in ins:
+            dim = _seq_dim(n, sizes)
+            if isinstance(have[n], Partial) and decision.needs.get(n) == R and dim is not None:
+                seeds[n] = Shard(dim)
+        entering = [n for n in ins if n in sp]
+        if not entering and not seeds:
+            continue
+        others = [n for n in ins if n not in sp and n not in seeds]
+        mixed = any(not isinstance(have[n], Replicate) for n in others if have[n] is not None)
+        trial = {n: sp.get(n, seeds.get(n, have[n])) for n in ins}
+        new = None if mixed else _try_sequence(node, trial, seeds, tp)
+        if new is None:
+            for n in entering:
+                decision.needs.setdefault(n, R)  # all-gathered into the tensor-parallel region
+            continue
+        result.decisions[node] = new
+        result.placements[node] = new.out
+        node.meta["nxd_placement"] = new.out
+        node.meta["nxd_sequence"] = True
+        sp[node] = new.out
+    return len(sp)
