@@ -17,6 +17,7 @@ import torch.fx
 
 from nxd_autoshard.compiler.capture import _default_kwargs, capture
 from nxd_autoshard.compiler.normalize import (
+    bias_after_view,
     drop_assertions,
     expert_linear_from_grouped_mm,
     linear_from_matmul,
@@ -209,6 +210,11 @@ PASSES: tuple[Pass, ...] = (
     _on_graph(expert_linear_from_grouped_mm),
     _on_graph(split_bias),
     _on_graph(repeat_kv_heads),
+    Pass(
+        "bias_after_view",
+        _on_graph(bias_after_view).run,
+        lambda ctx: ctx.settings.sequence_parallel,
+    ),
     Pass("propagate", _propagate),
     Pass("sequence_parallel", _sequence_parallel, lambda ctx: ctx.settings.sequence_parallel),
     Pass("partition", _partition),

@@ -10,6 +10,7 @@ __all__ = [
     "linear_from_matmul",
     "expert_linear_from_grouped_mm",
     "split_bias",
+    "bias_after_view",
     "repeat_kv_heads",
     "retarget_device",
 ]
@@ -152,6 +153,34 @@ def split_bias(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")
         }
         node.meta["nxd_bias"] = bias
+    return _finish(gm)
+
+
+_VIEWS = {aten.view, aten._unsafe_view, aten.reshape}
+
+
+def bias_after_view(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite `view(add(x @ W, b), [batch, seq, out])` (GPT-2's Conv1D on flattened tokens) as
+    `add(view(x @ W, ...), b)`: the same values, and a row-parallel product is then reduced
+    where it has its sequence dim, so sequence parallelism can reduce-scatter it."""
+    graph = gm.graph
+    for add in list(graph.nodes):
+        if add.target is not aten.add.Tensor or len(add.users) != 1:
+            continue
+        product, bias = add.args[0], add.args[1]
+        if not isinstance(product, torch.fx.Node) or product.meta.get("nxd_bias") is not bias:
+            continue
+        view = next(iter(add.users))
+        if getattr(view.target, "overloadpacket", None) not in _VIEWS or view.args[0] is not add:
+            continue
+        with graph.inserting_before(view):
+            moved = graph.call_function(view.target, (product, *view.args[1:]), view.kwargs)
+            added = graph.call_function(aten.add.Tensor, (moved, bias))
+        moved.meta = dict(view.meta)
+        added.meta = dict(view.meta)
+        view.replace_all_uses_with(added)
+        graph.erase_node(view)
+        graph.erase_node(add)
     return _finish(gm)
 
 

@@ -22,7 +22,8 @@ import torch.fx
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, check_sequence_length
-from nxd_autoshard.rules import R, Decision, hint_int, rule_for, tensor_inputs
+from nxd_autoshard.ir import ops
+from nxd_autoshard.rules import R, Decision, Lower, hint_int, rule_for, tensor_inputs
 
 __all__ = ["sequence_dims", "sequence_parallel"]
 
@@ -80,11 +81,37 @@ def _all_shard(out) -> bool:
     return isinstance(out, Shard)
 
 
+_DROPOUT = (aten.dropout, aten.native_dropout)
+_RANDOM = (aten.bernoulli, aten.rand_like, aten.randn_like, aten.normal, aten.uniform)
+
+
+def _dropout(node, trial: dict, seeds: dict) -> Decision | None:
+    """Dropout that draws a mask (training, p > 0) on a sequence shard: lowered to
+    `sequence_dropout` (each rank its part of the whole value's mask; the same mask on every
+    part would correlate the shards)."""
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    x = node.args[0]
+    placed = trial.get(x)
+    if not isinstance(placed, Shard):
+        return None
+    native = getattr(node.target, "overloadpacket", None) is aten.native_dropout
+    out = (placed, placed) if native else placed
+    if not (train and p):  # eval: the identity
+        return Decision(out, dict(seeds)) if not native else None
+    lower = Lower(ops.sequence_dropout, (placed.dim, "tp", native))
+    return Decision(out, dict(seeds), localise=(lower,))
+
+
 def _try_sequence(node, trial: dict, seeds: dict, tp: int) -> Decision | None:
     """The node's decision on sequence-sharded inputs, or None when it would move them (a
-    gather, another shard), needs a size rewritten, or does not keep a shard."""
+    gather, another shard), needs a size rewritten, draws random numbers other than dropout's,
+    or does not keep a shard."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet in _DROPOUT:
+        return _dropout(node, trial, seeds)
     rule = rule_for(node.target)
-    if rule is None:
+    if rule is None or packet in _RANDOM:
         return None
     decision = rule(node, trial, tp)
     if decision is None or decision.localise or decision.blocks or decision.padded:

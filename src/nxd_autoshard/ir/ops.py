@@ -32,6 +32,7 @@ __all__ = [
     "expert_linear",
     "grad_all_reduce",
     "reduce_scatter",
+    "sequence_dropout",
     "shard",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_embedding",
@@ -111,6 +112,14 @@ def vocab_parallel_cross_entropy(
     )
 
 
+def sequence_dropout(x: torch.Tensor, p: float, dim: int, axis: str, native: bool = False):
+    """Dropout of a value sharded on `dim` (a sequence shard): every rank draws the mask of the
+    whole value (the ranks of an axis share the random state, as replicated dropout assumes)
+    and keeps its own part, so the ranks' masks are the unsharded dropout's, not one mask
+    repeated per shard. native: return (output, mask) as `aten.native_dropout`."""
+    return _run("sequence_dropout", x, p, dim, axis, native)
+
+
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of `x` grouped by expert (group e ends at offsets[e]) times weight[e].T, weight [E, out, in].
 
@@ -131,4 +140,8 @@ def grouped_linear(
 
 # the ops that move data between ranks, and those with any rank-dependent behaviour
 COLLECTIVES = (all_reduce, all_gather, reduce_scatter, shard, grad_all_reduce, all_gather_rs)
-PARALLEL_OPS = COLLECTIVES + (vocab_parallel_embedding, vocab_parallel_cross_entropy)
+PARALLEL_OPS = COLLECTIVES + (
+    vocab_parallel_embedding,
+    vocab_parallel_cross_entropy,
+    sequence_dropout,
+)

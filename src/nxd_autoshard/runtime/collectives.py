@@ -212,6 +212,28 @@ def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     return _GradAllReduce.apply(x, _group(axis))
 
 
+def dropout_part(x: torch.Tensor, p: float, dim: int, rank: int, size: int, mask: torch.Tensor):
+    """Rank `rank`'s part of dropout with the whole value's `mask` (see `sequence_dropout`)."""
+    n = x.shape[dim]
+    keep = mask.narrow(dim, rank * n, n)
+    scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
+    return x * keep * scale, keep
+
+
+def draw_mask(x: torch.Tensor, p: float, dim: int, size: int) -> torch.Tensor:
+    """The keep-mask of the whole value of which `x` is one of `size` parts along `dim`."""
+    shape = list(x.shape)
+    shape[dim] *= size
+    return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).bool()
+
+
+def sequence_dropout(x: torch.Tensor, p: float, dim: int, axis: str, native: bool = False):
+    """Dropout of a sequence shard with this rank's part of the whole value's mask."""
+    size, rank = _size_rank(_group(axis))
+    out, keep = dropout_part(x, p, dim, rank, size, draw_mask(x, p, dim, size))
+    return (out, keep) if native else out
+
+
 def _embedding_mask(ids: torch.Tensor, start: int, local_vocab: int):
     local = ids - start
     outside = (local < 0) | (local >= local_vocab)
@@ -323,6 +345,7 @@ ops.bind(
         "shard": shard,
         "grad_all_reduce": grad_all_reduce,
         "vocab_parallel_embedding": vocab_parallel_embedding,
+        "sequence_dropout": sequence_dropout,
         "vocab_parallel_cross_entropy": vocab_parallel_cross_entropy,
     }
 )
