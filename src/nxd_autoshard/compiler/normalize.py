@@ -173,6 +173,9 @@ def bias_after_view(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         view = next(iter(add.users))
         if getattr(view.target, "overloadpacket", None) not in _VIEWS or view.args[0] is not add:
             continue
+        shape, out = add.meta.get("val"), view.meta.get("val")
+        if shape is None or out is None or out.dim() < 1 or shape.shape[-1] != out.shape[-1]:
+            continue  # the bias broadcasts over the last dim only where it stays whole
         with graph.inserting_before(view):
             moved = graph.call_function(view.target, (product, *view.args[1:]), view.kwargs)
             added = graph.call_function(aten.add.Tensor, (moved, bias))

@@ -29,33 +29,35 @@ __all__ = ["sequence_dims", "sequence_parallel"]
 
 aten = torch.ops.aten
 
-# ops between token-id inputs and an embedding that keep the ids' dims
-_ID_VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.contiguous, aten.alias}
-
-
-def sequence_dims(program: CapturedProgram) -> list[tuple[int, int]]:
-    """(flat user-input index, dim) of every token-id input an embedding reads: its last dim is
-    the sequence the plan shards."""
-    state = program.num_state
-    index = {n: i for i, n in enumerate(n for n in program.gm.graph.nodes if n.op == "placeholder")}
-    found = []
+def _seq_sizes(program: CapturedProgram) -> list:
+    """The sequence sizes (SymInt or int): the last dim of every embedding's ids (token ids,
+    decoder ids made from labels, position ids)."""
+    sizes = []
     for node in program.gm.graph.nodes:
         if getattr(node.target, "overloadpacket", None) is not aten.embedding:
             continue
-        ids = node.args[1]
-        while ids.op == "call_function" and getattr(ids.target, "overloadpacket", None) in _ID_VIEWS:
-            ids = ids.args[0]
-        if ids.op == "placeholder" and index[ids] >= state and ids.meta["val"].dim() >= 1:
-            entry = (index[ids] - state, ids.meta["val"].dim() - 1)
-            if entry not in found:
-                found.append(entry)
-    return found
+        ids = node.args[1].meta.get("val")
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+            if not any(_same_size(ids.shape[-1], s) for s in sizes):
+                sizes.append(ids.shape[-1])
+    return sizes
 
 
-def _seq_sizes(program: CapturedProgram) -> list:
-    """The sequence sizes (SymInt or int) of the token inputs."""
+def sequence_dims(program: CapturedProgram, sizes: list) -> list[tuple[int, int]]:
+    """(flat user-input index, dim) of the user inputs' dims sized like a dynamic sequence:
+    each call checks them (a static program is captured again, and checked, per shape)."""
     inputs = [n for n in program.gm.graph.nodes if n.op == "placeholder"][program.num_state :]
-    return [inputs[i].meta["val"].shape[d] for i, d in sequence_dims(program)]
+    dynamic = [s for s in sizes if isinstance(s, torch.SymInt)]
+    found = []
+    for index, node in enumerate(inputs):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            found += [
+                (index, d)
+                for d, size in enumerate(val.shape)
+                if any(_same_size(size, s) for s in dynamic)
+            ]
+    return found
 
 
 def _same_size(a, b) -> bool:
@@ -134,10 +136,8 @@ def sequence_parallel(program: CapturedProgram, result: PropagationResult, tp: i
     sizes = _seq_sizes(program)
     if not sizes:
         return 0
-    for size in sizes:
-        check_sequence_length(hint_int(size), tp)  # at the example inputs; each call checks its own
-    program.sequence_inputs, program.sequence_tp = sequence_dims(program), tp
     sp: dict[torch.fx.Node, object] = {}
+    used: dict[str, object] = {}  # the sequence sizes reduce-scattered
     for node in program.gm.graph.nodes:
         decision = result.decisions.get(node)
         if decision is None or node.op != "call_function":
@@ -161,9 +161,15 @@ def sequence_parallel(program: CapturedProgram, result: PropagationResult, tp: i
             for n in entering:
                 decision.needs.setdefault(n, R)  # all-gathered into the tensor-parallel region
             continue
+        for n, placed in seeds.items():
+            used.setdefault(str(n.meta["val"].shape[placed.dim]), n.meta["val"].shape[placed.dim])
         result.decisions[node] = new
         result.placements[node] = new.out
         node.meta["nxd_placement"] = new.out
         node.meta["nxd_sequence"] = True
         sp[node] = new.out
+    for size in used.values():
+        check_sequence_length(hint_int(size), tp)  # at the example inputs; each call checks its own
+    program.sequence_inputs = sequence_dims(program, list(used.values()))
+    program.sequence_tp = tp
     return len(sp)
