@@ -43,7 +43,11 @@ CASES = {
     "t5 (encoder-decoder)": UNSEEN["t5"],
     "bart (encoder-decoder)": BART,
 }
-TPS = {"llama": (2, 4), "gpt2 (tied, vocab 127 padded)": (2, 4), "llama GQA (2 kv heads < tp 4)": (4,)}
+TPS = {
+    "llama": (2, 4),
+    "gpt2 (tied, vocab 127 padded)": (2, 4),
+    "llama GQA (2 kv heads < tp 4)": (4,),
+}
 
 
 def _assert_all_ok(checks):
@@ -62,9 +66,7 @@ def _sharded(cfg, tp, seq=16, **options):
     return model, sharded, args, kwargs
 
 
-@pytest.mark.parametrize(
-    "name,tp", [(name, tp) for name in CASES for tp in TPS.get(name, (2,))]
-)
+@pytest.mark.parametrize("name,tp", [(name, tp) for name in CASES for tp in TPS.get(name, (2,))])
 def test_simulator_matches_unsharded(name, tp):
     _assert_all_ok(verify_config(CASES[name], tp, world="sim", sequence_parallel=True))
     # and it is sequence parallel: the blocks reduce-scatter, never all-reduce, an activation
@@ -151,7 +153,9 @@ def test_training_dropout_draws_the_unsharded_masks():
     torch.manual_seed(5)
     ref_loss = ref(*args, **kwargs).loss
     ref_loss.backward()
-    sharded = autoshard(model, 2, sequence_parallel=True, example_inputs=args, example_kwargs=kwargs)
+    sharded = autoshard(
+        model, 2, sequence_parallel=True, example_inputs=args, example_kwargs=kwargs
+    )
     dropouts = [n for n in sharded.graph_module.graph.nodes if n.target is ops.sequence_dropout]
     assert len(dropouts) == 5  # embedding + 2 per block
     torch.manual_seed(5)
@@ -186,7 +190,9 @@ def test_checkpointing_recomputes_no_collective():
         out.loss.backward()
     backward = Counter(kind for kind, phase, _, _ in log[forward:])
     assert all(phase == "backward" for _, phase, _, _ in log[forward:])
-    assert backward["all_gather"] == 5 and backward["reduce_scatter"] == 5  # 4 in blocks + head/embed
+    assert (
+        backward["all_gather"] == 5 and backward["reduce_scatter"] == 5
+    )  # 4 in blocks + head/embed
 
 
 def test_sequence_length_tp_does_not_divide_is_a_clear_error():
@@ -206,7 +212,9 @@ def test_sequence_length_tp_does_not_divide_is_a_clear_error():
 
 
 def test_gloo_tp2_verify_cli(capsys):
-    rc = main(["verify", "--config", str(CONFIGS / "gpt2.json"), "--tp", "2", "--sequence-parallel"])
+    rc = main(
+        ["verify", "--config", str(CONFIGS / "gpt2.json"), "--tp", "2", "--sequence-parallel"]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "0 failed" in out and "grad transformer.h.0.ln_1.weight" in out

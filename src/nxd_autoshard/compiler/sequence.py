@@ -20,14 +20,15 @@ import torch
 import torch.fx
 
 from nxd_autoshard.compiler.propagate import PropagationResult
+from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, check_sequence_length
-from nxd_autoshard.ir import ops
-from nxd_autoshard.rules import R, Decision, Lower, hint_int, rule_for, tensor_inputs
+from nxd_autoshard.rules import Decision, Lower, R, hint_int, rule_for, tensor_inputs
 
 __all__ = ["sequence_dims", "sequence_parallel"]
 
 aten = torch.ops.aten
+
 
 def _seq_sizes(program: CapturedProgram) -> list:
     """The sequence sizes (SymInt or int): the last dim of every embedding's ids (token ids,

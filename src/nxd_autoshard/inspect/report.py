@@ -333,11 +333,7 @@ def _events(node: torch.fx.Node, tp: int, grad: set) -> tuple[list[CommEvent], l
     # backward sends the gradient of the output: the local chunk for the gather kinds, the
     # whole gathered value's for a reduce-scatter (all_gather_rs)
     on_output = bwd in ("all_gather", "reduce_scatter")
-    backward = (
-        [_event(bwd, "backward", out_shape if on_output else in_shape, size)]
-        if bwd
-        else []
-    )
+    backward = [_event(bwd, "backward", out_shape if on_output else in_shape, size)] if bwd else []
     return forward, backward
 
 
