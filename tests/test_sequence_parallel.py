@@ -181,18 +181,34 @@ def test_with_pipeline_checkpointing_and_bf16(features):
     _assert_all_ok(verify_config(cfg, 2, world="sim", sequence_parallel=True, **features))
 
 
-def test_checkpointing_recomputes_no_collective():
+def test_checkpointing_regathers_and_keeps_only_sequence_shards():
+    """Full checkpointing with SP recomputes the all-gathers into column-parallel regions (as
+    Megatron-SP): backward issues them again, and what the regions keep is smaller than
+    without checkpointing."""
     cfg = config_dict("llama")
-    _, sharded, args, kwargs = _sharded(cfg, 2, activation_checkpointing="full")
-    with trace_collectives() as log:
-        out = sharded(*args, **kwargs)
-        forward = len(log)
-        out.loss.backward()
-    backward = Counter(kind for kind, phase, _, _ in log[forward:])
-    assert all(phase == "backward" for _, phase, _, _ in log[forward:])
-    assert (
-        backward["all_gather"] == 5 and backward["reduce_scatter"] == 5
-    )  # 4 in blocks + head/embed
+
+    def step(mode):
+        _, sharded, args, kwargs = _sharded(cfg, 2, activation_checkpointing=mode)
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size() if t.dim() >= 3 else 0
+            return t
+
+        with trace_collectives() as log:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = sharded(*args, **kwargs)
+            forward = len(log)
+            out.loss.backward()
+        return Counter((kind, phase) for kind, phase, _, _ in log[forward:]), saved[0]
+
+    plain, saved_plain = step(None)
+    full, saved_full = step("full")
+    assert plain[("all_gather", "forward")] == 0
+    assert full[("all_gather", "forward")] == 4  # 2 per block, recomputed
+    full[("all_gather", "forward")] = 0
+    assert +full == +plain  # and backward's own collectives are unchanged
+    assert saved_full < saved_plain
 
 
 def test_sequence_length_tp_does_not_divide_is_a_clear_error():

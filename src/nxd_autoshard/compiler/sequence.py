@@ -9,7 +9,9 @@ ops, norms over the feature dim, dropout), and a consumer that cannot take it (a
 linear, attention, a view merging batch and sequence) gets it all-gathered. A replicated weight
 read by such a region (a norm's) gets its gradient all-reduced over tp by the partition pass, as
 every replicated input of a sharded op. The sequence dim of a value is the one sized like the
-token ids' last dim (the captured dynamic sequence size, or its example size when static).
+last dim of an embedding's ids (the captured dynamic sequence size, or its example size when
+static); dropout there draws the whole value's mask and keeps its part (`sequence_dropout`).
+A length tp does not divide is an error naming those that work, at capture and at each call.
 
     program, tp=2:  o_proj -> P -> reduce_scatter(dim 1) -> add / rms_norm on S(1) -> all_gather -> q_proj
 """
