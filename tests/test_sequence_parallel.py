@@ -260,3 +260,37 @@ def test_plan_cli_sequence_parallel(tmp_path):
     assert data["sequence_parallel"] and data["sequence_ops"] > 0
     assert "model.layers.*.input_layernorm" in data["sequence_regions"]
     assert data["totals"]["extra_over_optimum"] == 0
+
+
+def _compiled_rank(rank, world):
+    from torch._dynamo.utils import counters
+
+    model = build_model(
+        config_dict("gpt2", n_layer=1, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    )
+    model.train()
+    args, kwargs = random_batch(model, seq=16)
+    out = {}
+    for compile in (None, "aot_eager"):
+        sharded = autoshard(
+            copy.deepcopy(model),
+            2,
+            example_inputs=args,
+            example_kwargs=kwargs,
+            sequence_parallel=True,
+            compile=compile,
+        )
+        loss = sharded.train_step(*args, **kwargs)
+        out[compile] = (loss, {n: p.grad for n, p in sharded.named_parameters()})
+    return out, sum(counters["graph_break"].values())
+
+
+def test_compiles_in_one_graph_on_gloo():
+    from nxd_autoshard.tools.launch import run_ranks
+
+    for out, breaks in run_ranks(_compiled_rank, 2, timeout_s=300):
+        assert breaks == 0
+        (loss, grads), (loss_c, grads_c) = out[None], out["aot_eager"]
+        torch.testing.assert_close(loss_c, loss)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads_c[name], grad, rtol=1e-5, atol=1e-6, msg=name)
