@@ -303,6 +303,8 @@ def test_compiles_in_one_graph_on_gloo():
 def test_program_matches_golden(family, assert_golden):
     model = build_model(config_dict(family))
     args, kwargs = random_batch(model)
-    sharded = autoshard(model, 2, sequence_parallel=True, example_inputs=args, example_kwargs=kwargs)
+    sharded = autoshard(
+        model, 2, sequence_parallel=True, example_inputs=args, example_kwargs=kwargs
+    )
     text = assert_golden(sharded, f"{family}_tp2_sp")
     assert "reduce_scatter[tp](" in text and "all_gather_rs[tp](" in text
