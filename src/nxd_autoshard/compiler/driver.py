@@ -197,10 +197,9 @@ def _precision(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram
 def _recompute(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
     """Regions recomputed in backward, cut at communicating collectives (with activation_checkpointing=)."""
     mode = ctx.settings.recompute
-    regather = ctx.settings.sequence_parallel  # the gathers of sequence shards are recomputed
-    check_found(mark_recompute(program.gm, mode, regather), mode, ctx.settings.model_name)
+    check_found(mark_recompute(program.gm, mode), mode, ctx.settings.model_name)
     for st in ctx.stages or []:
-        mark_recompute(st.gm, mode, regather)
+        mark_recompute(st.gm, mode)
     return program
 
 

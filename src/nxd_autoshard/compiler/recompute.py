@@ -9,10 +9,6 @@ Regions are cut at every collective that communicates in its forward (all_reduce
 all_gather, reduce_scatter, the vocab-parallel loss): their outputs are kept instead of
 recomputed, so the recompute issues no collective. Megatron's full recompute re-runs the
 block's forward all-reduces instead; keeping them costs one more activation per cut.
-
-With sequence parallelism (`regather=True`) the all-gathers entering column-parallel regions
-are recomputed, as Megatron-SP does: their outputs are full-size where everything else the
-regions keep is a sequence shard, so keeping them would undo SP's saving.
 """
 
 from __future__ import annotations
@@ -154,12 +150,8 @@ def _walk(node: torch.fx.Node, *, back: bool, limit: int = 8) -> torch.fx.Node |
     return None
 
 
-def recompute_regions(
-    gm: torch.fx.GraphModule, mode, regather: bool = False
-) -> dict[str, list[torch.fx.Node]]:
-    """Region name -> its nodes (contiguous in graph order, no communicating collective inside
-    but, with `regather`, the all-gathers of sequence shards)."""
-    cuts = _COMMUNICATES - {ops.all_gather_rs} if regather else _COMMUNICATES
+def recompute_regions(gm: torch.fx.GraphModule, mode) -> dict[str, list[torch.fx.Node]]:
+    """Region name -> its nodes (contiguous in graph order, no communicating collective inside)."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     if mode == "selective":
         key_of = _attention_keys(nodes)
@@ -182,20 +174,20 @@ def recompute_regions(
 
     for node in nodes:
         key = key_of.get(node)
-        if key is None or node.target in cuts or key != run_key:
+        if key is None or node.target in _COMMUNICATES or key != run_key:
             close()
         run_key = key
-        if key is not None and node.target not in cuts:
+        if key is not None and node.target not in _COMMUNICATES:
             run.append(node)
     close()
     return regions
 
 
-def mark_recompute(gm: torch.fx.GraphModule, mode, regather: bool = False) -> int:
+def mark_recompute(gm: torch.fx.GraphModule, mode) -> int:
     """Mark the nodes of each region with its name; returns how many regions were found."""
     for node in gm.graph.nodes:
         node.meta.pop("nxd_recompute", None)
-    regions = recompute_regions(gm, mode, regather)
+    regions = recompute_regions(gm, mode)
     for name, nodes in regions.items():
         for node in nodes:
             node.meta["nxd_recompute"] = name
