@@ -50,6 +50,7 @@ def autoshard(
     compile: bool | str | Mapping[str, Any] | None = None,
     activation_checkpointing: str | list[type] | None = None,
     precision: str = "fp32",
+    sequence_parallel: bool = False,
 ) -> ShardedModule:
     """Shard an unmodified model over a (dp, pp, tp) mesh; see the README for the contract.
 
@@ -72,6 +73,10 @@ def autoshard(
     regions are cut at communicating collectives, so the recompute issues none.
     precision: "fp32", or "bf16" (bf16 weights and activations computed from the fp32 master
     weights, which the optimizer steps; fp32 gradients, the model's own fp32 upcasts kept).
+    sequence_parallel: Megatron-SP with tp > 1: norms, dropout and residual adds run on this
+    rank's part of the sequence; reduce-scatters and all-gathers replace TP's all-reduces (the
+    same bytes) and those activations take 1/tp of the memory. Every sequence length (the token
+    ids' last dim) must be a multiple of tp.
     """
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
@@ -129,6 +134,7 @@ def autoshard(
         strict=strict,
         precision=precision,
         recompute=recompute,
+        sequence_parallel=bool(sequence_parallel) and tp > 1,
     )
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if not example_inputs and not example_kwargs:

@@ -71,6 +71,7 @@ class ShardedModule(torch.nn.Module):
         strict: bool = False,
         precision: str = "fp32",
         recompute: str | tuple[str, ...] | None = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.tp = tp
@@ -119,6 +120,7 @@ class ShardedModule(torch.nn.Module):
             strict=strict,
             precision=precision,
             recompute=recompute,
+            sequence_parallel=sequence_parallel,
         )
         self._programs: dict[tuple, list[LocalProgram]] = {}
         self.train(model.training)

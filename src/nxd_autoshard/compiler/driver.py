@@ -17,6 +17,7 @@ import torch.fx
 
 from nxd_autoshard.compiler.capture import _default_kwargs, capture
 from nxd_autoshard.compiler.normalize import (
+    bias_after_view,
     decompose_variance,
     drop_assertions,
     expert_linear_from_grouped_mm,
@@ -30,6 +31,7 @@ from nxd_autoshard.compiler.plan import CompileSettings, Plan, decide_placements
 from nxd_autoshard.compiler.precision import DTYPES, cast_state
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.compiler.recompute import check_found, mark_recompute
+from nxd_autoshard.compiler.sequence import sequence_parallel
 from nxd_autoshard.compiler.split import split_stages
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.printer import graph_text
@@ -103,6 +105,12 @@ def _on_graph(fn: Callable[[torch.fx.GraphModule], torch.fx.GraphModule]) -> Pas
 def _propagate(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
     """A placement for every value (the first capture also decides the plan)."""
     ctx.result = decide_placements(program, ctx.settings, ctx.plan)
+    return program
+
+
+def _sequence_parallel(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+    """Replicated regions (norms, residual adds) on Shard(seq) (with sequence_parallel=)."""
+    sequence_parallel(program, ctx.result, ctx.settings.tp)
     return program
 
 
@@ -204,7 +212,13 @@ PASSES: tuple[Pass, ...] = (
     _on_graph(expert_linear_from_grouped_mm),
     _on_graph(split_bias),
     _on_graph(repeat_kv_heads),
+    Pass(
+        "bias_after_view",
+        _on_graph(bias_after_view).run,
+        lambda ctx: ctx.settings.sequence_parallel,
+    ),
     Pass("propagate", _propagate),
+    Pass("sequence_parallel", _sequence_parallel, lambda ctx: ctx.settings.sequence_parallel),
     Pass("partition", _partition),
     Pass("retarget_device", _retarget),
     Pass("split", _split, lambda ctx: ctx.settings.n_stages > 1),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from nxd_autoshard.ir.meta import is_parameter, set_split_bias
+from nxd_autoshard.ir.meta import is_parameter, set_split_bias, split_bias_of
 
 __all__ = [
     "decompose_variance",
@@ -13,6 +13,7 @@ __all__ = [
     "linear_from_matmul",
     "expert_linear_from_grouped_mm",
     "split_bias",
+    "bias_after_view",
     "repeat_kv_heads",
     "retarget_device",
 ]
@@ -228,6 +229,37 @@ def split_bias(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")
         }
         set_split_bias(node, bias)
+    return _finish(gm)
+
+
+_VIEWS = {aten.view, aten._unsafe_view, aten.reshape}
+
+
+def bias_after_view(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite `view(add(x @ W, b), [batch, seq, out])` (GPT-2's Conv1D on flattened tokens) as
+    `add(view(x @ W, ...), b)`: the same values, and a row-parallel product is then reduced
+    where it has its sequence dim, so sequence parallelism can reduce-scatter it."""
+    graph = gm.graph
+    for add in list(graph.nodes):
+        if add.target is not aten.add.Tensor or len(add.users) != 1:
+            continue
+        product, bias = add.args[0], add.args[1]
+        if not isinstance(product, torch.fx.Node) or split_bias_of(product) is not bias:
+            continue
+        view = next(iter(add.users))
+        if getattr(view.target, "overloadpacket", None) not in _VIEWS or view.args[0] is not add:
+            continue
+        shape, out = add.meta.get("val"), view.meta.get("val")
+        if shape is None or out is None or out.dim() < 1 or shape.shape[-1] != out.shape[-1]:
+            continue  # the bias broadcasts over the last dim only where it stays whole
+        with graph.inserting_before(view):
+            moved = graph.call_function(view.target, (product, *view.args[1:]), view.kwargs)
+            added = graph.call_function(aten.add.Tensor, (moved, bias))
+        moved.meta = dict(view.meta)
+        added.meta = dict(view.meta)
+        view.replace_all_uses_with(added)
+        graph.erase_node(view)
+        graph.erase_node(add)
     return _finish(gm)
 
 

@@ -148,10 +148,37 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
             node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: replace.get(a, a))
         for step in decision.localise:
             LOCALISE[type(step)](node, step, tp)
+    _gather_partial_grads(graph)
     set_tp(gm, tp)  # the graph is now one rank's: printers divide sharded dims by tp
     graph.lint()
     gm.recompile()
     return program
+
+
+# ops a gradient all-reduce commutes with: they move or copy elements, in the same dtype
+_MOVES = {"view", "reshape", "_unsafe_view", "clone", "contiguous", "alias", "unsqueeze", "squeeze"}
+
+
+def _gather_partial_grads(graph: torch.fx.Graph) -> None:
+    """An all-gather read only (through views) by a gradient all-reduce gets a Partial gradient
+    back: one all_gather_rs (reduce-scatter backward) sends half the bytes of all-reduce + chunk."""
+    for node in list(graph.nodes):
+        if node.target is not C.grad_all_reduce:
+            continue
+        source = node.args[0]
+        chain = []
+        while (
+            source.op == "call_function"
+            and getattr(getattr(source.target, "overloadpacket", None), "__name__", "") in _MOVES
+            and len(source.users) == 1
+        ):
+            chain.append(source)
+            source = source.args[0]
+        if source.target is not C.all_gather or len(source.users) != 1:
+            continue
+        source.target = C.all_gather_rs
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
 
 
 def _divide_size(node: torch.fx.Node, step: DivideSize, tp: int) -> None:

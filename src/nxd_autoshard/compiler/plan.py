@@ -37,6 +37,7 @@ class CompileSettings:
     strict: bool = False  # raise instead of warning when a block's matmul stays replicated
     precision: str = "fp32"  # compute dtype name (compiler.precision.DTYPES); masters stay fp32
     recompute: str | tuple[str, ...] | None = None  # activation checkpointing (compiler.recompute)
+    sequence_parallel: bool = False  # replicated regions on Shard(seq) (compiler.sequence)
 
 
 @dataclass

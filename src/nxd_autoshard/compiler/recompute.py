@@ -31,6 +31,7 @@ MODES = ("full", "selective")
 _COMMUNICATES = {
     ops.all_reduce,
     ops.all_gather,
+    ops.all_gather_rs,
     ops.reduce_scatter,
     ops.vocab_parallel_cross_entropy,
 }

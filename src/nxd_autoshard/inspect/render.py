@@ -97,6 +97,15 @@ def summary_lines(report) -> list[str]:
 def _training_lines(report) -> list[str]:
     """Mixed precision and activation checkpointing, when on."""
     lines = []
+    if report.sequence_parallel:
+        shown = ", ".join(report.sequence_regions[:6]) or "none found"
+        more = len(report.sequence_regions) - 6
+        lines.append(
+            f"sequence parallel: {report.sequence_ops} ops on Shard(seq) in "
+            f"{shown}{f', ... ({more} more)' if more > 0 else ''}; a reduce-scatter leaves each "
+            "row-parallel output, an all-gather enters each column-parallel input, norm weight "
+            "gradients all-reduced over tp"
+        )
     if report.precision != "fp32":
         lines.append(
             f"precision: {report.precision} weights and activations, computed from fp32 master "
@@ -360,7 +369,10 @@ def render_html(report, *, full: bool = False, graph: bool = True) -> str:
         verdict = f"{extra} collectives over the optimum in blocks"
     else:
         verdict = (
-            "every block at the optimum (Megatron: one all-reduce per row-parallel output "
+            "every block at the optimum (Megatron-SP: a reduce-scatter per row-parallel output "
+            "and an all-gather per column-parallel input forward, the conjugates backward)"
+            if report.sequence_parallel
+            else "every block at the optimum (Megatron: one all-reduce per row-parallel output "
             "forward, one per column-parallel input backward)"
         )
     parts.append(

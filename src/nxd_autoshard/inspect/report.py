@@ -26,7 +26,13 @@ import torch.fx
 
 from nxd_autoshard.compiler.partition import requires_grad_nodes
 from nxd_autoshard.ir import ops as C
-from nxd_autoshard.ir.meta import is_parameter, placement_of, recompute_of, state_name_of
+from nxd_autoshard.ir.meta import (
+    is_parameter,
+    placement_of,
+    recompute_of,
+    sequence_sharded,
+    state_name_of,
+)
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard, placement_str
 from nxd_autoshard.ir.printer import (
     display_module,
@@ -60,6 +66,7 @@ COMMUNICATION = {
     "reduce_scatter": ("reduce_scatter", "all_gather"),
     "shard": (None, "all_gather"),
     "grad_all_reduce": (None, "all_reduce"),
+    "all_gather_rs": ("all_gather", "reduce_scatter"),
     "vocab_parallel_cross_entropy": ("all_reduce(max), all_reduce, all_reduce", None),
 }
 
@@ -208,6 +215,9 @@ class Report:
     history: list[dict] = field(default_factory=list)
     precision: str = "fp32"  # compute dtype; parameters and gradients stay fp32 masters
     recomputed: list[str] = field(default_factory=list)  # activation-checkpointed regions
+    # sequence parallelism: the modules whose ops run on Shard(seq), layer indices as `*`
+    sequence_regions: list[str] = field(default_factory=list)
+    sequence_ops: int = 0
 
     def to_dict(self) -> dict:
         """The report as plain data (what `explain(format="json")` returns)."""
@@ -327,12 +337,10 @@ def _events(node: torch.fx.Node, tp: int, grad: set) -> tuple[list[CommEvent], l
     fwd, bwd = COMMUNICATION[name]
     bwd = bwd if source in grad else None
     forward = [_event(fwd, "forward", in_shape, size)] if fwd else []
-    # backward sends the gradient of the output: the local chunk for the gather kinds
-    backward = (
-        [_event(bwd, "backward", out_shape if bwd == "all_gather" else in_shape, size)]
-        if bwd
-        else []
-    )
+    # backward sends the gradient of the output: the local chunk for the gather kinds, the
+    # whole gathered value's for a reduce-scatter (all_gather_rs)
+    on_output = bwd in ("all_gather", "reduce_scatter")
+    backward = [_event(bwd, "backward", out_shape if on_output else in_shape, size)] if bwd else []
     return forward, backward
 
 
@@ -456,13 +464,17 @@ def _reduces_a_sharded_dim(node: torch.fx.Node) -> bool:
     return isinstance(placement_of(node), Partial) and isinstance(placement_of(source), Shard)
 
 
-def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int, int, int]:
+def _optimum(
+    nodes: list[torch.fx.Node], sequence_parallel: bool = False
+) -> tuple[int, int, int, int]:
     """Megatron's count for a block: an all-reduce per row-parallel output forward and per
     distinct column-parallel input backward (2 + 2 for attention + MLP), plus one each way per
     reduction over a sharded dim (a q/k RMSNorm over the whole projection width all-reduces its
     statistic, a [batch, seq, 1] tensor), plus one gradient gather backward per slice of a
     replicated KV projection; then the block's matmuls with a weight, and how many of them are
-    sharded."""
+    sharded. With sequence parallelism each all-reduce is a reduce-scatter plus an all-gather,
+    the same bytes: a reduce-scatter per row-parallel output and an all-gather per
+    column-parallel input forward, and their conjugates backward (4 + 4)."""
     rows, column_inputs, matmuls, sharded = 0, set(), 0, 0
     for node in nodes:
         if _reduces_a_sharded_dim(node):
@@ -479,6 +491,9 @@ def _optimum(nodes: list[torch.fx.Node]) -> tuple[int, int, int, int]:
         elif isinstance(placement, Shard):
             rows += 1
     slices = sum(1 for node in nodes if node.target is C.shard and _replicated_projection(node))
+    if sequence_parallel:
+        both = rows + len(column_inputs)
+        return both, both + slices, matmuls, sharded
     return rows, len(column_inputs) + slices, matmuls, sharded
 
 
@@ -575,7 +590,8 @@ def build_report(sharded, *, program: int = 0) -> Report:
             block = block_of(display_module(node))
             if block is not None:
                 by_block.setdefault(block, []).append(node)
-    blocks = _block_rows(by_block, params, collectives, tp)
+    sp = sharded._settings.sequence_parallel
+    blocks = _block_rows(by_block, params, collectives, tp, sp)
     stage_programs = sharded.stages(program)
     if stage_programs:
         stages = _stage_rows(sharded, gm, stage_programs, params, collectives, tp)
@@ -595,7 +611,9 @@ def build_report(sharded, *, program: int = 0) -> Report:
         model=sharded._model_name,
         tp=tp,
         pp=sharded.pipeline.pp,
-        sequence_parallel=False,
+        sequence_parallel=sp,
+        sequence_regions=_sequence_regions(gm),
+        sequence_ops=sum(1 for n in gm.graph.nodes if sequence_sharded(n)),
         precision=sharded._settings.precision,
         recomputed=sorted({recompute_of(n) for n in gm.graph.nodes if recompute_of(n)}),
         program=program,
@@ -694,7 +712,16 @@ def _history_rows(prog) -> list[dict]:
     return History(prog.history).rows()
 
 
-def _block_rows(by_block, params, collectives, tp) -> list[BlockRow]:
+def _sequence_regions(gm: torch.fx.GraphModule) -> list[str]:
+    """The modules whose ops run on a sequence shard, identical blocks as one `*` pattern."""
+    found = {}
+    for node in gm.graph.nodes:
+        if sequence_sharded(node):
+            found.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", display_module(node)), None)
+    return list(found)
+
+
+def _block_rows(by_block, params, collectives, tp, sequence_parallel=False) -> list[BlockRow]:
     rows = []
     seen: dict[tuple, str] = {}
     for name, nodes in by_block.items():
@@ -704,7 +731,7 @@ def _block_rows(by_block, params, collectives, tp) -> list[BlockRow]:
             if c.block == name:
                 fwd.update(e.kind for e in c.forward)
                 bwd.update(e.kind for e in c.backward)
-        opt_f, opt_b, matmuls, sharded = _optimum(nodes)
+        opt_f, opt_b, matmuls, sharded = _optimum(nodes, sequence_parallel)
         # a replicated parameter read by every rank's own heads (a per-head q/k norm's weight)
         # needs its gradient summed over tp: Megatron all-reduces those too
         opt_b += sum(1 for c in collectives if c.block == name and c.of_parameter)

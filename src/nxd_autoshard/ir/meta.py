@@ -18,10 +18,12 @@ __all__ = [
     "padded_of",
     "placement_of",
     "recompute_of",
+    "sequence_sharded",
     "set_index",
     "set_padded",
     "set_placement",
     "set_recompute",
+    "set_sequence",
     "set_split_bias",
     "set_state",
     "set_tp",
@@ -38,6 +40,7 @@ _KIND = "nxd_kind"  # "parameter", "buffer" or "constant" for state placeholders
 _BIAS = "nxd_bias"  # on a linear: the bias node split_bias moved into an add
 _INDEX = "nxd_index"  # topological position, for ordered decisions
 _RECOMPUTE = "nxd_recompute"  # name of the region recomputed in backward
+_SEQUENCE = "nxd_sequence"  # True on a node the sequence-parallel pass put on sequence shards
 _TP = "nxd_tp"  # on a graph: the tp degree its local program was partitioned for
 
 
@@ -103,6 +106,14 @@ def set_recompute(node: torch.fx.Node, region: str | None) -> None:
         node.meta.pop(_RECOMPUTE, None)
     else:
         node.meta[_RECOMPUTE] = region
+
+
+def sequence_sharded(node) -> bool:
+    return bool(_meta(node).get(_SEQUENCE))
+
+
+def set_sequence(node: torch.fx.Node) -> None:
+    node.meta[_SEQUENCE] = True
 
 
 def tp_of(gm: torch.fx.GraphModule) -> int:

@@ -13,6 +13,7 @@ backend traces them. The compiler itself imports no runtime.
 | reduce_scatter | Partial -> Shard(dim) | all-gather |
 | shard | Replicate -> Shard(dim) (local chunk) | all-gather |
 | grad_all_reduce | identity (Replicate input of a sharded op) | all-reduce |
+| all_gather_rs | Shard(dim) -> Replicate, read by sharded ops | reduce-scatter |
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ __all__ = [
     "COLLECTIVES",
     "PARALLEL_OPS",
     "all_gather",
+    "all_gather_rs",
     "all_reduce",
     "bind",
     "bound",
     "expert_linear",
     "grad_all_reduce",
     "reduce_scatter",
+    "sequence_dropout",
     "shard",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_embedding",
@@ -79,6 +82,12 @@ def all_gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     return _run("all_gather", x, dim, axis)
 
 
+def all_gather_rs(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Shard(dim) -> Replicate for sharded consumers only (Megatron-SP's gather into a column-
+    parallel region): concatenate the chunks; backward reduce-scatters their Partial gradient."""
+    return _run("all_gather_rs", x, dim, axis)
+
+
 def reduce_scatter(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Partial -> Shard(dim): sum, keep the local chunk; backward all-gathers."""
     return _run("reduce_scatter", x, dim, axis)
@@ -118,6 +127,14 @@ def vocab_parallel_cross_entropy(
     )
 
 
+def sequence_dropout(x: torch.Tensor, p: float, dim: int, axis: str, native: bool = False):
+    """Dropout of a value sharded on `dim` (a sequence shard): every rank draws the mask of the
+    whole value (the ranks of an axis share the random state, as replicated dropout assumes)
+    and keeps its own part, so the ranks' masks are the unsharded dropout's, not one mask
+    repeated per shard. native: return (output, mask) as `aten.native_dropout`."""
+    return _run("sequence_dropout", x, p, dim, axis, native)
+
+
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of `x` grouped by expert (group e ends at offsets[e]) times weight[e].T, weight [E, out, in].
 
@@ -137,5 +154,9 @@ def grouped_linear(
 
 
 # the ops that move data between ranks, and those with any rank-dependent behaviour
-COLLECTIVES = (all_reduce, all_gather, reduce_scatter, shard, grad_all_reduce)
-PARALLEL_OPS = COLLECTIVES + (vocab_parallel_embedding, vocab_parallel_cross_entropy)
+COLLECTIVES = (all_reduce, all_gather, reduce_scatter, shard, grad_all_reduce, all_gather_rs)
+PARALLEL_OPS = COLLECTIVES + (
+    vocab_parallel_embedding,
+    vocab_parallel_cross_entropy,
+    sequence_dropout,
+)

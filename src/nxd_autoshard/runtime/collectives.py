@@ -12,6 +12,7 @@ gives the right gradients without user code.
 | all_gather | Shard(dim) -> Replicate | local chunk |
 | reduce_scatter | Partial -> Shard(dim) | all-gather |
 | shard | Replicate -> Shard(dim) (local chunk) | all-gather |
+| all_gather_rs | Shard(dim) -> Replicate (sharded consumers) | reduce-scatter |
 | grad_all_reduce | identity (Replicate input of a sharded op) | all-reduce |
 
 The graph names a mesh axis ("tp"), never a rank or a group object, so every rank runs the
@@ -137,6 +138,17 @@ class _AllGather(torch.autograd.Function):
         return _chunk(grad, ctx.dim, ctx.group), None, None
 
 
+class _AllGatherRS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
@@ -180,6 +192,11 @@ def all_gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     return _AllGather.apply(x, dim, _group(axis))
 
 
+def all_gather_rs(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
+    """Shard(dim) -> Replicate read by sharded ops: backward reduce-scatters the Partial gradient."""
+    return _AllGatherRS.apply(x, dim, _group(axis))
+
+
 def reduce_scatter(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Partial -> Shard(dim): sum, keep the local chunk; backward all-gathers."""
     return _ReduceScatter.apply(x, dim, _group(axis))
@@ -193,6 +210,28 @@ def shard(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
 def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient backward (Megatron's `f`)."""
     return _GradAllReduce.apply(x, _group(axis))
+
+
+def dropout_part(x: torch.Tensor, p: float, dim: int, rank: int, size: int, mask: torch.Tensor):
+    """Rank `rank`'s part of dropout with the whole value's `mask` (see `sequence_dropout`)."""
+    n = x.shape[dim]
+    keep = mask.narrow(dim, rank * n, n)
+    scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
+    return x * keep * scale, keep
+
+
+def draw_mask(x: torch.Tensor, p: float, dim: int, size: int) -> torch.Tensor:
+    """The keep-mask of the whole value of which `x` is one of `size` parts along `dim`."""
+    shape = list(x.shape)
+    shape[dim] *= size
+    return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).bool()
+
+
+def sequence_dropout(x: torch.Tensor, p: float, dim: int, axis: str, native: bool = False):
+    """Dropout of a sequence shard with this rank's part of the whole value's mask."""
+    size, rank = _size_rank(_group(axis))
+    out, keep = dropout_part(x, p, dim, rank, size, draw_mask(x, p, dim, size))
+    return (out, keep) if native else out
 
 
 def _embedding_mask(ids: torch.Tensor, start: int, local_vocab: int):
@@ -326,10 +365,12 @@ ops.bind(
     {
         "all_reduce": all_reduce,
         "all_gather": all_gather,
+        "all_gather_rs": all_gather_rs,
         "reduce_scatter": reduce_scatter,
         "shard": shard,
         "grad_all_reduce": grad_all_reduce,
         "vocab_parallel_embedding": vocab_parallel_embedding,
+        "sequence_dropout": sequence_dropout,
         "vocab_parallel_cross_entropy": vocab_parallel_cross_entropy,
     }
 )

@@ -13,7 +13,12 @@ from torch.utils.checkpoint import checkpoint
 
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.placements import Placement, Shard, shard_tensor, unshard_tensor
-from nxd_autoshard.runtime.collectives import local_vocab_embedding, reduce_loss
+from nxd_autoshard.runtime.collectives import (
+    draw_mask,
+    dropout_part,
+    local_vocab_embedding,
+    reduce_loss,
+)
 from nxd_autoshard.runtime.recompute import Recompute, with_recompute
 
 __all__ = ["PerRank", "simulate_graph", "scatter_to_ranks", "trace_collectives"]
@@ -74,6 +79,21 @@ class _SimGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return (None, *(g.chunk(ctx.n, ctx.dim)[r].contiguous() for r, g in enumerate(grads)))
+
+
+class _SimGatherRS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dim, *xs):
+        _record("all_gather", "forward", xs[0])
+        ctx.dim = dim
+        full = _cat(xs, dim)
+        return tuple(full.clone() for _ in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _record("reduce_scatter", "backward", grads[0])
+        total = torch.stack(grads).sum(0)
+        return (None, *(c.contiguous() for c in total.chunk(len(grads), ctx.dim)))
 
 
 class _SimReduceScatter(torch.autograd.Function):
@@ -158,12 +178,21 @@ def _sim_collective(target, args, tp: int):
         return PerRank(_SimAllReduce.apply(*x))
     if target is C.all_gather:
         return PerRank(_SimGather.apply(args[1], *x))
+    if target is C.all_gather_rs:
+        return PerRank(_SimGatherRS.apply(args[1], *x))
     if target is C.reduce_scatter:
         return PerRank(_SimReduceScatter.apply(args[1], *x))
     if target is C.shard:
         return PerRank(_SimShard.apply(args[1], *x))
     if target is C.grad_all_reduce:
         return PerRank(_SimGradAllReduce.apply(*x))
+    if target is C.sequence_dropout:
+        p, dim, native = args[1], args[2], args[4] if len(args) > 4 else False
+        mask = draw_mask(x[0], p, dim, tp)  # one draw for the whole value, as every real rank
+        parts = [dropout_part(x[r], p, dim, r, tp, mask) for r in range(tp)]
+        if native:
+            return tuple(PerRank(part[i] for part in parts) for i in range(2))
+        return PerRank(part[0] for part in parts)
     if target is C.vocab_parallel_embedding:
         weight, ids, padding_idx, vocab = args[0], args[1], args[2], args[3]
         return PerRank(

@@ -29,6 +29,7 @@ import torch.fx
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.runtime.collectives import (
+    draw_mask,
     local_vocab_embedding,
     reduce_loss,
     vocab_cross_entropy_backward,
@@ -157,6 +158,24 @@ class _Lowering:
             def backward(ctx, grad):
                 return low.chunk(grad, ctx.dim), None
 
+        class AllGatherRS(torch.autograd.Function):
+            """All-gather read by sharded ops: the gradient is partial, reduce-scattered back."""
+
+            @staticmethod
+            def forward(ctx, x, dim):
+                ctx.dim = dim
+                return low.gather(x, dim)
+
+            @staticmethod
+            def backward(ctx, grad):
+                return low.reduce_scatter(grad, ctx.dim), None
+
+        def sequence_dropout(x, p, dim, axis, native=False):
+            # this rank's part of the whole value's mask, sliced by the rank tensor (one program)
+            keep = low.chunk(draw_mask(_on_tp(x, axis), p, dim, low.size), dim)
+            out = x * keep * (0.0 if p >= 1 else 1.0 / (1.0 - p))
+            return (out, keep) if native else out
+
         class ReduceScatter(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x, dim):
@@ -209,6 +228,8 @@ class _Lowering:
         return {
             "all_reduce": lambda x, axis: AllReduce.apply(_on_tp(x, axis)),
             "all_gather": lambda x, dim, axis: AllGather.apply(_on_tp(x, axis), dim),
+            "all_gather_rs": lambda x, dim, axis: AllGatherRS.apply(_on_tp(x, axis), dim),
+            "sequence_dropout": sequence_dropout,
             "reduce_scatter": lambda x, dim, axis: ReduceScatter.apply(_on_tp(x, axis), dim),
             "shard": lambda x, dim, axis: Shard.apply(_on_tp(x, axis), dim),
             "grad_all_reduce": lambda x, axis: GradAllReduce.apply(_on_tp(x, axis)),
@@ -465,7 +486,7 @@ def program_collectives(
     """The XLA collectives our own partitioned program amounts to, counted from its ops: forward
     all-reduce (sum; the vocab-parallel loss adds a max and two sums), all-gather, reduce-scatter;
     backward, for ops whose input carries a gradient: grad_all_reduce's all-reduce, the all-gather
-    of reduce_scatter's and shard's. `grad_inputs`: indices of the placeholders with a gradient
+    of reduce_scatter's and shard's, the reduce-scatter of all_gather_rs's. `grad_inputs`: indices of the placeholders with a gradient
     (None: every floating one)."""
     grad = _grad_nodes(gm, grad_inputs)
     fwd = {f: 0 for f in ops.PARALLEL_OPS}
@@ -477,12 +498,13 @@ def program_collectives(
     counts = {
         "all-reduce": fwd[ops.all_reduce] + 2 * fwd[ops.vocab_parallel_cross_entropy],
         "all-reduce/max": fwd[ops.vocab_parallel_cross_entropy],
-        "all-gather": fwd[ops.all_gather],
+        "all-gather": fwd[ops.all_gather] + fwd[ops.all_gather_rs],
         "reduce-scatter": fwd[ops.reduce_scatter],
     }
     if backward:
         counts["all-reduce"] += bwd[ops.grad_all_reduce]
         counts["all-gather"] += bwd[ops.reduce_scatter] + bwd[ops.shard]
+        counts["reduce-scatter"] += bwd[ops.all_gather_rs]
     return {k: v for k, v in counts.items() if v}
 
 

@@ -1,8 +1,8 @@
 """Command line.
 
 nxd-autoshard verify --config cfg.json --tp 4 [--pp 2 --dp 2 --schedule 1f1b] [--world gloo|sim]
-    [--activation-checkpointing full|selective] [--precision bf16]
-nxd-autoshard plan --config cfg.json --tp 8 [--format text|json|html] [-o FILE]
+    [--activation-checkpointing full|selective] [--precision bf16] [--sequence-parallel]
+nxd-autoshard plan --config cfg.json --tp 8 [--sequence-parallel] [--format text|json|html] [-o FILE]
 nxd-autoshard compile --config cfg.json --tp 8 --pp 4 --target trn1|trn2 -o DIR  (torch-xla)
 """
 
@@ -37,6 +37,7 @@ def _verify(ns: argparse.Namespace) -> int:
         atol=ns.atol,
         activation_checkpointing=ns.activation_checkpointing,
         precision=ns.precision,
+        sequence_parallel=ns.sequence_parallel,
     )
     for check in checks:
         print(check.line())
@@ -51,8 +52,6 @@ def _fail(message: str) -> int:
 
 
 def _plan(ns: argparse.Namespace) -> int:
-    if ns.sequence_parallel:
-        return _fail("--sequence-parallel is not implemented yet; plan without it")
     import json
 
     from rich.console import Console
@@ -61,7 +60,11 @@ def _plan(ns: argparse.Namespace) -> int:
     from nxd_autoshard.compiler.driver import pass_names
     from nxd_autoshard.tools.plan_meta import plan_on_meta
 
-    steps = ["build model on meta", *pass_names(ns.pp), "report"]
+    steps = [
+        "build model on meta",
+        *pass_names(ns.pp, sequence_parallel=ns.sequence_parallel),
+        "report",
+    ]
     err = Console(stderr=True)
     with Progress(
         SpinnerColumn(),
@@ -93,6 +96,7 @@ def _plan(ns: argparse.Namespace) -> int:
                 microbatches=ns.microbatches,
                 schedule=ns.schedule,
                 balance=ns.balance,
+                sequence_parallel=ns.sequence_parallel,
             )
         except (ValueError, AutoshardError) as err:
             return _fail(str(err))
@@ -192,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         default="fp32",
         help="bf16: bf16 compute from fp32 master weights, checked against the model in bf16",
     )
+    v.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Megatron-SP: norms and residual adds on Shard(seq); --seq must be a multiple of tp",
+    )
     v.add_argument("--rtol", type=float, default=None, help="default: 1e-4 (bf16: 4e-2)")
     v.add_argument("--atol", type=float, default=None, help="default: 1e-5 (bf16: 1e-3)")
     v.set_defaults(func=_verify)
@@ -207,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b")
     p.add_argument("--balance", choices=BALANCE, default="flops", help="how stages are balanced")
-    p.add_argument("--sequence-parallel", action="store_true", help="not implemented yet")
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Megatron-SP: norms and residual adds on Shard(seq), reduce-scatter / all-gather",
+    )
     p.add_argument(
         "--plan", default="auto", help="auto, a family name (llama, gpt2, ...) or a YAML file"
     )

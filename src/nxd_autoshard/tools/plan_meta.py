@@ -57,6 +57,7 @@ def plan_on_meta(
     microbatches: int | None = None,
     schedule: str = "1f1b",
     balance: str = "flops",
+    sequence_parallel: bool = False,
 ):
     """Build on meta, autoshard at tp (x pp), return the ShardedModule; `step(name, seconds)` per
     stage. With pp > 1, `batch` is one microbatch."""
@@ -81,5 +82,6 @@ def plan_on_meta(
             microbatches=microbatches,
             schedule=schedule,
             balance=balance,
+            sequence_parallel=sequence_parallel,
         )
     return sharded

@@ -176,19 +176,24 @@ def verify_config(
     atol: float | None = None,
     activation_checkpointing: str | None = None,
     precision: str = "fp32",
+    sequence_parallel: bool = False,
 ) -> list[Check]:
     """Compare the sharded model (gloo processes or the simulator) with the unsharded one in this process.
 
     With pp or dp > 1 the sharded side runs `train_step` on dp x microbatches chunks of the batch
     and its loss and gradients are compared with the unsharded model's on the whole batch.
-    activation_checkpointing / precision go to autoshard; with precision="bf16" the reference is
+    activation_checkpointing / precision / sequence_parallel go to autoshard; with precision="bf16" the reference is
     the unsharded model in bf16 and rtol / atol default to bf16's round-off (`TOLERANCES`).
     """
     if precision not in TOLERANCES:
         raise ValueError(f"unknown precision '{precision}': use one of {', '.join(TOLERANCES)}")
     rtol = TOLERANCES[precision][0] if rtol is None else rtol
     atol = TOLERANCES[precision][1] if atol is None else atol
-    features = {"activation_checkpointing": activation_checkpointing, "precision": precision}
+    features = {
+        "activation_checkpointing": activation_checkpointing,
+        "precision": precision,
+        "sequence_parallel": sequence_parallel,
+    }
     if world not in ("gloo", "sim"):
         raise ValueError(f"unknown world '{world}': use 'gloo' (processes) or 'sim' (one process)")
     config = load_config(config)
