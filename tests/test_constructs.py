@@ -158,7 +158,11 @@ def test_fused_qkv_whose_heads_do_not_split_splits_by_rows():
     assert placements["layers.0.w1.weight"] == "S(0)"
     assert totals["replicated_block_matmuls"] == 0
     assert len(totals["block_collectives"]) == 1  # identical blocks, identical plans
-    assert not messages, messages
+    # sharded, but the attention runs on all heads on every rank: said once, for both layers
+    assert len(messages) == 1 and "'layers.*.wqkv' (2 matmul(s)) split by rows" in messages[0]
+    assert "split_with_sizes" in messages[0]
+    # against Megatron's optimum (2 + 2), not this plan's own: one all-reduce each way more
+    assert totals["block_optimum"] == [[2, 2]]
 
 
 @pytest.mark.parametrize("tp", [2, 4])

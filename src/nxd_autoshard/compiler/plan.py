@@ -49,6 +49,8 @@ class Plan:
     blocks: dict[str, int | tuple[int, ...]] = field(default_factory=dict)  # fused qkv blocks
     padded: dict[str, int] = field(default_factory=dict)  # param -> padded size of its shard dim
     auto_styles: dict[str, str] = field(default_factory=dict)  # module -> style auto chose
+    # modules of repeated blocks split by rows because their column split was undone (why)
+    row_fallbacks: dict[str, str] = field(default_factory=dict)
     # pipeline: units of the first capture, the stage of each, and their costs
     units: object | None = None  # compiler.split.Units
     stage_of_unit: list[int] | None = None
@@ -82,8 +84,10 @@ def decide_placements(
     twins = _twins(settings.full_shapes)
     minor = _minor_matmuls(program, settings)
     inputs_of: dict[str, str] = {}  # column module -> its input node, in any round
+    ideal: dict[str, str] | None = None  # module -> style of the first round (no veto yet)
     for _ in range(16):
         result = _propagate(program, settings, plan, veto, auto=settings.auto and first)
+        ideal = dict(result.auto_styles) if ideal is None else ideal
         for module, x in result.column_inputs.items():
             inputs_of.setdefault(module, x)
         # auto choices that end in a gather are undone; a rule the user wrote is kept
@@ -120,7 +124,7 @@ def decide_placements(
         )
     if first:
         _commit(result, settings, plan)
-        _report_replicated(program, settings, plan, undone, inputs_of)
+        _report_replicated(program, settings, plan, undone, inputs_of, ideal or {})
     return result
 
 
@@ -164,9 +168,11 @@ def _report_replicated(
     plan: Plan,
     undone: dict[str, str],
     column_inputs: dict[str, str],
+    ideal: dict[str, str],
 ) -> None:
-    """Warn (or raise, strict) once per distinct cause when a block's matmul stays replicated,
-    or an undone auto split leaves a matmul outside the blocks whole.
+    """Warn (or raise, strict) once per distinct cause when a block's matmul stays replicated or
+    is split by rows for want of its column split, or an undone auto split leaves a matmul
+    outside the blocks whole.
 
     A tp that splits no matmul of any block is a DivisibilityError with the tp values that do.
     """
@@ -220,11 +226,31 @@ def _report_replicated(
             f"{names} ({len(modules)} matmul(s)) stay replicated on every rank (the full "
             f"weight, no split): {_with_op(example, program)}"
         )
+    # a column split undone inside a block and taken by rows instead: sharded, but what it feeds
+    # (an attention core, say) runs whole on every rank and its output is all-reduced, one
+    # collective each way more than Megatron's column split. Only a column of the first round,
+    # before any veto: a later round's column (an output projection fed by a whole attention)
+    # falling back to its rows is where Megatron has it anyway
+    rows: dict[str, list[str]] = {}
+    for module, why in undone.items():
+        fallback = plan.auto_styles.get(module) == "row" and ideal.get(module) == "column"
+        if fallback and block_of(module) is not None:
+            plan.row_fallbacks[module] = why
+            rows.setdefault(_INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why)), []).append(
+                module
+            )
+    for modules in rows.values():
+        names = ", ".join(repr(n) for n in dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
+        problems.append(
+            f"{names} ({len(modules)} matmul(s)) split by rows, not columns: what they feed runs "
+            "whole on every rank and their outputs are all-reduced (a collective each way more "
+            f"than the column split): {_with_op(undone[modules[0]], program)}"
+        )
     if not problems:
         return
     if settings.strict:
         raise PlanError(
-            "autoshard(strict=True): matmuls are not sharded:\n  "
+            "autoshard(strict=True): matmuls are not sharded as Megatron shards them:\n  "
             + "\n  ".join(problems)
             + "\nWhat to do: give these modules a style in plan=, or drop strict=True "
             "to accept the replication"
@@ -293,7 +319,9 @@ def _traffic(result: PropagationResult) -> tuple[int, int]:
 
 
 def _minor_matmuls(program: CapturedProgram, settings: CompileSettings) -> set[str]:
-    """Modules of a block whose weights are under 2 % of the block's matrices (an MoE router)."""
+    """Modules of a block whose weights are under 5 % of the block's matrices (an MoE router, a
+    low-rank down projection such as MLA's kv_a): kept whole when their split is undone, since
+    rows would add an all-reduce to save little memory (Megatron keeps them whole too)."""
     per_module: dict[str, int] = {}
     per_block: dict[str, int] = {}
     for name, shape in settings.full_shapes.items():
@@ -303,7 +331,7 @@ def _minor_matmuls(program: CapturedProgram, settings: CompileSettings) -> set[s
             continue
         per_module[module] = per_module.get(module, 0) + math.prod(shape)
         per_block[block] = per_block.get(block, 0) + math.prod(shape)
-    return {m for m, size in per_module.items() if size * 50 < per_block[block_of(m)]}
+    return {m for m, size in per_module.items() if size * 20 < per_block[block_of(m)]}
 
 
 def _why_not_split(weight: str, settings: CompileSettings) -> str:

@@ -21,6 +21,7 @@ import torch.fx
 
 from nxd_autoshard.ir.meta import (
     index_of,
+    is_parameter,
     padded_of,
     set_index,
     set_padded,
@@ -429,6 +430,12 @@ def _feeds_residual(node: torch.fx.Node, placements: dict) -> bool:
         if len(users) != 1:
             return False
         user = users[0]
+        if _packet(user) is aten.add and any(
+            a is not current and isinstance(a, torch.fx.Node) and is_parameter(a)
+            for a in user.args[:2]
+        ):
+            current = user  # the projection's own bias (split off by split_bias)
+            continue
         if _packet(user) is aten.add:
             other = [a for a in user.args[:2] if a is not current]
             return (

@@ -465,7 +465,9 @@ def _reduces_a_sharded_dim(node: torch.fx.Node) -> bool:
 
 
 def _optimum(
-    nodes: list[torch.fx.Node], sequence_parallel: bool = False
+    nodes: list[torch.fx.Node],
+    sequence_parallel: bool = False,
+    row_fallbacks: frozenset[str] = frozenset(),
 ) -> tuple[int, int, int, int]:
     """Megatron's count for a block: an all-reduce per row-parallel output forward and per
     distinct column-parallel input backward (2 + 2 for attention + MLP), plus one each way per
@@ -474,7 +476,9 @@ def _optimum(
     replicated KV projection; then the block's matmuls with a weight, and how many of them are
     sharded. With sequence parallelism each all-reduce is a reduce-scatter plus an all-gather,
     the same bytes: a reduce-scatter per row-parallel output and an all-gather per
-    column-parallel input forward, and their conjugates backward (4 + 4)."""
+    column-parallel input forward, and their conjugates backward (4 + 4). A module split by
+    rows only because its column split was undone (`row_fallbacks`) counts as the column
+    Megatron makes it: the optimum is Megatron's, not this plan's."""
     rows, column_inputs, matmuls, sharded = 0, set(), 0, 0
     for node in nodes:
         if _reduces_a_sharded_dim(node):
@@ -486,7 +490,9 @@ def _optimum(
         placement, out_dim, act = found
         matmuls += 1
         sharded += isinstance(placement, Shard)
-        if isinstance(placement, Shard) and placement.dim == out_dim:
+        if isinstance(placement, Shard) and (
+            placement.dim == out_dim or _weight_module(node) in row_fallbacks
+        ):
             column_inputs.add(act)
         elif isinstance(placement, Shard):
             rows += 1
@@ -495,6 +501,15 @@ def _optimum(
         both = rows + len(column_inputs)
         return both, both + slices, matmuls, sharded
     return rows, len(column_inputs) + slices, matmuls, sharded
+
+
+def _weight_module(node: torch.fx.Node) -> str | None:
+    """The module whose parameter a matmul node multiplies by."""
+    from nxd_autoshard.compiler.propagate import weight_role
+
+    role = weight_role(node)
+    name = state_name_of(_parameter_source(role[0])) if role else None
+    return name.rsplit(".", 1)[0] if name else None
 
 
 def _replicated_projection(shard: torch.fx.Node) -> bool:
@@ -591,7 +606,9 @@ def build_report(sharded, *, program: int = 0) -> Report:
             if block is not None:
                 by_block.setdefault(block, []).append(node)
     sp = sharded._settings.sequence_parallel
-    blocks = _block_rows(by_block, params, collectives, tp, sp)
+    blocks = _block_rows(
+        by_block, params, collectives, tp, sp, frozenset(sharded.plan.row_fallbacks)
+    )
     stage_programs = sharded.stages(program)
     if stage_programs:
         stages = _stage_rows(sharded, gm, stage_programs, params, collectives, tp)
@@ -721,7 +738,9 @@ def _sequence_regions(gm: torch.fx.GraphModule) -> list[str]:
     return list(found)
 
 
-def _block_rows(by_block, params, collectives, tp, sequence_parallel=False) -> list[BlockRow]:
+def _block_rows(
+    by_block, params, collectives, tp, sequence_parallel=False, row_fallbacks=frozenset()
+) -> list[BlockRow]:
     rows = []
     seen: dict[tuple, str] = {}
     for name, nodes in by_block.items():
@@ -731,7 +750,7 @@ def _block_rows(by_block, params, collectives, tp, sequence_parallel=False) -> l
             if c.block == name:
                 fwd.update(e.kind for e in c.forward)
                 bwd.update(e.kind for e in c.backward)
-        opt_f, opt_b, matmuls, sharded = _optimum(nodes, sequence_parallel)
+        opt_f, opt_b, matmuls, sharded = _optimum(nodes, sequence_parallel, row_fallbacks)
         # a replicated parameter read by every rank's own heads (a per-head q/k norm's weight)
         # needs its gradient summed over tp: Megatron all-reduces those too
         opt_b += sum(1 for c in collectives if c.block == name and c.of_parameter)
