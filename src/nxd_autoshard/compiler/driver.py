@@ -30,6 +30,7 @@ from nxd_autoshard.compiler.precision import DTYPES, cast_state
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.compiler.recompute import check_found, mark_recompute
 from nxd_autoshard.compiler.split import split_stages
+from nxd_autoshard.compiler.stamp import capture_stamped
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.printer import graph_text
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram
@@ -261,13 +262,12 @@ def compile_call(
     """Capture one call of `model` (its meta shadow) and run every pass; fills `plan` the first time."""
     started = time.perf_counter()
     # stage programs are static per microbatch shape: values crossing a cut must be tensors
-    program = capture(
+    # identical blocks are traced once or twice and stamped out (compiler.stamp)
+    program = capture_stamped(
         model,
-        args,
-        kwargs,
-        training=training,
-        device=settings.device,
-        dynamic=settings.n_stages == 1,
+        lambda m: capture(
+            m, args, kwargs, training=training, device=settings.device, dynamic=settings.n_stages == 1
+        ),
     )
     _record(program.history, "capture", [program.gm], 0, started)
     ctx = CompileContext(settings, plan, model)
