@@ -18,7 +18,13 @@ import torch.fx
 
 from nxd_autoshard.ir.cost import node_flops
 from nxd_autoshard.ir.errors import PlanError
-from nxd_autoshard.ir.program import BlockCost, CapturedProgram, StageProgram, module_path
+from nxd_autoshard.ir.program import (
+    BlockCost,
+    CapturedProgram,
+    StageProgram,
+    graph_module,
+    module_path,
+)
 
 __all__ = [
     "BALANCE",
@@ -361,7 +367,7 @@ def split_program(
             graph.output(tuple(env[v] for v in out))
         else:
             out = []
-        stage_gm = torch.fx.GraphModule(gm, graph)
+        stage_gm = graph_module(gm, graph)
         stages.append(
             StageProgram(
                 index=s,

@@ -31,6 +31,7 @@ capture, with the reason in the debug log (`logging.getLogger("nxd_autoshard.sta
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from nxd_autoshard.ir.program import CapturedProgram, module_path
+from nxd_autoshard.ir.program import CapturedProgram, graph_module, module_path
 
 __all__ = ["capture_stamped", "full_capture", "renumber", "stamped_lists"]
 
@@ -88,6 +89,9 @@ def _freeze(value, depth: int = 0):
         return ("dict", tuple((repr(k), _freeze(v, depth + 1)) for k, v in value.items()))
     if depth < 4 and isinstance(value, (set, frozenset)):
         return ("set", tuple(sorted(repr(v) for v in value)))
+    if isinstance(value, functools.partial):  # each block's own partial of one function
+        return ("partial", _freeze(value.func, depth + 1), _freeze(value.args, depth + 1),
+                _freeze(value.keywords, depth + 1))
     if isinstance(value, torch.Tensor):  # a plain tensor attribute: this very tensor
         return ("tensor", id(value))
     return ("object", type(value).__qualname__, id(value))
@@ -513,7 +517,7 @@ def renumber(program: CapturedProgram, stamps: dict | None = None) -> CapturedPr
             env[node].meta = dict(node.meta)
         else:
             env[node] = _copy_node(graph, node, args, kwargs, dict(node.meta))
-    new_gm = torch.fx.GraphModule(gm, graph)
+    new_gm = graph_module(gm, graph)
     program.gm = new_gm
     program.state_names, program.state_kinds = new_names, new_kinds
     return program
@@ -551,12 +555,13 @@ def _expand_state(program, graph, env, state_ph, stamps):
         for k in run:
             by_pos.setdefault(regions.state[state_ph[k]][1], []).append(k)
         positions = [regions.state[state_ph[k]][1] for k in run]
-        if positions != sorted(positions) or sorted(by_pos) != list(range(lists[li].prefix)):
+        if positions != sorted(positions):
             raise _Fallback(f"the state of {lists[li].path}'s blocks is not in block order")
         blist = lists[li]
+        # (a class's blocks hold the same state: a run may skip the blocks of a class with none)
         for j in range(blist.length):
             r = blist.rep(j)
-            for k in by_pos[r]:
+            for k in by_pos.get(r, []):
                 rel = regions.state[state_ph[k]][2]
                 name = f"{blist.path}.{j}.{rel}"
                 meta = dict(state_ph[k].meta)
