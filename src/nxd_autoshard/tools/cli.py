@@ -8,6 +8,7 @@ nxd-autoshard plan --config cfg.json --tp 8 [--format text|json|html] [-o FILE]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nxd_autoshard.compiler.split import BALANCE
@@ -182,4 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-progress", action="store_true", help="leave the progress bar on screen")
     p.set_defaults(func=_plan)
     ns = parser.parse_args(argv)
-    return ns.func(ns)
+    rc = ns.func(ns)
+    if argv is None and ns.command == "plan":
+        # the console script: the report is written; tearing down the heap of a 70B model's
+        # program (millions of small objects) would take longer than some of the passes did
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
