@@ -30,7 +30,11 @@ CONFIGS = {
     "llama": config_dict("llama", num_hidden_layers=5),
     "gpt2": config_dict("gpt2", n_layer=4),
     "mixtral": dict(
-        model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=4, **TINY
+        model_type="mixtral",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=4,
+        **TINY,
     ),
     # Gemma-2: sliding and full attention alternate (`layer_types`): two classes of blocks
     "gemma2": dict(

@@ -323,7 +323,12 @@ def compile_call(
     program = capture_stamped(
         model,
         lambda m: capture(
-            m, args, kwargs, training=training, device=settings.device, dynamic=settings.n_stages == 1
+            m,
+            args,
+            kwargs,
+            training=training,
+            device=settings.device,
+            dynamic=settings.n_stages == 1,
         ),
     )
     _record(program.history, "capture", [program.gm], 0, started)

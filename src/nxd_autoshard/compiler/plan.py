@@ -196,7 +196,9 @@ def _report_replicated(
             if n.rsplit(".", 1)[0] == module
         ):
             degraded.append(module)
-    sharded_modules = {n.rsplit(".", 1)[0] for n, p in plan.placements.items() if isinstance(p, Shard)}
+    sharded_modules = {
+        n.rsplit(".", 1)[0] for n, p in plan.placements.items() if isinstance(p, Shard)
+    }
     split_inputs = {x for m, x in column_inputs.items() if m in sharded_modules}
     causes: dict[str, list[str]] = {}
     for module in dict.fromkeys(degraded):

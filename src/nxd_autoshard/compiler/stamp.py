@@ -90,8 +90,12 @@ def _freeze(value, depth: int = 0):
     if depth < 4 and isinstance(value, (set, frozenset)):
         return ("set", tuple(sorted(repr(v) for v in value)))
     if isinstance(value, functools.partial):  # each block's own partial of one function
-        return ("partial", _freeze(value.func, depth + 1), _freeze(value.args, depth + 1),
-                _freeze(value.keywords, depth + 1))
+        return (
+            "partial",
+            _freeze(value.func, depth + 1),
+            _freeze(value.args, depth + 1),
+            _freeze(value.keywords, depth + 1),
+        )
     if isinstance(value, torch.Tensor):  # a plain tensor attribute: this very tensor
         return ("tensor", id(value))
     return ("object", type(value).__qualname__, id(value))
@@ -124,7 +128,9 @@ def _classes(blocks: torch.nn.ModuleList) -> tuple[list[int], list[tuple[str, st
     per_block = [_items(block) for block in blocks]
     index_attrs = None
     for i, items in enumerate(per_block):
-        here = {(it[1], it[2]) for it in items if it[0] == "attr" and type(it[3]) is int and it[3] == i}
+        here = {
+            (it[1], it[2]) for it in items if it[0] == "attr" and type(it[3]) is int and it[3] == i
+        }
         index_attrs = here if index_attrs is None else index_attrs & here
     index_attrs = index_attrs or set()
     seen: dict[tuple, int] = {}
@@ -374,7 +380,9 @@ def _outputs(regions: _Regions) -> dict[tuple[int, int], list[torch.fx.Node]]:
 
 
 def _map_args(value, fn):
-    return torch.fx.node.map_aggregate(value, lambda a: fn(a) if isinstance(a, torch.fx.Node) else a)
+    return torch.fx.node.map_aggregate(
+        value, lambda a: fn(a) if isinstance(a, torch.fx.Node) else a
+    )
 
 
 def _region_key(where, regions: _Regions, outputs, lists: list[_List]) -> list:
@@ -382,12 +390,16 @@ def _region_key(where, regions: _Regions, outputs, lists: list[_List]) -> list:
     li, r = where
     key = []
     for node in regions.nodes[where]:
-        args = _map_args((node.args, node.kwargs), lambda a: _proof_source(a, where, regions, outputs))
+        args = _map_args(
+            (node.args, node.kwargs), lambda a: _proof_source(a, where, regions, outputs)
+        )
         stack = [
             (re.sub(rf"^{re.escape(lists[li].path)}\.{r}(?=\.|$)", "<b>", v[0]), str(v[1]))
             for v in (node.meta.get("nn_module_stack") or {}).values()
         ]
-        key.append((node.op, node.target, _key_of_args(args), _val_key(node.meta.get("val")), stack))
+        key.append(
+            (node.op, node.target, _key_of_args(args), _val_key(node.meta.get("val")), stack)
+        )
     return key
 
 
@@ -434,7 +446,8 @@ def _prove_alike(regions: _Regions, outputs, lists: list[_List]) -> None:
                 first[c] = key
             elif key != first[c]:
                 at = next(
-                    (k for k, (a, b) in enumerate(zip(key, first[c])) if a != b), min(len(key), len(first[c]))
+                    (k for k, (a, b) in enumerate(zip(key, first[c])) if a != b),
+                    min(len(key), len(first[c])),
                 )
                 raise _Fallback(
                     f"{blist.path}.{r} captured another program than the first block of its "
@@ -643,7 +656,12 @@ def capture_stamped(model: torch.nn.Module, capture_fn) -> CapturedProgram:
     except _Fallback as why:
         log.debug("full capture of %s: %s", type(model).__name__, why)
     except ImportError as err:  # the prefix alone does not capture: the full model may
-        log.debug("full capture of %s: the prefix failed (%s: %s)", type(model).__name__, type(err).__name__, err)
+        log.debug(
+            "full capture of %s: the prefix failed (%s: %s)",
+            type(model).__name__,
+            type(err).__name__,
+            err,
+        )
     return renumber(capture_fn(model))
 
 
