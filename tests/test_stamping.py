@@ -189,15 +189,26 @@ class _Stack(torch.nn.Module):
         super().__init__()
         self.layers = torch.nn.ModuleList(_Block(i, use) for i in range(layers))
         self.head = torch.nn.Linear(16, 4, bias=False)
+        self.use, self.n = use, layers
 
     def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
+        first = None
+        for i in range(self.n) if self.use == "count" else range(len(self.layers)):
+            x = self.layers[i](x)  # "count": the loop runs over a count kept beside the list
+            if self.use == "first":  # every block after the first also reads the first's output
+                first = x if first is None else first
+                x = x + first if i else x
         return self.head(x).sum()
 
 
 @pytest.mark.parametrize(
-    "use, why", [("python", "position attribute"), ("tensor", "depends on the layer's position")]
+    "use, why",
+    [
+        ("python", "position attribute"),
+        ("tensor", "depends on the layer's position"),
+        ("count", "the prefix did not capture"),
+        ("first", "reads block 0, not the last"),
+    ],
 )
 def test_a_forward_that_reads_the_layer_index_is_traced(use, why, caplog):
     torch.manual_seed(0)

@@ -517,6 +517,8 @@ def renumber(program: CapturedProgram, stamps: dict | None = None) -> CapturedPr
 
         def arg(a: torch.fx.Node) -> torch.fx.Node:
             w = regions.of.get(a) if regions else None
+            if regions and a in regions.state:
+                raise _Fallback(f"code outside the blocks reads '{regions.state[a][2]}' of a block")
             if w is None:
                 return env[a]
             li, r = w
@@ -639,7 +641,13 @@ def capture_stamped(model: torch.nn.Module, capture_fn) -> CapturedProgram:
         return renumber(capture_fn(model))
     try:
         with _short(model, {b.path: b.prefix for b in lists}, index_attrs):
-            short = capture_fn(model)
+            try:
+                short = capture_fn(model)
+            except Exception as err:  # the prefix alone does not capture; the full model may
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise _Fallback(
+                    f"the prefix did not capture ({type(err).__name__}: {first})"
+                ) from err
             touched = list(_Touched.uses)
         if touched:
             raise _Fallback(f"the forward uses a block's position attribute ({touched[0]})")
@@ -648,21 +656,13 @@ def capture_stamped(model: torch.nn.Module, capture_fn) -> CapturedProgram:
         _prove_alike(regions, outputs, lists)
         stamps = {"lists": lists, "regions": regions, "outputs": outputs}
         program = renumber(short, stamps)
-        log.debug(
-            "stamped %s",
-            ", ".join(f"{b.path}: {b.prefix} of {b.length} blocks traced" for b in lists),
-        )
-        return program
     except _Fallback as why:
         log.debug("full capture of %s: %s", type(model).__name__, why)
-    except ImportError as err:  # the prefix alone does not capture: the full model may
-        log.debug(
-            "full capture of %s: the prefix failed (%s: %s)",
-            type(model).__name__,
-            type(err).__name__,
-            err,
-        )
-    return renumber(capture_fn(model))
+        return renumber(capture_fn(model))
+    log.debug(
+        "stamped %s", ", ".join(f"{b.path}: {b.prefix} of {b.length} blocks traced" for b in lists)
+    )
+    return program
 
 
 def _shared_tensors(model: torch.nn.Module, lists: list[_List]) -> bool:
