@@ -222,6 +222,12 @@ def main() -> None:
     ap.add_argument(
         "--full-up-to", type=int, default=80, help="measure the full capture up to this many layers"
     )
+    ap.add_argument(
+        "--peers-at",
+        default="",
+        help="layer counts of the 70B-shape sweep at which the full capture and pipeline() are "
+        "measured too (default: all; the full configs always)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only")
     ns = ap.parse_args()
     if ns.worker:
@@ -246,8 +252,12 @@ def main() -> None:
         layers = config["num_hidden_layers"]
         pp = min(PP, layers)
         results = {}
+        peers_at = {int(x) for x in ns.peers_at.split(",") if x}
         for tool in tools:
             if tool == "full" and layers > ns.full_up_to:
+                continue
+            sweep = name == "70B shape"
+            if tool in ("full", "pipeline") and sweep and peers_at and layers not in peers_at:
                 continue
             results[tool] = _measure(tool, config, pp)
             print(name, layers, tool, json.dumps(results[tool]), flush=True)
@@ -265,7 +275,9 @@ def _write(rows: list, no_write: bool) -> None:
         f"- Date: {datetime.date.today().isoformat()}; {_machine()}; 1 thread; load average "
         f"{LOAD_AT_START:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (the machine is "
         "shared: wall times move with the load, CPU seconds much less)",
-        f"- Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_scale.py` (tp {TP}, "
+        f"- Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_scale.py "
+        f"{' '.join(sys.argv[1:])}`".replace(" `", "`")
+        + f" (tp {TP}, "
         f"pp min({PP}, layers), microbatch {BATCH} x {SEQ} token ids on meta, bf16 shapes; every "
         "cell is one fresh process, wall time including interpreter start and imports)",
         "",
