@@ -236,3 +236,37 @@ def test_an_unused_layer_index_is_stamped(caplog):
         full = autoshard(model, 2, example_inputs=(x,))
     _assert_same(stamped, full)
     assert torch.allclose(stamped(x), model(x), atol=1e-5)
+
+
+def test_history_printed_when_read_equals_history_printed_after_each_pass(monkeypatch):
+    # the history keeps what the printer needs and prints when asked; printing right after
+    # each pass, as before, gives the same texts (passes change graphs in place after it)
+    from nxd_autoshard.compiler import driver
+
+    model = _model("llama")
+    args, kwargs = random_batch(model, batch=4)
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sharded = autoshard(model, 2, pp=2, example_inputs=args, example_kwargs=kwargs)
+        return [(r.name, r.ops_before, r.ops_after, r.text) for r in sharded.history]
+
+    lazy = run()
+
+    class Printed:
+        def __init__(self, gms):
+            self.text = (
+                graph_text(gms[0])
+                if len(gms) == 1
+                else "\n".join(f"# stage {i}\n{graph_text(g)}" for i, g in enumerate(gms))
+            )
+
+        def printed(self):
+            return self.text
+
+    monkeypatch.setattr(driver, "_Snapshot", Printed)
+    eager = run()
+    assert [r[0] for r in lazy] == [r[0] for r in eager]
+    assert lazy == eager
+    assert len({r[3] for r in lazy}) > 3  # the passes did change the program
