@@ -4,7 +4,12 @@ Every measurement is its own Python process (so its wall time includes interpret
 imports, as a user's `nxd-autoshard plan` does, and its peak RSS is its own):
 
 * autoshard: `plan_on_meta(config, tp=8, pp=8)` (build on meta, capture, every pass, the
-  split into stages) and the JSON report, as `nxd-autoshard plan --format json` runs them;
+  split into stages) and the JSON report, as `nxd-autoshard plan --format json` runs them
+  (ending as it does, without tearing down the heap: `os._exit` once the output is written);
+  its capture traces a short prefix of the decoder layers and stamps out the rest
+  (compiler/stamp.py);
+* full: the same with every layer traced (`compiler.stamp.full_capture()`), the path before
+  stamping, to show what stamping saves;
 * export: `torch.export.export` of the same meta model alone (non-strict, as our capture);
 * pipeline: `torch.distributed.pipelining.pipeline()` on the same model cut into the same
   number of stages at layer boundaries (no TP, no report): the peer that also captures with
@@ -22,6 +27,7 @@ Writes the section "## Planning at scale (meta device)" of benchmarks/RESULTS.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -35,7 +41,7 @@ STARTED = time.perf_counter()  # before torch is imported: the worker's import t
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Planning at scale (meta device)"
-TOOLS = ("autoshard", "export", "pipeline")
+TOOLS = ("autoshard", "full", "export", "pipeline")
 COMMON = dict(
     model_type="llama",
     architectures=["LlamaForCausalLM"],
@@ -83,7 +89,8 @@ def _worker(tool: str, config: dict, pp: int) -> dict:
     import torch
     import transformers
 
-    if tool == "autoshard":
+    if tool in ("autoshard", "full"):
+        from nxd_autoshard.compiler.stamp import full_capture
         from nxd_autoshard.tools.plan_meta import plan_on_meta  # imports the whole package
 
         times["imports"] = time.perf_counter() - STARTED
@@ -94,7 +101,8 @@ def _worker(tool: str, config: dict, pp: int) -> dict:
             passes[name] = passes.get(name, 0.0) + seconds
 
         t = time.perf_counter()
-        sharded = plan_on_meta(config, TP, pp=pp, batch=BATCH, seq=SEQ, step=step)
+        with full_capture() if tool == "full" else contextlib.nullcontext():
+            sharded = plan_on_meta(config, TP, pp=pp, batch=BATCH, seq=SEQ, step=step)
         times["plan"] = time.perf_counter() - t
         times["build"] = passes.pop("build model on meta")
         times["capture"] = passes.pop("capture")
@@ -184,19 +192,23 @@ def _time(r: dict | None) -> str:
 def _table(rows: list[tuple[str, int, int, dict[str, dict]]]) -> str:
     head = (
         "| model | layers | pp | autoshard wall / CPU | peak RSS | imports | build | capture | "
-        "other passes | report | start, exit | export alone wall / CPU | RSS | pipeline() wall "
-        "/ CPU | RSS | autoshard / export (wall / CPU) | autoshard / pipeline() (wall / CPU) |\n"
+        "other passes | report | start, exit | full capture wall / CPU | RSS | export alone "
+        "wall / CPU | RSS | pipeline() wall / CPU | RSS | autoshard / full (wall / CPU) | "
+        "autoshard / export (wall / CPU) | autoshard / pipeline() (wall / CPU) |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|---:|"
     )
     lines = [head]
     for name, layers, pp, r in rows:
-        a, e, p = r.get("autoshard"), r.get("export"), r.get("pipeline")
+        a, f, e, p = r.get("autoshard"), r.get("full"), r.get("export"), r.get("pipeline")
         lines.append(
             f"| {name} | {layers} | {pp} | {_time(a)} | {_cell(a, 'peak_rss_mb', '{:.0f} MB')} | "
             f"{_cell(a, 'imports')} | {_cell(a, 'build')} | {_cell(a, 'capture')} | "
-            f"{_cell(a, 'passes')} | {_cell(a, 'report')} | {_cell(a, 'rest')} | {_time(e)} | "
+            f"{_cell(a, 'passes')} | {_cell(a, 'report')} | {_cell(a, 'rest')} | {_time(f)} | "
+            f"{_cell(f, 'peak_rss_mb', '{:.0f} MB')} | {_time(e)} | "
             f"{_cell(e, 'peak_rss_mb', '{:.0f} MB')} | {_time(p)} | "
-            f"{_cell(p, 'peak_rss_mb', '{:.0f} MB')} | {_ratio(a, e)} | {_ratio(a, p)} |"
+            f"{_cell(p, 'peak_rss_mb', '{:.0f} MB')} | {_ratio(a, f)} | {_ratio(a, e)} | "
+            f"{_ratio(a, p)} |"
         )
     return "\n".join(lines)
 
@@ -207,11 +219,23 @@ def main() -> None:
     ap.add_argument("--layers", default="2,4,8,16,32,64,128", help="70B-shape layer counts")
     ap.add_argument("--models", default="8B,70B,405B", help="full configs to plan")
     ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument(
+        "--full-up-to", type=int, default=80, help="measure the full capture up to this many layers"
+    )
+    ap.add_argument(
+        "--peers-at",
+        default="",
+        help="layer counts of the 70B-shape sweep at which the full capture and pipeline() are "
+        "measured too (default: all; the full configs always)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only")
     ns = ap.parse_args()
     if ns.worker:
         spec = json.loads(ns.worker)
-        print(json.dumps(_worker(spec["tool"], spec["config"], spec["pp"])))
+        print(json.dumps(_worker(spec["tool"], spec["config"], spec["pp"])), flush=True)
+        if spec["tool"] in ("autoshard", "full"):
+            sys.stderr.flush()
+            os._exit(0)  # as `nxd-autoshard plan` ends (tools/cli.py)
         return
     tools = [t for t in ns.tools.split(",") if t]
     runs = [
@@ -228,7 +252,13 @@ def main() -> None:
         layers = config["num_hidden_layers"]
         pp = min(PP, layers)
         results = {}
+        peers_at = {int(x) for x in ns.peers_at.split(",") if x}
         for tool in tools:
+            if tool == "full" and layers > ns.full_up_to:
+                continue
+            sweep = name == "70B shape"
+            if tool in ("full", "pipeline") and sweep and peers_at and layers not in peers_at:
+                continue
             results[tool] = _measure(tool, config, pp)
             print(name, layers, tool, json.dumps(results[tool]), flush=True)
         rows.append((name, layers, pp, results))
@@ -245,7 +275,9 @@ def _write(rows: list, no_write: bool) -> None:
         f"- Date: {datetime.date.today().isoformat()}; {_machine()}; 1 thread; load average "
         f"{LOAD_AT_START:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (the machine is "
         "shared: wall times move with the load, CPU seconds much less)",
-        f"- Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_scale.py` (tp {TP}, "
+        f"- Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_scale.py "
+        f"{' '.join(sys.argv[1:])}`".replace(" `", "`")
+        + f" (tp {TP}, "
         f"pp min({PP}, layers), microbatch {BATCH} x {SEQ} token ids on meta, bf16 shapes; every "
         "cell is one fresh process, wall time including interpreter start and imports)",
         "",

@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.fx
@@ -33,6 +33,7 @@ from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.compiler.recompute import check_found, mark_recompute
 from nxd_autoshard.compiler.sequence import sequence_parallel
 from nxd_autoshard.compiler.split import split_stages
+from nxd_autoshard.compiler.stamp import capture_stamped
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.printer import graph_text
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram
@@ -51,14 +52,77 @@ __all__ = [
 _LISTENERS: list[Callable[[PassRecord], None]] = []
 
 
-class PassRecord(NamedTuple):
-    """One pass: its name, op counts before and after, wall seconds, and the program after it."""
+class _Snapshot:
+    """What the printer reads of some graphs at one moment (each node's op, target, arguments
+    and metadata), kept so the text is printed only when asked: passes change graphs in place,
+    and printing every pass's program of a 70B model costs more than the passes."""
 
-    name: str
-    ops_before: int
-    ops_after: int
-    seconds: float
-    text: str
+    __slots__ = ("graphs", "text")
+
+    def __init__(self, gms: list[torch.fx.GraphModule]):
+        self.graphs = [
+            (
+                dict(gm.meta),
+                [(n, n.op, n.target, n.args, n.kwargs, dict(n.meta)) for n in gm.graph.nodes],
+            )
+            for gm in gms
+        ]
+        self.text: str | None = None
+
+    def printed(self) -> str:
+        if self.text is None:
+            gms = [_rebuilt(meta, nodes) for meta, nodes in self.graphs]
+            self.text = (
+                graph_text(gms[0])
+                if len(gms) == 1
+                else "\n".join(f"# stage {i}\n{graph_text(g)}" for i, g in enumerate(gms))
+            )
+            self.graphs = []
+        return self.text
+
+
+class _Printable:
+    """Enough of a GraphModule for the printer: a graph and the module's metadata."""
+
+    def __init__(self, graph: torch.fx.Graph, meta: dict):
+        self.graph, self.meta = graph, meta
+
+
+def _rebuilt(meta: dict, nodes: list) -> _Printable:
+    """A graph equal, for printing, to the one a snapshot was taken of."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node, op, target, args, kwargs, node_meta in nodes:
+        args, kwargs = torch.fx.node.map_arg((args, kwargs), lambda a: env[a])
+        env[node] = graph.create_node(op, target, args, kwargs, node.name)
+        env[node].meta = node_meta
+    return _Printable(graph, meta)
+
+
+class PassRecord:
+    """One pass: its name, op counts before and after, wall seconds, and the program after it
+    (`text`, printed when first read)."""
+
+    __slots__ = ("name", "ops_before", "ops_after", "seconds", "_text")
+
+    def __init__(self, name: str, ops_before: int, ops_after: int, seconds: float, text):
+        self.name, self.ops_before, self.ops_after, self.seconds = (
+            name,
+            ops_before,
+            ops_after,
+            seconds,
+        )
+        self._text = text
+
+    @property
+    def text(self) -> str:
+        return self._text if isinstance(self._text, str) else self._text.printed()
+
+    def __repr__(self) -> str:
+        return (
+            f"PassRecord(name={self.name!r}, ops_before={self.ops_before}, "
+            f"ops_after={self.ops_after}, seconds={self.seconds:.4f})"
+        )
 
 
 @dataclass
@@ -242,14 +306,8 @@ def count_ops(gm: torch.fx.GraphModule) -> int:
 def _record(
     history: list, name: str, gms: list[torch.fx.GraphModule], ops_before: int, started: float
 ) -> None:
-    text = (
-        graph_text(gms[0])
-        if len(gms) == 1
-        else "\n".join(f"# stage {i}\n{graph_text(g)}" for i, g in enumerate(gms))
-    )
-    record = PassRecord(
-        name, ops_before, sum(count_ops(g) for g in gms), time.perf_counter() - started, text
-    )
+    seconds = time.perf_counter() - started  # the pass itself, not the snapshot
+    record = PassRecord(name, ops_before, sum(count_ops(g) for g in gms), seconds, _Snapshot(gms))
     history.append(record)
     for listener in _LISTENERS:
         listener(record)
@@ -277,13 +335,17 @@ def compile_call(
     """Capture one call of `model` (its meta shadow) and run every pass; fills `plan` the first time."""
     started = time.perf_counter()
     # stage programs are static per microbatch shape: values crossing a cut must be tensors
-    program = capture(
+    # identical blocks are traced once or twice and stamped out (compiler.stamp)
+    program = capture_stamped(
         model,
-        args,
-        kwargs,
-        training=training,
-        device=settings.device,
-        dynamic=settings.n_stages == 1,
+        lambda m: capture(
+            m,
+            args,
+            kwargs,
+            training=training,
+            device=settings.device,
+            dynamic=settings.n_stages == 1,
+        ),
     )
     _record(program.history, "capture", [program.gm], 0, started)
     ctx = CompileContext(settings, plan, model)

@@ -202,11 +202,10 @@ def _report_replicated(
             if n.rsplit(".", 1)[0] == module
         ):
             degraded.append(module)
-    split_inputs = {
-        x
-        for m, x in column_inputs.items()
-        if any(isinstance(p, Shard) for n, p in plan.placements.items() if n.rsplit(".", 1)[0] == m)
+    sharded_modules = {
+        n.rsplit(".", 1)[0] for n, p in plan.placements.items() if isinstance(p, Shard)
     }
+    split_inputs = {x for m, x in column_inputs.items() if m in sharded_modules}
     causes: dict[str, list[str]] = {}
     for module in dict.fromkeys(degraded):
         why = undone.get(module) or _why_not_split(module + ".weight", settings)

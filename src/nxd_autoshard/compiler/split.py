@@ -18,7 +18,13 @@ import torch.fx
 
 from nxd_autoshard.ir.cost import node_flops
 from nxd_autoshard.ir.errors import PlanError
-from nxd_autoshard.ir.program import BlockCost, CapturedProgram, StageProgram, module_path
+from nxd_autoshard.ir.program import (
+    BlockCost,
+    CapturedProgram,
+    StageProgram,
+    graph_module,
+    module_path,
+)
 
 __all__ = [
     "BALANCE",
@@ -210,25 +216,41 @@ def check_stage_count(stages: int, blocks: int, model: str = "the model", note: 
 def balance(costs: list[float], stages: int, cut_ok: list[bool] | None = None) -> list[int]:
     """Stage index of each unit: contiguous runs minimising the largest stage cost (linear partition
     DP); a stage may only start at a unit k with cut_ok[k]."""
+    import numpy as np
+
     n = len(costs)
     cut_ok = cut_ok or [True] * n
     check_stage_count(stages, sum(cut_ok))
-    prefix = [0.0]
+    # the running sum in Python's order, so that sums (and ties between them) are as before
+    exact = [0.0]
     for c in costs:
-        prefix.append(prefix[-1] + c)
+        exact.append(exact[-1] + c)
+    prefix = np.array(exact, dtype=np.float64)
+    allowed = np.array([True] + [bool(ok) for ok in cut_ok[1:]], dtype=bool)
     inf = float("inf")
     # best[k][i]: smallest max cost of the first i units in k stages; cut[k][i]: start of the last stage
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    best = np.full((stages + 1, n + 1), inf)
     cut = [[0] * (n + 1) for _ in range(stages + 1)]
     best[0][0] = 0.0
     for k in range(1, stages + 1):
         for i in range(k, n - (stages - k) + 1):
-            for j in range(k - 1, i):
-                if not cut_ok[j] and j > 0:
-                    continue
-                worst = max(best[k - 1][j], prefix[i] - prefix[j])
-                if worst < best[k][i] - 1e-9 * max(1.0, worst):
-                    best[k][i], cut[k][i] = worst, j
+            j = np.arange(k - 1, i)
+            values = np.maximum(best[k - 1][k - 1 : i], prefix[i] - prefix[k - 1 : i])
+            values = np.where(allowed[k - 1 : i], values, inf)
+            low = values.min()
+            if low == inf:
+                continue
+            near = (values > low) & (values <= low + 2e-9 * max(1.0, low))
+            # the scan keeps the first j that beats the best so far by more than a rounding
+            # error: with no value within that of the minimum, it is the first minimum
+            if not near.any():
+                best[k][i], cut[k][i] = low, int(j[int(values.argmin())])
+                continue
+            here = inf
+            for jj, worst in zip(j.tolist(), values.tolist()):
+                if worst < here - 1e-9 * max(1.0, worst):
+                    here, cut[k][i] = worst, jj
+            best[k][i] = here
     bounds, i = [], n
     for k in range(stages, 0, -1):
         bounds.append(cut[k][i])
@@ -361,7 +383,7 @@ def split_program(
             graph.output(tuple(env[v] for v in out))
         else:
             out = []
-        stage_gm = torch.fx.GraphModule(gm, graph)
+        stage_gm = graph_module(gm, graph)
         stages.append(
             StageProgram(
                 index=s,

@@ -219,6 +219,9 @@ class Report:
     sequence_regions: list[str] = field(default_factory=list)
     sequence_ops: int = 0
 
+    _svg = property(lambda self: _view(self, "svg"))
+    _before_after = property(lambda self: _view(self, "before_after"))
+
     def to_dict(self) -> dict:
         """The report as plain data (what `explain(format="json")` returns)."""
         return asdict(self)
@@ -683,19 +686,33 @@ def _stage_rows(
 
 
 def _attach_views(report: Report, prog) -> None:
-    """The SVG picture and a before/after of the first block (HTML views only, not in the data)."""
+    """The program the HTML views (SVG picture, first block before/after) are drawn from:
+    drawn when first shown, not with the data (they print the program twice)."""
+    report._views_of = prog
+    report._views = {}
+
+
+def _view(report: Report, key: str) -> str:
+    """One HTML view of the report, drawn once."""
     from nxd_autoshard.inspect.graph_view import before_after_html, graph_svg
     from nxd_autoshard.inspect.history import History
 
-    report._svg = graph_svg(report, prog.gm)
-    history = History(prog.history)
-    first = report.blocks[0].name if report.blocks else None
-    names = {r.name for r in history}
-    report._before_after = (
-        before_after_html(history, first)
-        if first and "partition" in names and names & {"split_bias", "propagate"}
-        else ""
-    )
+    views = report.__dict__.setdefault("_views", {})
+    prog = report.__dict__.get("_views_of")
+    if key in views or prog is None:
+        return views.get(key, "")
+    if key == "svg":
+        views[key] = graph_svg(report, prog.gm)
+    else:
+        history = History(prog.history)
+        first = report.blocks[0].name if report.blocks else None
+        names = {r.name for r in history}
+        views[key] = (
+            before_after_html(history, first)
+            if first and "partition" in names and names & {"split_bias", "propagate"}
+            else ""
+        )
+    return views[key]
 
 
 def _sizes(gm, names) -> dict[str, int]:

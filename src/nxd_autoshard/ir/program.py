@@ -115,6 +115,17 @@ class CapturedProgram:
         return True
 
 
+def graph_module(root: torch.nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """A GraphModule whose Python code is generated at its first call (or `.code`), not at
+    every `recompile()`: the passes recompile after each change, and generating the code of a
+    70B model's program costs ~0.4 s a time, for a program that planning never runs."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # an older torch: generate it now
+        return torch.fx.GraphModule(root, graph)
+    return _LazyGraphModule(root, graph)
+
+
 def module_path(node: torch.fx.Node) -> str:
     """Qualified name of the innermost module a node came from ('' for top level)."""
     stack = node.meta.get("nn_module_stack")

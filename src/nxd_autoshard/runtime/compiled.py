@@ -44,6 +44,11 @@ class CompileOptions:
         """The compiled callable of `gm` (made once; torch.compile itself is lazy)."""
         hit = self._compiled.get(id(gm))
         if hit is None or hit[0] is not gm:
+            # a GraphModule that writes its code when first run (ir.program.graph_module)
+            # writes it now: torch.compile must trace the real forward, not the stub
+            realize = getattr(gm, "real_recompile", None)
+            if realize is not None:
+                realize()
             # gm.forward, not gm: a compiled nn.Module would be registered as a submodule
             # wherever the callable is stored (e.g. on a pipeline StageModule)
             hit = (gm, torch.compile(gm.forward, **self.options))

@@ -9,6 +9,7 @@ nxd-autoshard compile --config cfg.json --tp 8 --pp 4 --target trn1|trn2 -o DIR 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nxd_autoshard.compiler.split import BALANCE
@@ -258,4 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.set_defaults(func=_compile)
     ns = parser.parse_args(argv)
-    return ns.func(ns)
+    rc = ns.func(ns)
+    if argv is None and ns.command == "plan":
+        # the console script: the report is written; tearing down the heap of a 70B model's
+        # program (millions of small objects) would take longer than some of the passes did
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
