@@ -117,99 +117,128 @@ def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(size, dim=dim)[rank].contiguous()
 
 
-class _AllReduce(torch.autograd.Function):
+class GroupLowering:
+    """The four primitives the conjugate collectives below are written in, for one process
+    group: torch.distributed eagerly, functional collectives under torch.compile. The XLA
+    runtime supplies its own (`runtime/xla.py`), with the same methods."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return _reduce(x, self.group, op)
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return _gather(x, dim, self.group)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return _reduce_scatter(x, dim, self.group)
+
+    def chunk(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return _chunk(x, dim, self.group)
+
+
+# Megatron's conjugate pairs, each an autograd function over a lowering `low`: the forward
+# collective, and the one its gradient needs
+class AllReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        return _reduce(x, group)
+    def forward(ctx, x, low):
+        return low.reduce(x)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
 
-class _AllGather(torch.autograd.Function):
+class AllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _chunk(grad, ctx.dim, ctx.group), None, None
-
-
-class _AllGatherRS(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _gather(x, dim, group)
+    def forward(ctx, x, dim, low):
+        ctx.dim, ctx.low = dim, low
+        return low.gather(x, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+        return ctx.low.chunk(grad, ctx.dim), None, None
 
 
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
+class AllGatherRS(torch.autograd.Function):
+    """An all-gather read by sharded ops: its gradient is partial, reduce-scattered back."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.group), None, None
-
-
-class _Shard(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _chunk(x, dim, group)
+    def forward(ctx, x, dim, low):
+        ctx.dim, ctx.low = dim, low
+        return low.gather(x, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.group), None, None
+        return ctx.low.reduce_scatter(grad, ctx.dim), None, None
 
 
-class _GradAllReduce(torch.autograd.Function):
+class ReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, dim, low):
+        ctx.dim, ctx.low = dim, low
+        return low.reduce_scatter(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.low.gather(grad, ctx.dim), None, None
+
+
+class Shard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, low):
+        ctx.dim, ctx.low = dim, low
+        return low.chunk(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.low.gather(grad, ctx.dim), None, None
+
+
+class GradAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, low):
+        ctx.low = low
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce(grad, ctx.group), None
+        return ctx.low.reduce(grad), None
+
+
+def _lowering(axis: str) -> GroupLowering:
+    return GroupLowering(_group(axis))
 
 
 def all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     """Partial -> Replicate: sum over the axis; backward is the identity."""
-    return _AllReduce.apply(x, _group(axis))
+    return AllReduce.apply(x, _lowering(axis))
 
 
 def all_gather(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Shard(dim) -> Replicate: concatenate the chunks; backward keeps the local chunk."""
-    return _AllGather.apply(x, dim, _group(axis))
+    return AllGather.apply(x, dim, _lowering(axis))
 
 
 def all_gather_rs(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Shard(dim) -> Replicate read by sharded ops: backward reduce-scatters the Partial gradient."""
-    return _AllGatherRS.apply(x, dim, _group(axis))
+    return AllGatherRS.apply(x, dim, _lowering(axis))
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Partial -> Shard(dim): sum, keep the local chunk; backward all-gathers."""
-    return _ReduceScatter.apply(x, dim, _group(axis))
+    return ReduceScatter.apply(x, dim, _lowering(axis))
 
 
 def shard(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
     """Replicate -> Shard(dim): keep the local chunk (no communication); backward all-gathers."""
-    return _Shard.apply(x, dim, _group(axis))
+    return Shard.apply(x, dim, _lowering(axis))
 
 
 def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient backward (Megatron's `f`)."""
-    return _GradAllReduce.apply(x, _group(axis))
+    return GradAllReduce.apply(x, _lowering(axis))
 
 
 def dropout_part(x: torch.Tensor, p: float, dim: int, rank: int, size: int, mask: torch.Tensor):

@@ -29,6 +29,12 @@ import torch.fx
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.runtime.collectives import (
+    AllGather,
+    AllGatherRS,
+    AllReduce,
+    GradAllReduce,
+    ReduceScatter,
+    Shard,
     draw_mask,
     local_vocab_embedding,
     reduce_loss,
@@ -139,71 +145,11 @@ class _Lowering:
     def implementations(self) -> dict[str, Any]:
         low = self
 
-        class AllReduce(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                return low.reduce(x)
-
-            @staticmethod
-            def backward(ctx, grad):
-                return grad
-
-        class AllGather(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x, dim):
-                ctx.dim = dim
-                return low.gather(x, dim)
-
-            @staticmethod
-            def backward(ctx, grad):
-                return low.chunk(grad, ctx.dim), None
-
-        class AllGatherRS(torch.autograd.Function):
-            """All-gather read by sharded ops: the gradient is partial, reduce-scattered back."""
-
-            @staticmethod
-            def forward(ctx, x, dim):
-                ctx.dim = dim
-                return low.gather(x, dim)
-
-            @staticmethod
-            def backward(ctx, grad):
-                return low.reduce_scatter(grad, ctx.dim), None
-
         def sequence_dropout(x, p, dim, axis, native=False):
             # this rank's part of the whole value's mask, sliced by the rank tensor (one program)
             keep = low.chunk(draw_mask(_on_tp(x, axis), p, dim, low.size), dim)
             out = x * keep * (0.0 if p >= 1 else 1.0 / (1.0 - p))
             return (out, keep) if native else out
-
-        class ReduceScatter(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x, dim):
-                ctx.dim = dim
-                return low.reduce_scatter(x, dim)
-
-            @staticmethod
-            def backward(ctx, grad):
-                return low.gather(grad, ctx.dim), None
-
-        class Shard(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x, dim):
-                ctx.dim = dim
-                return low.chunk(x, dim)
-
-            @staticmethod
-            def backward(ctx, grad):
-                return low.gather(grad, ctx.dim), None
-
-        class GradAllReduce(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                return x.view_as(x)
-
-            @staticmethod
-            def backward(ctx, grad):
-                return low.reduce(grad)
 
         class CrossEntropy(torch.autograd.Function):
             @staticmethod
@@ -226,13 +172,13 @@ class _Lowering:
             return local_vocab_embedding(weight, ids, padding_idx, low.rank, low.size, vocab_size)
 
         return {
-            "all_reduce": lambda x, axis: AllReduce.apply(_on_tp(x, axis)),
-            "all_gather": lambda x, dim, axis: AllGather.apply(_on_tp(x, axis), dim),
-            "all_gather_rs": lambda x, dim, axis: AllGatherRS.apply(_on_tp(x, axis), dim),
+            "all_reduce": lambda x, axis: AllReduce.apply(_on_tp(x, axis), low),
+            "all_gather": lambda x, dim, axis: AllGather.apply(_on_tp(x, axis), dim, low),
+            "all_gather_rs": lambda x, dim, axis: AllGatherRS.apply(_on_tp(x, axis), dim, low),
             "sequence_dropout": sequence_dropout,
-            "reduce_scatter": lambda x, dim, axis: ReduceScatter.apply(_on_tp(x, axis), dim),
-            "shard": lambda x, dim, axis: Shard.apply(_on_tp(x, axis), dim),
-            "grad_all_reduce": lambda x, axis: GradAllReduce.apply(_on_tp(x, axis)),
+            "reduce_scatter": lambda x, dim, axis: ReduceScatter.apply(_on_tp(x, axis), dim, low),
+            "shard": lambda x, dim, axis: Shard.apply(_on_tp(x, axis), dim, low),
+            "grad_all_reduce": lambda x, axis: GradAllReduce.apply(_on_tp(x, axis), low),
             "vocab_parallel_embedding": embedding,
             "vocab_parallel_cross_entropy": cross_entropy,
         }
