@@ -185,6 +185,20 @@ def test_what_dtensor_cannot_express_is_named():
     assert "Conv1D" in plan.skipped["transformer.h.0.mlp.c_fc"]
     assert "tied" in plan.skipped["lm_head"]
 
+    # 2 KV heads at tp 4: q split, k and v replicated and sliced per rank, as NxD does
+    gqa = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=8, num_key_value_heads=2,
+        )
+    )  # fmt: skip
+    plan = autoshard(gqa, tp=4, example_inputs=args, example_kwargs=kwargs).dtensor_plan()
+    attn = "model.layers.0.self_attn"
+    assert {f"{attn}.q_proj", f"{attn}.o_proj"} <= set(plan.skipped)
+    assert "KV heads fewer than tp" in plan.skipped[f"{attn}.o_proj"]
+    assert f"{attn}.o_proj" in plan.skipped[f"{attn}.q_proj"]  # left whole with its region
+    assert "model.layers.0.mlp.down_proj" in plan
+
     padded = autoshard(_llama(vocab=127), tp=2, example_inputs=(args[0] % 127,)).dtensor_plan()
     assert "padded" in padded.skipped["model.embed_tokens"]
     assert "model.layers.0.self_attn.q_proj" in padded

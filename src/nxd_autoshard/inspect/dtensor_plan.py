@@ -277,9 +277,12 @@ def dtensor_plan(
             (mod := owner(u)) and members[mod].kind == "colwise" for u in node.users
         ):
             continue  # the replicated input of column linears: ColwiseParallel's own
+        where = f"at node '{node.name}' in '{module_path(node) or '<top level>'}'"
         why = (
-            f"the rewrite puts {node.target.__name__} at {node.name} in "
-            f"'{module_path(node) or '<top level>'}'"
+            f"the rewrite slices a replicated value per rank {where} (KV heads fewer than tp "
+            "are replicated and sliced so), which no DTensor style does"
+            if node.target is ops.shard
+            else f"the rewrite puts {node.target.__name__} {where}"
         )
         touched = _nearest_members(node, owner, result)
         for mod in touched:
