@@ -69,6 +69,13 @@ def _run(model, inputs, tp: int, loss=lambda out: out.float().square().mean()):
         }
     )
     warned = [str(w.message) for w in caught if "stay replicated" in str(w.message)]
+    rows = sorted(
+        {
+            re.sub(r"^.*?\.\*\.", "", m.split("'")[1])
+            for m in (str(w.message) for w in caught)
+            if "split by rows, not columns" in m
+        }
+    )
     return {
         "loss_err": abs(got.item() - want.item()),
         "grad_err": grad_err,
@@ -76,6 +83,7 @@ def _run(model, inputs, tp: int, loss=lambda out: out.float().square().mean()):
         "optimum": totals["block_optimum"],
         "replicated": replicated,
         "warned": len(warned),
+        "rows": rows,
     }
 
 
@@ -187,6 +195,8 @@ def main(argv=None) -> int:
         kept = ", ".join(r["replicated"]) or "-"
         if r["warned"]:
             kept += " (warned)"
+        if r["rows"]:
+            kept += f"; by rows, not columns: {', '.join(r['rows'])} (warned)"
         line = (
             f"| {name} | {tp} | {r['loss_err']:.1e} | {r['grad_err']:.1e} | "
             f"{', '.join(map(str, r['blocks']))} | {', '.join(map(str, r['optimum']))} | {kept} |"
