@@ -24,8 +24,9 @@ _log = logging.getLogger(__name__)
 
 
 # Extra time given to the process group's own timeout beyond the parent's deadline, so that
-# the parent always reports a hang itself, while orphaned children still die eventually.
-_PG_TIMEOUT_SLACK_S = 60.0
+# the parent always reports a hang itself, while orphaned children still die eventually. It also
+# bounds joining: generous, so that a start on a heavily loaded machine is never a failure.
+_PG_TIMEOUT_SLACK_S = 300.0
 
 
 # How long a terminated child may take to die before it is killed.
