@@ -26,6 +26,7 @@ import torch.fx
 
 from nxd_autoshard.compiler.partition import requires_grad_nodes
 from nxd_autoshard.ir import ops as C
+from nxd_autoshard.ir.cost import node_flops
 from nxd_autoshard.ir.meta import (
     is_parameter,
     placement_of,
@@ -80,9 +81,6 @@ _REDUCING = {"all_reduce", "all_gather", "reduce_scatter"}
 
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
-
-
-_MATMULS = {"aten.linear", "aten.mm", "aten.bmm", "aten.matmul", "aten.addmm", "aten.baddbmm"}
 
 
 @dataclass
@@ -572,24 +570,14 @@ def _signature(block: str, nodes: list[torch.fx.Node], tp: int) -> tuple:
 
 
 def _flops(node: torch.fx.Node, tp: int) -> int:
-    name = target_name(node.target)
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return 0
-    out = [concrete(s) for s in local_shape(val, placement_of(node), tp)]
-    if name in _MATMULS:
-        first = node.args[1] if name in ("aten.addmm", "aten.baddbmm") else node.args[0]
-        if not isinstance(first, torch.fx.Node) or not isinstance(
-            first.meta.get("val"), torch.Tensor
-        ):
-            return 0
-        k = concrete(_local(first, tp)[0][-1])
-        return 2 * math.prod(out) * k
-    if name == "aten.scaled_dot_product_attention":
-        q, key = (_local(a, tp)[0] for a in node.args[:2])
-        q, key = [concrete(s) for s in q], [concrete(s) for s in key]
-        return 4 * math.prod(q[:-1]) * key[-2] * q[-1]
-    return 0
+    """Matmul FLOPs of a node on one rank (the FLOP model of `ir.cost` on local shapes)."""
+
+    def local(n: torch.fx.Node) -> list[int]:
+        if not isinstance(n.meta.get("val"), torch.Tensor):
+            return []
+        return [concrete(s) for s in _local(n, tp)[0]]
+
+    return node_flops(node, local, matmuls_only=True)
 
 
 def build_report(sharded, *, program: int = 0) -> Report:

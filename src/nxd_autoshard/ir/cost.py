@@ -1,13 +1,12 @@
-"""Split pass: cut a local program into pipeline stages between repeated blocks, balanced by cost.
+"""The one FLOP model: forward FLOPs of a node, from its shapes (global, or a rank's local ones).
 
-A *block* is a child of a ModuleList whose children share one class (decoder layers).
-Every node belongs to one unit (one block; code before the first block joins the first,
-code after the last joins the last), and each stage is a contiguous run of units. Values
-used across a cut (hidden states, rotary cos/sin, masks, labels) are passed along as
-stage outputs/inputs; parameters go to every stage that reads them (tied weights).
+Split balances stages by it (global shapes of the local program); the report shows each
+stage's matmul FLOPs per rank by it (local shapes from the placements).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -15,26 +14,36 @@ import torch.fx
 _MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"}
 
 
-def _shape(val) -> list[int]:
+def _shape(node) -> list[int]:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return [int(s) for s in val.shape] if isinstance(val, torch.Tensor) else []
 
 
-def node_flops(node: torch.fx.Node) -> int:
-    """Forward FLOPs of one node: 2·m·n·k for matmuls, 4·b·h·s·t·d for attention, numel otherwise."""
+def _prod(sizes: list[int]) -> int:
+    out = 1
+    for size in sizes:
+        out *= size
+    return out
+
+
+def node_flops(
+    node: torch.fx.Node,
+    shape: Callable[[torch.fx.Node], list[int]] = _shape,
+    *,
+    matmuls_only: bool = False,
+) -> int:
+    """Forward FLOPs of one node: 2·m·n·k for matmuls (k, the contracted size: the activation's
+    last dim), 4·b·h·s·t·d for attention, the output's element count otherwise (0 with
+    `matmuls_only`). `shape(node)` gives a node's sizes (by default its global ones)."""
     name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
-    out = node.meta.get("val")
-    if not isinstance(out, torch.Tensor):
+    if not isinstance(node.meta.get("val"), torch.Tensor):
         return 0
-    numel = out.numel()
+    out = shape(node)
     if name in _MATMULS:
-        weight = (
-            node.args[-1] if name in ("mm", "bmm", "matmul", "addmm", "baddbmm") else node.args[1]
-        )
-        k_shape = _shape(weight.meta.get("val")) if isinstance(weight, torch.fx.Node) else []
-        k = k_shape[-1] if name == "linear" else (k_shape[-2] if len(k_shape) >= 2 else 1)
-        return 2 * numel * k
-    if name == "_scaled_dot_product_flash_attention_for_cpu" or "scaled_dot_product" in name:
-        q = _shape(node.args[0].meta.get("val"))
-        kv_len = _shape(node.args[1].meta.get("val"))[-2]
-        return 4 * (q[0] * q[1] * q[2] * q[3]) * kv_len
-    return int(numel)
+        first = node.args[1] if name in ("addmm", "baddbmm") else node.args[0]
+        k = shape(first)[-1:] if isinstance(first, torch.fx.Node) else []
+        return 2 * _prod(out) * k[0] if k else 0
+    if "scaled_dot_product" in name:
+        q, key = shape(node.args[0]), shape(node.args[1])
+        return 4 * _prod(q) * key[-2] if q and len(key) >= 2 else 0
+    return 0 if matmuls_only else _prod(out)
