@@ -49,6 +49,13 @@ def test_new_shapes_and_kwargs_without_user_visible_recapture(llama):
     assert len(sharded.programs()) == 2  # labels= call, and this attention_mask= call
     sharded(torch.randint(0, 128, (5, 7)), attention_mask=torch.ones(5, 7, dtype=torch.long))
     assert len(sharded.programs()) == 2  # dynamic batch and sequence: no recapture
+    assert sharded.explain(program=1).blocks  # programs are numbered in capture order
+    with pytest.raises(
+        IndexError, match=r"explain\(\): program=2, but 2 program\(s\) are captured"
+    ):
+        sharded.explain(program=2)
+    with pytest.raises(IndexError, match=r"dtensor_plan\(\): program=-3"):
+        sharded.dtensor_plan(program=-3)
 
 
 def test_train_and_eval_modes_follow_dropout():

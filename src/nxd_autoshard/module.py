@@ -327,13 +327,25 @@ class ShardedModule(torch.nn.Module):
     # ------------------------------------------------------------------ inspection
     def programs(self) -> list[CapturedProgram]:
         """Every captured local program (one per call signature and train/eval mode)."""
-        return [e.program for entries in self._programs.values() for e in entries]
+        return [e.program for e in self._entries()]
+
+    def _entries(self) -> list[LocalProgram]:
+        return [e for entries in self._programs.values() for e in entries]
+
+    def _entry(self, program: int, needed_by: str) -> LocalProgram:
+        """Captured program number `program` (in capture order), for `needed_by`."""
+        self._ensure_program(needed_by)
+        entries = self._entries()
+        if not -len(entries) <= program < len(entries):
+            raise IndexError(
+                f"{needed_by}: program={program}, but {len(entries)} program(s) are captured "
+                f"(0 to {len(entries) - 1}, see programs())"
+            )
+        return entries[program]
 
     def stages(self, program: int = 0) -> list[StageProgram]:
         """Pipeline stages of a captured program, by default the first ([] without pipelining)."""
-        self._ensure_program("stages()")
-        entries = [e for es in self._programs.values() for e in es]
-        return entries[program].stages or []
+        return self._entry(program, "stages()").stages or []
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -351,7 +363,7 @@ class ShardedModule(torch.nn.Module):
         """The plan report (see `report.explain`): a Report, or its "text" / "html" / "json" form."""
         from nxd_autoshard.inspect.report import explain
 
-        self._ensure_program("explain()")
+        self._entry(program, "explain()")
         return explain(self, format=format, program=program)
 
     def dtensor_plan(self, *, program: int = 0):
@@ -363,8 +375,7 @@ class ShardedModule(torch.nn.Module):
         """
         from nxd_autoshard.inspect.dtensor_plan import dtensor_plan
 
-        self._ensure_program("dtensor_plan()")
-        entry = [e for es in self._programs.values() for e in es][program]
+        entry = self._entry(program, "dtensor_plan()")
         return dtensor_plan(
             entry.program,
             entry.result,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx
 
@@ -82,17 +84,7 @@ def decompose_variance(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             correction = 1 if correction is None else correction
             keepdim = node.kwargs.get("keepdim", False)
         kind = _VARIANCE[node.target]
-        meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-
-        def add(target, *args):
-            with graph.inserting_before(node):
-                new = graph.call_function(target, args)
-            new.meta.update(meta)
-            new.meta["val"] = target(
-                *torch.fx.node.map_arg(args, lambda n: n.meta["val"])  # noqa: B023
-            )
-            return new
-
+        add = functools.partial(_insert_before, node)
         mean = add(aten.mean.dim, x, dims, True)
         centred = add(aten.sub.Tensor, x, mean)
         squares = add(aten.mul.Tensor, centred, centred)
@@ -110,6 +102,17 @@ def decompose_variance(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 graph.erase_node(user)
         graph.erase_node(node)
     return _finish(gm)
+
+
+def _insert_before(anchor: torch.fx.Node, target, *args) -> torch.fx.Node:
+    """A new node `target(*args)` before `anchor`, in its module, with its value computed."""
+    with anchor.graph.inserting_before(anchor):
+        new = anchor.graph.call_function(target, args)
+    new.meta.update(
+        {k: v for k, v in anchor.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    )
+    new.meta["val"] = target(*torch.fx.node.map_arg(args, lambda n: n.meta["val"]))
+    return new
 
 
 def _transposed_param(node, ndim: int) -> torch.fx.Node | None:

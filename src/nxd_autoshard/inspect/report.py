@@ -19,12 +19,13 @@ import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 
 from nxd_autoshard.compiler.partition import requires_grad_nodes
+from nxd_autoshard.compiler.propagate import LINEAR_OPS, weight_role
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.cost import node_flops
 from nxd_autoshard.ir.meta import (
@@ -34,7 +35,8 @@ from nxd_autoshard.ir.meta import (
     sequence_sharded,
     state_name_of,
 )
-from nxd_autoshard.ir.placements import Partial, Replicate, Shard, placement_str
+from nxd_autoshard.ir.opsets import ARITHMETIC, CASTS, COPIES, PERMUTES, RESHAPES, op_name
+from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard, placement_str
 from nxd_autoshard.ir.printer import (
     display_module,
     dtype_str,
@@ -420,40 +422,45 @@ def _param_rows(sharded) -> list[ParamRow]:
 
 
 # ops that carry one tensor through unchanged in layout meaning (a cast, a transpose, `1 + w`)
-_CARRIES = {
-    "_to_copy", "to", "type_as", "t", "transpose", "permute", "view", "reshape", "_unsafe_view",
-    "expand", "unsqueeze", "squeeze", "alias", "clone", "contiguous", "add", "sub", "mul", "div",
-    "rsub", "neg",
-}  # fmt: skip
+_CARRIES = CASTS | PERMUTES | RESHAPES | COPIES | ARITHMETIC
 
 
 def _parameter_source(node) -> torch.fx.Node | None:
     """The parameter a value is read from through casts, transposes and scalar arithmetic."""
     while isinstance(node, torch.fx.Node) and node.op == "call_function":
-        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
         tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-        if name not in _CARRIES or len(tensors) != 1:
+        if op_name(node) not in _CARRIES or len(tensors) != 1:
             return None
         node = tensors[0]
     return node if isinstance(node, torch.fx.Node) and is_parameter(node) else None
 
 
-def _weight_and_activation(node: torch.fx.Node):
-    """(placement of the weight, its out dim, the activation) of a matmul with a parameter; None
-    for one between activations (attention's q @ k.T), which no plan splits by rows or columns."""
-    from nxd_autoshard.compiler.propagate import LINEAR_OPS, weight_role
+class _Matmul(NamedTuple):
+    """A matmul with a parameter: the weight's placement, its out dim, the activation it
+    multiplies, and the module the weight belongs to."""
 
+    placement: Placement
+    out_dim: int
+    activation: torch.fx.Node
+    module: str | None
+
+
+def _weight_and_activation(node: torch.fx.Node) -> _Matmul | None:
+    """The matmul's weight and activation if it multiplies by a parameter; None for one between
+    activations (attention's q @ k.T), which no plan splits by rows or columns."""
     if getattr(node.target, "overloadpacket", node.target) not in LINEAR_OPS:
         return None
     role = weight_role(node)
     if role is None or not isinstance(role[0], torch.fx.Node):
         return None
     weight, _, out_dim, act = role
-    if _parameter_source(weight) is None:
+    source = _parameter_source(weight)
+    if source is None:
         return None
     while isinstance(act, torch.fx.Node) and act.target in _COLLECTIVE_FNS:
         act = act.args[0]
-    return placement_of(weight), out_dim, act
+    name = state_name_of(source)
+    return _Matmul(placement_of(weight), out_dim, act, name.rsplit(".", 1)[0] if name else None)
 
 
 def _reduces_a_sharded_dim(node: torch.fx.Node) -> bool:
@@ -488,13 +495,13 @@ def _optimum(
         found = _weight_and_activation(node)
         if found is None:
             continue
-        placement, out_dim, act = found
+        placement = found.placement
         matmuls += 1
         sharded += isinstance(placement, Shard)
         if isinstance(placement, Shard) and (
-            placement.dim == out_dim or _weight_module(node) in row_fallbacks
+            placement.dim == found.out_dim or found.module in row_fallbacks
         ):
-            column_inputs.add(act)
+            column_inputs.add(found.activation)
         elif isinstance(placement, Shard):
             rows += 1
     slices = sum(1 for node in nodes if node.target is C.shard and _replicated_projection(node))
@@ -502,15 +509,6 @@ def _optimum(
         both = rows + len(column_inputs)
         return both, both + slices, matmuls, sharded
     return rows, len(column_inputs) + slices, matmuls, sharded
-
-
-def _weight_module(node: torch.fx.Node) -> str | None:
-    """The module whose parameter a matmul node multiplies by."""
-    from nxd_autoshard.compiler.propagate import weight_role
-
-    role = weight_role(node)
-    name = state_name_of(_parameter_source(role[0])) if role else None
-    return name.rsplit(".", 1)[0] if name else None
 
 
 def _replicated_projection(shard: torch.fx.Node) -> bool:
@@ -528,7 +526,7 @@ def _replicated_projection(shard: torch.fx.Node) -> bool:
             continue
         found = _weight_and_activation(node)
         if found is not None:
-            if isinstance(found[0], Replicate):
+            if isinstance(found.placement, Replicate):
                 return True
             continue
         todo.extend(a for a in node.all_input_nodes if not is_parameter(a))
