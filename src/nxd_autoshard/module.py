@@ -8,11 +8,18 @@ runtime's, chosen once by `autoshard` (see `runtime/base.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch.utils import _pytree as pytree
 
 from nxd_autoshard.compiler.capture import _default_kwargs, meta_shadow, own_example_inputs
+from nxd_autoshard.compiler.compiled import (
+    CompiledPlan,
+    CompiledProgram,
+    ParameterInfo,
+    read_only_plan,
+)
 from nxd_autoshard.compiler.driver import LocalProgram, compile_call
 from nxd_autoshard.compiler.plan import CompileSettings, Plan
 from nxd_autoshard.compiler.precision import DTYPES
@@ -94,6 +101,7 @@ class ShardedModule(torch.nn.Module):
         self._full_shapes = {
             n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
         }
+        self._dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
         self._full = dict(model.named_parameters(remove_duplicate=False))
         self._buffers_full = dict(model.named_buffers(remove_duplicate=False))
         self._persistent = {
@@ -325,6 +333,35 @@ class ShardedModule(torch.nn.Module):
         self.runtime.save_checkpoint(self, Path(directory))
 
     # ------------------------------------------------------------------ inspection
+    @property
+    def compiled(self) -> CompiledPlan:
+        """The plan and every program captured so far, as one read-only value with no runtime
+        inside (compiler/compiled.py): what explain(), goldens and the plan CLI read."""
+        return self._compiled("compiled")
+
+    def _compiled(self, needed_by: str) -> CompiledPlan:
+        self._ensure_program(needed_by)
+        local = {n: p.dtype for n, p in self.named_parameters(remove_duplicate=False)}
+        first = {name: group[0] for group in self._settings.aliases for name in group}
+        parameters = {
+            name: ParameterInfo(
+                shape,
+                local.get(name, self._dtypes[name]),
+                None if first.get(name, name) == name else first[name],
+            )
+            for name, shape in self._full_shapes.items()
+        }
+        return CompiledPlan(
+            model_name=self._model_name,
+            settings=self._settings,
+            plan=read_only_plan(self.plan),
+            parameters=MappingProxyType(parameters),
+            programs=tuple(
+                CompiledProgram(e.program, e.result, tuple(e.stages or ())) for e in self._entries()
+            ),
+            pp=self.pipeline.pp,
+        )
+
     def programs(self) -> list[CapturedProgram]:
         """Every captured local program (one per call signature and train/eval mode)."""
         return [e.program for e in self._entries()]
@@ -332,20 +369,9 @@ class ShardedModule(torch.nn.Module):
     def _entries(self) -> list[LocalProgram]:
         return [e for entries in self._programs.values() for e in entries]
 
-    def _entry(self, program: int, needed_by: str) -> LocalProgram:
-        """Captured program number `program` (in capture order), for `needed_by`."""
-        self._ensure_program(needed_by)
-        entries = self._entries()
-        if not -len(entries) <= program < len(entries):
-            raise IndexError(
-                f"{needed_by}: program={program}, but {len(entries)} program(s) are captured "
-                f"(0 to {len(entries) - 1}, see programs())"
-            )
-        return entries[program]
-
     def stages(self, program: int = 0) -> list[StageProgram]:
         """Pipeline stages of a captured program, by default the first ([] without pipelining)."""
-        return self._entry(program, "stages()").stages or []
+        return list(self._compiled("stages()").program(program, "stages()").stages)
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -363,8 +389,7 @@ class ShardedModule(torch.nn.Module):
         """The plan report (see `report.explain`): a Report, or its "text" / "html" / "json" form."""
         from nxd_autoshard.inspect.report import explain
 
-        self._entry(program, "explain()")
-        return explain(self, format=format, program=program)
+        return explain(self._compiled("explain()"), format=format, program=program)
 
     def dtensor_plan(self, *, program: int = 0):
         """This plan as a DTensor `parallelize_module` plan `{module: ColwiseParallel(), ...}`.
@@ -375,11 +400,12 @@ class ShardedModule(torch.nn.Module):
         """
         from nxd_autoshard.inspect.dtensor_plan import dtensor_plan
 
-        entry = self._entry(program, "dtensor_plan()")
+        compiled = self._compiled("dtensor_plan()")
+        entry = compiled.program(program, "dtensor_plan()")
         return dtensor_plan(
             entry.program,
             entry.result,
-            self.plan,
+            compiled.plan,
             self._shadow[0],
             self._settings.aliases,
             tp=self.tp,
@@ -394,7 +420,7 @@ class ShardedModule(torch.nn.Module):
             self._ensure_program("the plan view")
         except ValueError as err:  # a notebook cell showing the module must not fail
             return f"<pre>{escape(self.extra_repr())}\n\n{escape(str(err))}</pre>"
-        return explain(self).to_html(full=True)
+        return explain(self._compiled("the plan view")).to_html(full=True)
 
     def extra_repr(self) -> str:
         mesh = f"{self._model_name}, tp={self.tp}, pp={self.pipeline.pp}, dp={self.pipeline.dp}"

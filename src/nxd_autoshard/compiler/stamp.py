@@ -278,10 +278,16 @@ def _rename_block(text: str, list_path: str, r: int, j: int) -> str:
 def _renamed_stack(stack: dict | None, list_path: str, r: int, j: int) -> dict | None:
     if not stack or r == j:
         return stack
-    return {
-        _rename_block_key(k, list_path, r, j): (_rename_block(v[0], list_path, r, j), *v[1:])
-        for k, v in stack.items()
-    }
+    return dict(_renamed_items(tuple(stack.items()), list_path, r, j))
+
+
+@functools.lru_cache(maxsize=4096)
+def _renamed_items(items: tuple, list_path: str, r: int, j: int) -> tuple:
+    """A block's nodes share a few module stacks: each is renamed once per stamped copy."""
+    return tuple(
+        (_rename_block_key(k, list_path, r, j), (_rename_block(v[0], list_path, r, j), *v[1:]))
+        for k, v in items
+    )
 
 
 def _rename_block_key(key: str, list_path: str, r: int, j: int) -> str:

@@ -24,7 +24,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 
+from nxd_autoshard.compiler.compiled import CompiledPlan
 from nxd_autoshard.compiler.partition import requires_grad_nodes
+from nxd_autoshard.compiler.plan import Plan
 from nxd_autoshard.compiler.propagate import LINEAR_OPS, weight_role
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.cost import node_flops
@@ -285,9 +287,10 @@ class Picture:
         return self.markup if self.kind == "html" else None
 
 
-def explain(sharded, format: str | None = None, *, program: int = 0):
-    """Report of a sharded module's plan: a Report, or its "text", "html" or "json" form."""
-    report = build_report(sharded, program=program)
+def explain(compiled: CompiledPlan, format: str | None = None, *, program: int = 0):
+    """Report of a compiled plan (`sharded.compiled`): a Report, or its "text", "html" or
+    "json" form."""
+    report = build_report(compiled, program=program)
     if format is None:
         return report
     if format == "json":
@@ -400,22 +403,20 @@ def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
     return rows
 
 
-def _param_rows(sharded) -> list[ParamRow]:
-    first_name: dict[int, str] = {}
+def _param_rows(compiled: CompiledPlan) -> list[ParamRow]:
     rows = []
-    for name, param in sharded.named_parameters(remove_duplicate=False):
-        tied = first_name.setdefault(id(param), name)
-        local = list(sharded.local_shape(name))
+    for name, info in compiled.parameters.items():
+        local = list(compiled.local_shape(name))
         rows.append(
             ParamRow(
                 name=name,
-                placement=placement_str(sharded.placements.get(name)),
-                full_shape=list(sharded.full_shape(name)),
+                placement=placement_str(compiled.placements.get(name)),
+                full_shape=list(info.shape),
                 local_shape=local,
-                dtype=dtype_str(param.dtype),
-                bytes_per_rank=math.prod(local) * param.element_size(),
+                dtype=dtype_str(info.dtype),
+                bytes_per_rank=math.prod(local) * info.dtype.itemsize,
                 block=block_of(name),
-                tied_to=None if tied == name else tied,
+                tied_to=info.tied_to,
             )
         )
     return rows
@@ -578,14 +579,14 @@ def _flops(node: torch.fx.Node, tp: int) -> int:
     return node_flops(node, local, matmuls_only=True)
 
 
-def build_report(sharded, *, program: int = 0) -> Report:
-    """Read the plan report off one captured program of a ShardedModule."""
-    programs = sharded.programs()
-    prog = programs[program]
-    gm, tp = prog.gm, sharded.tp
+def build_report(compiled: CompiledPlan, *, program: int = 0) -> Report:
+    """Read the plan report off one captured program of a compiled plan."""
+    entry = compiled.program(program, "explain()")
+    prog = entry.program
+    gm, tp = prog.gm, compiled.tp
     names = value_names(gm)
     sizes = _sizes(gm, names)  # first: it numbers the dynamic sizes in graph order, as goldens do
-    params = _param_rows(sharded)
+    params = _param_rows(compiled)
     collectives = _collective_rows(gm, tp, names, requires_grad_nodes(gm, prog))
 
     by_block: dict[str, list[torch.fx.Node]] = {}
@@ -594,13 +595,12 @@ def build_report(sharded, *, program: int = 0) -> Report:
             block = block_of(display_module(node))
             if block is not None:
                 by_block.setdefault(block, []).append(node)
-    sp = sharded._settings.sequence_parallel
+    sp = compiled.settings.sequence_parallel
     blocks = _block_rows(
-        by_block, params, collectives, tp, sp, frozenset(sharded.plan.row_fallbacks)
+        by_block, params, collectives, tp, sp, frozenset(compiled.plan.row_fallbacks)
     )
-    stage_programs = sharded.stages(program)
-    if stage_programs:
-        stages = _stage_rows(sharded, gm, stage_programs, params, collectives, tp)
+    if entry.stages:
+        stages = _stage_rows(compiled.plan, gm, entry.stages, params, collectives, tp)
     else:
         stages = [
             StageReport(
@@ -614,16 +614,16 @@ def build_report(sharded, *, program: int = 0) -> Report:
             )
         ]
     report = Report(
-        model=sharded._model_name,
+        model=compiled.model_name,
         tp=tp,
-        pp=sharded.pipeline.pp,
+        pp=compiled.pp,
         sequence_parallel=sp,
         sequence_regions=_sequence_regions(gm),
         sequence_ops=sum(1 for n in gm.graph.nodes if sequence_sharded(n)),
-        precision=sharded._settings.precision,
+        precision=compiled.settings.precision,
         recomputed=sorted({recompute_of(n) for n in gm.graph.nodes if recompute_of(n)}),
         program=program,
-        programs=len(programs),
+        programs=len(compiled.programs),
         mode="train" if prog.training else "eval",
         inputs=list(prog.user_input_names),
         sizes=sizes,
@@ -639,13 +639,18 @@ def build_report(sharded, *, program: int = 0) -> Report:
 
 
 def _stage_rows(
-    sharded, gm, stage_programs, params: list[ParamRow], collectives: list[CollectiveRow], tp: int
+    plan: Plan,
+    gm,
+    stage_programs,
+    params: list[ParamRow],
+    collectives: list[CollectiveRow],
+    tp: int,
 ) -> list[StageReport]:
     """One row per pipeline stage: what it holds, receives, sends over tp, and costs."""
     fx_name = {row.node: node.name for row, node in zip(collectives, collective_nodes(gm))}
     by_name = {p.name: p for p in params}
     cost = {}
-    for c, st in zip(sharded.unit_costs, sharded.stage_of_unit or []):
+    for c, st in zip(plan.unit_costs, plan.stage_of_unit or []):
         cost[st] = cost.get(st, 0) + c.flops
     rows = []
     for stage in stage_programs:
