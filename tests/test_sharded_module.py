@@ -71,9 +71,7 @@ def test_train_and_eval_modes_follow_dropout():
     torch.manual_seed(1)
     b = sharded(*args).logits
     assert not torch.allclose(a, b), "dropout must be active in train mode"
-    assert sharded.training and any(
-        p.program.training for p in [e for e in sharded._programs.values() for e in e]
-    )
+    assert sharded.training and any(p.training for p in sharded.programs())
 
 
 def test_training_steps_track_unsharded():

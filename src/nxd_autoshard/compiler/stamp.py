@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from nxd_autoshard.ir.meta import set_state
 from nxd_autoshard.ir.program import CapturedProgram, graph_module, module_path
 
 __all__ = ["capture_stamped", "full_capture", "renumber", "stamped_lists"]
@@ -546,8 +547,8 @@ def renumber(program: CapturedProgram, stamps: dict | None = None) -> CapturedPr
 
 def _placeholder(graph, node, name: str, kind: str, meta: dict) -> torch.fx.Node:
     new = graph.placeholder(_placeholder_name(kind, name), type_expr=node.type)
-    meta["nxd_name"], meta["nxd_kind"] = name, kind
     new.meta = meta
+    set_state(new, name, kind)
     return new
 
 

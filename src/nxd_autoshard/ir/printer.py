@@ -227,7 +227,7 @@ def graph_text(gm: torch.fx.GraphModule) -> str:
             kind = state_kind_of(node) or "input"
             lines.append(
                 f"  {names.value(node)}: {placement} "
-                f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}"
+                f"{_val_str(node.meta.get('val'), placement_of(node), tp, names)}"
                 f" ({kind})"
             )
         elif node.op == "output":
@@ -240,7 +240,7 @@ def graph_text(gm: torch.fx.GraphModule) -> str:
             call = node_label(node, names)
             body.append(
                 f"    {names.value(node)} = {call}  {placement}  "
-                f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}"
+                f"{_val_str(node.meta.get('val'), placement_of(node), tp, names)}"
             )
         elif node.op == "get_attr":
             body.append(f"    {names.value(node)} = get_attr({node.target!r})")
