@@ -8,6 +8,7 @@ import torch
 import torch.fx
 
 from nxd_autoshard.ir.meta import is_parameter, set_split_bias, split_bias_of
+from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 
 __all__ = [
     "decompose_variance",
@@ -170,7 +171,6 @@ def expert_linear_from_grouped_mm(gm: torch.fx.GraphModule) -> torch.fx.GraphMod
     offsets)` (Mixtral, Qwen-MoE: W [experts, out, in]) as `expert_linear(x, W, offsets)`, and
     `torch._grouped_mm(x, W.to(dtype).transpose(-2, -1), offs=offsets)` (torchtitan) as
     `grouped_linear(x, W, offsets, dtype)`."""
-    from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 
     changed = False
     for node in list(gm.graph.nodes):

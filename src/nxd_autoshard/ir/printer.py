@@ -30,6 +30,7 @@ import torch.fx
 
 from nxd_autoshard.ir.meta import placement_of, state_kind_of, state_name_of, tp_of
 from nxd_autoshard.ir.placements import Shard, placement_str
+from nxd_autoshard.ir.program import module_path
 
 _DTYPES = {
     torch.float32: "f32",
@@ -189,7 +190,6 @@ def node_label(node: torch.fx.Node, names: _Names | None = None) -> str:
 
 def display_module(node: torch.fx.Node) -> str:
     """The module a node came from, `<top>` for the model's own forward (or no module)."""
-    from nxd_autoshard.ir.program import module_path
 
     path = module_path(node)
     # export marks nodes with no module stack by the name of one of its own hooks
