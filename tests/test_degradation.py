@@ -127,3 +127,75 @@ def test_an_undone_split_outside_any_block_is_warned_about_too():
     assert any("'up' (1 matmul(s)) stay replicated" in m and "cummax" in m for m in messages), (
         messages
     )
+
+
+class _Stacked(torch.nn.Module):
+    def __init__(self, experts: int, out: int, inp: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(experts, out, inp) * 0.1)
+
+
+class _ExpertLoop(torch.nn.Module):
+    """Experts stacked in [experts, out, in] parameters, each read as `weight[i]` in a loop
+    (JetMoE's ParallelExperts), weighted by a router."""
+
+    def __init__(self, width: int = 16, experts: int = 4):
+        super().__init__()
+        self.router = torch.nn.Linear(width, experts, bias=False)
+        self.w_in = _Stacked(experts, 4 * width, width)
+        self.w_out = _Stacked(experts, width, 4 * width)
+
+    def forward(self, x):
+        gate = torch.softmax(self.router(x), dim=-1)
+        out = torch.zeros_like(x)
+        for i in range(self.w_in.weight.shape[0]):
+            h = torch.relu(torch.nn.functional.linear(x, self.w_in.weight[i]))
+            out = out + gate[..., i : i + 1] * torch.nn.functional.linear(h, self.w_out.weight[i])
+        return x + out
+
+
+class _ExpertStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_ExpertLoop(), _ExpertLoop()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_experts_read_one_at_a_time_are_warned_about_not_refused():
+    """Every big matmul of the blocks reads its weight through a select: nothing splits them,
+    which is a warning naming that, not a DivisibilityError advising the tp that was asked."""
+    torch.manual_seed(0)
+    model, x = _ExpertStack(), torch.randn(2, 4, 16)
+    box = []
+    messages = _warnings_of(lambda: box.append(autoshard(model, 2, example_inputs=(x,))))
+    lines = [m for m in messages if "read one expert at a time" in m]
+    assert any("'layers.*.w_in'" in m for m in lines), messages
+    assert any("'layers.*.w_out'" in m for m in lines), messages
+    torch.testing.assert_close(box[0](x), model(x))
+    assert "SHARDED" in box[0].explain(format="text")
+
+
+def test_a_first_block_fed_by_a_split_projection_has_its_twins_plan_and_optimum():
+    """ELECTRA projects its embeddings (32 -> 64) before the first layer: in the first round
+    that projection's column split reaches layer 0, whose output projection then looks like a
+    column. Its twins say rows are Megatron's style there: no 'split by rows' warning, and both
+    layers have one optimum (2 + 2)."""
+    config = dict(
+        model_type="electra", vocab_size=128, embedding_size=32, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, type_vocab_size=1, is_decoder=True,
+    )  # fmt: skip
+    model = build_model(config)
+    args, kwargs = random_batch(model, batch=2, seq=8)
+    box = []
+    messages = _warnings_of(
+        lambda: box.append(autoshard(model, 2, example_inputs=args, example_kwargs=kwargs))
+    )
+    assert not [m for m in messages if "split by rows" in m], messages
+    blocks = box[0].explain().blocks
+    assert [(b.optimum_forward, b.optimum_backward) for b in blocks] == [(2, 2), (2, 2)]
+    assert all(b.forward == {"all_reduce": 2} and b.backward == {"all_reduce": 2} for b in blocks)

@@ -193,3 +193,25 @@ def test_history_lists_each_pass_and_diffs_two_steps():
     assert history.diff("partition", "partition") == ""
     with pytest.raises(KeyError, match="passes: capture"):
         history.step("no_such_pass")
+
+
+def test_data_dependent_sizes_are_reported_as_such():
+    """JetMoE routes tokens with `.tolist()` split sizes: sizes with no example value. The
+    report says so instead of failing, and the model is still equal to the unsharded one."""
+    import warnings
+
+    import torch
+
+    config = dict(
+        model_type="jetmoe", vocab_size=128, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, kv_channels=16,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = build_model(config)
+    args, kwargs = random_batch(model, batch=2, seq=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its experts stay whole: tests/test_degradation.py
+        sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)
+    text = sharded.explain(format="text")
+    assert "data-dependent (counted as 0)" in text
+    torch.testing.assert_close(sharded(*args, **kwargs).loss, model(*args, **kwargs).loss)

@@ -13,6 +13,8 @@ import torch
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
 from nxd_autoshard.ir.errors import DivisibilityError, PlanError
 from nxd_autoshard.ir.meta import is_parameter, state_name_of
+from nxd_autoshard.ir.ops import expert_linear, grouped_linear
+from nxd_autoshard.ir.opsets import CASTS, PERMUTES, op_name
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import BlockCost, CapturedProgram, block_of
 from nxd_autoshard.rules import shape_of
@@ -141,25 +143,34 @@ _LINEAR_OPS = {
 _INDEX = re.compile(r"\.\d+(?=\.|'|$)")
 
 
+# ops a matmul may read its weight through: a cast, a transpose, or one expert's slice of a
+# stacked [experts, out, in] parameter (`self.weight[i]` in a loop over experts, JetMoE's)
+_WEIGHT_READS = CASTS | PERMUTES | {"select"}
+
+
 def _block_matmuls(program: CapturedProgram):
-    """(module, node, weight name) of every product with a parameter inside a repeated block."""
+    """(module, node, weight name, whether the weight is read per expert through `select`) of
+    every product with a parameter inside a repeated block."""
     for node in program.gm.graph.nodes:
         if node.op != "call_function":
             continue
-        name = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", "")
-        if name not in _LINEAR_OPS:
+        if op_name(node) not in _LINEAR_OPS and node.target not in (expert_linear, grouped_linear):
             continue
-        weights = [
-            a
-            for a in node.args[:3]
-            if isinstance(a, torch.fx.Node) and is_parameter(a) and a.meta["val"].dim() >= 2
-        ]
-        if not weights:
-            continue
-        weight = state_name_of(weights[0])
-        module = weight.rsplit(".", 1)[0]
-        if block_of(module) is not None:
-            yield module, node, weight
+        for arg in node.args[:3]:
+            source, indexed = arg, False
+            while op_name(source) in _WEIGHT_READS:
+                indexed |= op_name(source) == "select"
+                source = source.args[0]
+            if (
+                isinstance(source, torch.fx.Node)
+                and is_parameter(source)
+                and source.meta["val"].dim() >= 2
+            ):
+                weight = state_name_of(source)
+                module = weight.rsplit(".", 1)[0]
+                if block_of(module) is not None:
+                    yield module, node, weight, indexed
+                break
 
 
 def _report_replicated(
@@ -179,11 +190,12 @@ def _report_replicated(
     found = list(_block_matmuls(program))
     replicated = [
         (m, w)
-        for m, _, w in found
+        for m, _, w, _ in found
         if isinstance(plan.placements.get(w), Replicate) and settings.styles.get(w) != "replicate"
     ]  # a user's 'replicate' is not a surprise
     if replicated and len(replicated) == len(found):
-        _raise_if_another_tp_splits(program, settings, [w for _, _, w in found])
+        _raise_if_another_tp_splits(program, settings, list(dict.fromkeys(w for *_, w, _ in found)))
+    indexed = {m for m, _, _, by_expert in found if by_expert}
     # a minor weight (an MoE router) costs no memory to speak of, and Megatron replicates it
     # too: explain() still shows it, no warning
     minor = _minor_matmuls(program, settings)
@@ -192,7 +204,8 @@ def _report_replicated(
     # explain() counts its collectives against the optimum. Outside repeated blocks (heads,
     # poolers) a matmul may stay whole as Megatron keeps them; a model without a stack of
     # identical blocks is all "outside", and every undone split of it is reported
-    stacked = any(len(group) > 1 for group in _twins(settings.full_shapes).values())
+    twins = _twins(settings.full_shapes)
+    stacked = any(len(group) > 1 for group in twins.values())
     for module in undone if not stacked else ():
         if plan.auto_styles.get(module) == "row" or module in minor:
             continue
@@ -208,7 +221,7 @@ def _report_replicated(
     split_inputs = {x for m, x in column_inputs.items() if m in sharded_modules}
     causes: dict[str, list[str]] = {}
     for module in dict.fromkeys(degraded):
-        why = undone.get(module) or _why_not_split(module + ".weight", settings)
+        why = undone.get(module) or _why_not_split(module + ".weight", settings, module in indexed)
         if why == KEPT_WHOLE:
             continue
         kv = "not divisible" in why and column_inputs.get(module) in split_inputs
@@ -219,7 +232,9 @@ def _report_replicated(
         causes.setdefault(key, []).append(module)
     problems = []
     for modules in causes.values():
-        example = undone.get(modules[0]) or _why_not_split(modules[0] + ".weight", settings)
+        example = undone.get(modules[0]) or _why_not_split(
+            modules[0] + ".weight", settings, modules[0] in indexed
+        )
         names = ", ".join(repr(n) for n in dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
         problems.append(
             f"{names} ({len(modules)} matmul(s)) stay replicated on every rank (the full "
@@ -229,10 +244,14 @@ def _report_replicated(
     # (an attention core, say) runs whole on every rank and its output is all-reduced, one
     # collective each way more than Megatron's column split. Only a column of the first round,
     # before any veto: a later round's column (an output projection fed by a whole attention)
-    # falling back to its rows is where Megatron has it anyway
+    # falling back to its rows is where Megatron has it anyway. Identical blocks have one
+    # Megatron style: a twin whose first round chose rows (the first block's input can come
+    # split from outside the stack, an embedding projection's, say) says the rows are Megatron's
     rows: dict[str, list[str]] = {}
     for module, why in undone.items():
-        fallback = plan.auto_styles.get(module) == "row" and ideal.get(module) == "column"
+        fallback = plan.auto_styles.get(module) == "row" and all(
+            ideal.get(twin) == "column" for twin in twins.get(module, (module,))
+        )
         if fallback and block_of(module) is not None:
             plan.row_fallbacks[module] = why
             rows.setdefault(_INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why)), []).append(
@@ -333,9 +352,14 @@ def _minor_matmuls(program: CapturedProgram, settings: CompileSettings) -> set[s
     return {m for m, size in per_module.items() if size * 20 < per_block[block_of(m)]}
 
 
-def _why_not_split(weight: str, settings: CompileSettings) -> str:
+def _why_not_split(weight: str, settings: CompileSettings, indexed: bool = False) -> str:
     shape = settings.full_shapes.get(weight, ())
     sizes = " x ".join(map(str, shape))
+    if indexed:
+        return (
+            f"its weight [{sizes}] is read one expert at a time (`weight[i]`, a select, in a loop "
+            "over experts), which no plan splits yet: every expert runs whole on every rank"
+        )
     return (
         f"no column or row split fits its weight [{sizes}] at tp={settings.tp} "
         "with the placement its input arrives in"
@@ -358,22 +382,36 @@ def _raise_if_another_tp_splits(
     program: CapturedProgram, settings: CompileSettings, weights: list[str]
 ) -> None:
     """No matmul of any block splits at this tp: a DivisibilityError naming the tp values that
-    would split them, when there are any (otherwise the caller warns about the replication)."""
+    would split them, when this tp's sizes are the cause and another tp splits them (otherwise
+    the caller warns about the replication and its causes)."""
     from math import gcd
 
+    def splits(result: PropagationResult) -> bool:
+        """Some block weight is sharded and its split is not failed later in the program."""
+        return any(
+            isinstance(result.param_placements.get(w), Shard)
+            and w.rsplit(".", 1)[0] not in result.failed_columns
+            for w in weights
+        )
+
+    here = propagate_placements(
+        program, settings.tp, styles=dict(settings.styles), auto=settings.auto
+    )
+    if splits(here):
+        return  # the sizes split at this tp: what undid the splits is warned about, not sizes
     sizes = [settings.full_shapes[w][0] for w in weights if w in settings.full_shapes]
     common = 0
     for size in sizes:
         common = gcd(common, size)
     works = []
-    for tp in [d for d in _divisors(common) if d > 1][:12]:
+    for tp in [d for d in _divisors(common) if d > 1 and d != settings.tp][:12]:
         trial = propagate_placements(program, tp, styles=dict(settings.styles), auto=settings.auto)
         failed = {m: why for m, why in trial.failed_columns.items() if "not divisible" in why}
         try:
             _check_divisibility(trial, failed, replace(settings, tp=tp))
         except DivisibilityError:
             continue
-        if any(isinstance(trial.param_placements.get(w), Shard) for w in weights):
+        if splits(trial):
             works.append(tp)
     if not works:
         return

@@ -63,7 +63,13 @@ def summary_lines(report) -> list[str]:
     """The headline: model, mesh, sizes, totals and the per-block verdict."""
     t = report.totals
     verdict = _verdict(report)
-    sizes = ", ".join(f"{k} = {v}" for k, v in report.sizes.items()) or "static"
+    sizes = (
+        ", ".join(
+            f"{k} = {v}" if v else f"{k} data-dependent (counted as 0)"
+            for k, v in report.sizes.items()
+        )
+        or "static"
+    )
     return (
         [
             (

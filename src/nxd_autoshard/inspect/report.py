@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.fx
+from torch.fx.experimental import symbolic_shapes as _symbolic
 
 from nxd_autoshard.compiler.compiled import CompiledPlan
 from nxd_autoshard.compiler.partition import requires_grad_nodes
@@ -303,14 +304,19 @@ def explain(compiled: CompiledPlan, format: str | None = None, *, program: int =
 
 
 def concrete(size) -> int:
-    """An int for a size: itself, or a dynamic size's value at the example inputs."""
+    """An int for a size: itself, or a dynamic size's value at the example inputs. A
+    data-dependent size (tokens routed to one expert, from `.tolist()`) has no example value:
+    it counts as 0, and the report says so."""
     if isinstance(size, int):
         return size
     node = size.node
     hint = getattr(node, "hint", None)
-    if hint is None:
-        hint = node.shape_env.size_hint(node.expr)
-    return int(hint)
+    if hint is not None:
+        return int(hint)
+    if hasattr(_symbolic, "optimization_hint"):  # torch 2.13; size_hint is deprecated there
+        return int(_symbolic.optimization_hint(size, fallback=0))
+    hint = node.shape_env.size_hint(node.expr, allow_none=True)
+    return 0 if hint is None else int(hint)
 
 
 def _local(node: torch.fx.Node, tp: int) -> tuple[list, torch.dtype]:
@@ -422,8 +428,9 @@ def _param_rows(compiled: CompiledPlan) -> list[ParamRow]:
     return rows
 
 
-# ops that carry one tensor through unchanged in layout meaning (a cast, a transpose, `1 + w`)
-_CARRIES = CASTS | PERMUTES | RESHAPES | COPIES | ARITHMETIC
+# ops that carry one tensor through unchanged in layout meaning (a cast, a transpose, `1 + w`),
+# and one expert's slice of stacked expert weights (`weight[i]` in a loop over experts)
+_CARRIES = CASTS | PERMUTES | RESHAPES | COPIES | ARITHMETIC | {"select"}
 
 
 def _parameter_source(node) -> torch.fx.Node | None:
