@@ -80,8 +80,8 @@ def autoshard(
     the unsharded matmul's accumulator does; twice the bytes on those collectives.
     sequence_parallel: Megatron-SP with tp > 1: norms, dropout and residual adds run on this
     rank's part of the sequence; reduce-scatters and all-gathers replace TP's all-reduces (the
-    same bytes) and those activations take 1/tp of the memory. Every sequence length (the token
-    ids' last dim) must be a multiple of tp.
+    same bytes) and those activations take 1/tp of the memory. A sequence length tp does not
+    divide is padded on the shards (copies of the last row, sliced off at every gather).
     """
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:

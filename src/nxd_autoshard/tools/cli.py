@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument(
         "--sequence-parallel",
         action="store_true",
-        help="Megatron-SP: norms and residual adds on Shard(seq); --seq must be a multiple of tp",
+        help="Megatron-SP: norms and residual adds on Shard(seq) (a --seq tp does not divide is padded)",
     )
     v.add_argument("--rtol", type=float, default=None, help="default: 1e-4 (bf16: 4e-2)")
     v.add_argument("--atol", type=float, default=None, help="default: 1e-5 (bf16: 1e-3)")
