@@ -350,3 +350,44 @@ def test_program_matches_golden(family, assert_golden):
     )
     text = assert_golden(sharded, f"{family}_tp2_sp")
     assert "reduce_scatter[tp](" in text and "all_gather_rs[tp](" in text
+
+
+class _MixingLM(torch.nn.Module):
+    """Blocks whose residual stream also mixes positions (adds its mean over the sequence)
+    between the row-parallel output and the next column-parallel input: padding rows there
+    would enter that mean, so it must read the gathered, unpadded sequence."""
+
+    def __init__(self, vocab=64, hidden=32, layers=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(hidden) for _ in range(layers))
+        self.up = torch.nn.ModuleList(torch.nn.Linear(hidden, 4 * hidden) for _ in range(layers))
+        self.down = torch.nn.ModuleList(torch.nn.Linear(4 * hidden, hidden) for _ in range(layers))
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for norm, up, down in zip(self.norms, self.up, self.down):
+            h = h + down(torch.nn.functional.gelu(up(norm(h))))
+            h = h + 0.5 * h.mean(dim=1, keepdim=True)
+        logits = self.head(h)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("tp,seq", [(2, 7), (4, 9)])
+def test_padding_never_enters_a_reduction_over_the_sequence(tp, seq):
+    torch.manual_seed(0)
+    model = _MixingLM()
+    ids = torch.randint(0, 64, (2, seq))
+    ref = copy.deepcopy(model)
+    want = ref(ids)
+    want.backward()
+    sharded = autoshard(model, tp, sequence_parallel=True, example_inputs=(ids,))
+    nodes = list(sharded.graph_module.graph.nodes)
+    assert any(n.target is ops.pad_sequence for n in nodes)  # it is sequence parallel, padded
+    got = sharded(ids)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
