@@ -253,16 +253,17 @@ def test_fp32_partial_sums_first_step_is_the_unsharded_bf16_one():
 
 
 @pytest.mark.parametrize(
-    "family,tp,sequence_parallel", [("llama", 2, True), ("gpt2", 4, False), ("gpt2", 2, True)]
+    "family,tp,options",
+    [
+        ("llama", 2, {"sequence_parallel": True}),
+        ("gpt2", 4, {}),
+        ("gpt2", 2, {"sequence_parallel": True, "seq": 7}),
+        ("llama", 2, {"pp": 2, "activation_checkpointing": "full"}),
+    ],
 )
-def test_fp32_partial_sums_keep_loss_and_every_gradient(family, tp, sequence_parallel):
+def test_fp32_partial_sums_keep_loss_and_every_gradient(family, tp, options):
     checks = verify_config(
-        config_dict(family),
-        tp,
-        world="sim",
-        precision="bf16",
-        reduce_dtype="fp32",
-        sequence_parallel=sequence_parallel,
+        config_dict(family), tp, world="sim", precision="bf16", reduce_dtype="fp32", **options
     )
     _assert_all_ok(checks)
 
