@@ -1,7 +1,8 @@
 """Command line.
 
 nxd-autoshard verify --config cfg.json --tp 4 [--pp 2 --dp 2 --schedule 1f1b] [--world gloo|sim]
-    [--activation-checkpointing full|selective] [--precision bf16] [--sequence-parallel]
+    [--activation-checkpointing full|selective] [--precision bf16 [--reduce-dtype fp32]]
+    [--sequence-parallel]
 nxd-autoshard plan --config cfg.json --tp 8 [--sequence-parallel] [--format text|json|html] [-o FILE]
 nxd-autoshard compile --config cfg.json --tp 8 --pp 4 --target trn1|trn2 -o DIR  (torch-xla)
 """
@@ -38,6 +39,7 @@ def _verify(ns: argparse.Namespace) -> int:
         atol=ns.atol,
         activation_checkpointing=ns.activation_checkpointing,
         precision=ns.precision,
+        reduce_dtype=ns.reduce_dtype,
         sequence_parallel=ns.sequence_parallel,
     )
     for check in checks:
@@ -196,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("fp32", "bf16"),
         default="fp32",
         help="bf16: bf16 compute from fp32 master weights, checked against the model in bf16",
+    )
+    v.add_argument(
+        "--reduce-dtype",
+        choices=("fp32",),
+        default=None,
+        help="with bf16: tp partial sums made, reduced and read in fp32 (twice their bytes)",
     )
     v.add_argument(
         "--sequence-parallel",
