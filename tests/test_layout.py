@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_lists_the_passes_the_driver_runs():
     text = (ROOT / "README.md").read_text()
     block = text.split("tests/test_layout.py checks it -->", 1)[1].split("\n\n", 1)[0]
-    # every optional pass on: pipeline stages, bf16 and activation checkpointing
-    assert re.findall(r"`(\w+)`", block) == pass_names(2, precision="bf16", recompute="full")
+    # every optional pass on: pipeline stages, bf16 (fp32 partial sums) and checkpointing
+    options = dict(precision="bf16", reduce_dtype="fp32", recompute="full")
+    assert re.findall(r"`(\w+)`", block) == pass_names(2, **options)
 
 
 def test_no_module_of_the_package_imports_itself_back():

@@ -13,7 +13,6 @@ from test_equivalence import UNSEEN
 
 from nxd_autoshard import autoshard
 from nxd_autoshard.ir import ops
-from nxd_autoshard.ir.errors import DivisibilityError
 from nxd_autoshard.runtime.simulator import trace_collectives
 from nxd_autoshard.tools.cli import main
 from nxd_autoshard.tools.hf import build_model, random_batch
@@ -201,20 +200,73 @@ def test_checkpointing_recomputes_no_collective():
     assert kinds["all_gather"] == 5 and kinds["reduce_scatter"] == 5  # 4 in blocks + head/embed
 
 
-def test_sequence_length_tp_does_not_divide_is_a_clear_error():
-    cfg = config_dict("llama")
-    model = build_model(cfg)
-    args, kwargs = random_batch(model, seq=15)
-    with pytest.raises(DivisibilityError, match=r"15 tokens .* multiple of 2 \(here 14 or 16"):
-        autoshard(model, 2, sequence_parallel=True, example_inputs=args, example_kwargs=kwargs)
-    # captured with a dynamic sequence at 16: a later call at 10 is refused before any collective
-    _, sharded, _, _ = _sharded(cfg, 4)
-    args, kwargs = random_batch(model, seq=10)
-    with pytest.raises(DivisibilityError, match=r"10 tokens .* \(here 8 or 12"):
-        sharded(*args, **kwargs)
-    args, kwargs = random_batch(model, seq=12)
-    assert torch.isfinite(sharded(*args, **kwargs).loss)  # a multiple of tp runs, uncaptured again
-    assert len(sharded.programs()) == 1
+@pytest.mark.parametrize(
+    "family,tp,seq,pp",
+    [
+        ("llama", 2, 7, 1),
+        ("llama", 4, 9, 1),
+        ("gpt2", 2, 9, 1),
+        ("gpt2", 4, 7, 1),
+        ("llama", 2, 7, 2),
+    ],
+)
+def test_sequence_length_tp_does_not_divide_is_padded(family, tp, seq, pp):
+    """The shards hold the sequence padded to a multiple of tp (copies of the last row, sliced
+    off at every gather): loss and every gradient are the unsharded model's."""
+    cfg = config_dict(family)
+    _assert_all_ok(verify_config(cfg, tp, pp=pp, world="sim", seq=seq, sequence_parallel=True))
+    _, sharded, _, _ = _sharded(cfg, tp, seq=seq)
+    targets = Counter(n.target for n in sharded.graph_module.graph.nodes)
+    assert targets[ops.pad_sequence] > 0 and targets[ops.unpad_sequence] > 0
+    assert targets[ops.reduce_scatter] > 0  # and it is still sequence parallel
+
+
+def test_lengths_tp_does_not_divide_get_the_padded_program():
+    """Captured (dynamic) at 16, the program splits equally, as Megatron-SP; the first call at a
+    length tp 4 does not divide captures the padded program, which serves every such length."""
+    model = build_model(config_dict("llama")).train()
+    args, kwargs = random_batch(model, seq=16)  # captured with a dynamic sequence at 16
+    sharded = autoshard(
+        copy.deepcopy(model), 4, sequence_parallel=True, example_inputs=args, example_kwargs=kwargs
+    )
+    for seq in (10, 7, 13, 12):
+        args, kwargs = random_batch(model, seq=seq)
+        model.zero_grad()
+        sharded.zero_grad()
+        want = model(*args, **kwargs).loss
+        want.backward()
+        got = sharded(*args, **kwargs).loss
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        grads = dict(sharded.named_parameters())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    padded = [
+        any(n.target is ops.pad_sequence for n in program.gm.graph.nodes)
+        for program in sharded.programs()
+    ]
+    assert padded == [False, True]
+
+
+def test_padded_dropout_draws_the_unsharded_masks():
+    model = build_model(config_dict("gpt2", attn_pdrop=0.0, resid_pdrop=0.3, embd_pdrop=0.3))
+    model.train()
+    args, kwargs = random_batch(model, seq=7)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(5)
+    ref(*args, **kwargs).loss.backward()
+    sharded = autoshard(
+        model, 4, sequence_parallel=True, example_inputs=args, example_kwargs=kwargs
+    )
+    torch.manual_seed(5)
+    sharded(*args, **kwargs).loss.backward()
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gloo_padded_sequence():
+    _assert_all_ok(verify_config(config_dict("llama"), 2, seq=7, sequence_parallel=True))
 
 
 @pytest.mark.parametrize(
@@ -298,3 +350,44 @@ def test_program_matches_golden(family, assert_golden):
     )
     text = assert_golden(sharded, f"{family}_tp2_sp")
     assert "reduce_scatter[tp](" in text and "all_gather_rs[tp](" in text
+
+
+class _MixingLM(torch.nn.Module):
+    """Blocks whose residual stream also mixes positions (adds its mean over the sequence)
+    between the row-parallel output and the next column-parallel input: padding rows there
+    would enter that mean, so it must read the gathered, unpadded sequence."""
+
+    def __init__(self, vocab=64, hidden=32, layers=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(hidden) for _ in range(layers))
+        self.up = torch.nn.ModuleList(torch.nn.Linear(hidden, 4 * hidden) for _ in range(layers))
+        self.down = torch.nn.ModuleList(torch.nn.Linear(4 * hidden, hidden) for _ in range(layers))
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for norm, up, down in zip(self.norms, self.up, self.down):
+            h = h + down(torch.nn.functional.gelu(up(norm(h))))
+            h = h + 0.5 * h.mean(dim=1, keepdim=True)
+        logits = self.head(h)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("tp,seq", [(2, 7), (4, 9)])
+def test_padding_never_enters_a_reduction_over_the_sequence(tp, seq):
+    torch.manual_seed(0)
+    model = _MixingLM()
+    ids = torch.randint(0, 64, (2, seq))
+    ref = copy.deepcopy(model)
+    want = ref(ids)
+    want.backward()
+    sharded = autoshard(model, tp, sequence_parallel=True, example_inputs=(ids,))
+    nodes = list(sharded.graph_module.graph.nodes)
+    assert any(n.target is ops.pad_sequence for n in nodes)  # it is sequence parallel, padded
+    got = sharded(ids)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)

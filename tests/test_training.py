@@ -1,6 +1,7 @@
 """Activation checkpointing and bf16 mixed precision on the rewritten program (issue 11, parts 2-3)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -200,6 +201,80 @@ def test_bf16_loss_curve_over_50_adamw_steps():
         assert (curve - bf16).abs().mean() < 0.5 * (bf16 - fp32).abs().mean()
 
 
+def _first_step(model, args, kwargs, tp, reduce_dtype):
+    """Loss, full gradients and the collectives' log of one bf16 training step (simulator)."""
+    sharded = autoshard(
+        copy.deepcopy(model),
+        tp,
+        example_inputs=args,
+        example_kwargs=kwargs,
+        precision="bf16",
+        reduce_dtype=reduce_dtype,
+    )
+    with trace_collectives() as log:
+        loss = sharded.train_step(*args, **kwargs)
+    return loss, sharded.gather_grads(), log, sharded
+
+
+def _grad_gap(grads, ref) -> float:
+    return max(((grads[n] - r).abs().max() / r.abs().max()).item() for n, r in ref.items())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fp32_partial_sums_make_bf16_training_independent_of_tp(family):
+    # reduce_dtype="fp32": each rank's row-parallel addend (and column-parallel input gradient)
+    # rounds once after the fp32 sum, as the unsharded matmul's accumulator does; in bf16 each
+    # addend rounds first and the tp 2 step differs from the tp 1 one by bf16 round-off
+    drop = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if family == "gpt2" else {}
+    model = build_model(config_dict(family, **drop)).train()
+    args, kwargs = random_batch(model, batch=4)
+    one = _first_step(model, args, kwargs, 1, "fp32")
+    two = _first_step(model, args, kwargs, 2, "fp32")
+    plain = _first_step(model, args, kwargs, 2, None)
+    assert abs(two[0] - one[0]) < 1e-6 < abs(plain[0] - one[0])
+    assert _grad_gap(two[1], one[1]) < 1e-3 < _grad_gap(plain[1], one[1])
+
+    # the price: every summing collective moves fp32 (4 bytes an element), where bf16 ones
+    # moved 2 (the vocab-parallel loss reduces in fp32 either way; gathers stay bf16)
+    def widths(log):
+        return {n // math.prod(shape) for kind, _, shape, n in log if kind.startswith("all_reduce")}
+
+    assert widths(two[2]) == {4} and widths(plain[2]) == {2, 4}
+    assert "tp partial sums made and reduced in fp32" in two[3].explain("text")
+
+
+def test_fp32_partial_sums_first_step_is_the_unsharded_bf16_one():
+    model = _llama()
+    args, kwargs = random_batch(model, batch=4)
+    work = copy.deepcopy(model).to(torch.bfloat16)
+    want = work(*args, **kwargs).loss.item()
+    for tp in (2, 4):
+        assert abs(_first_step(model, args, kwargs, tp, "fp32")[0].item() - want) < 2e-5
+
+
+@pytest.mark.parametrize(
+    "family,tp,options",
+    [
+        ("llama", 2, {"sequence_parallel": True}),
+        ("gpt2", 4, {}),
+        ("gpt2", 2, {"sequence_parallel": True, "seq": 7}),
+        ("llama", 2, {"pp": 2, "activation_checkpointing": "full"}),
+    ],
+)
+def test_fp32_partial_sums_keep_loss_and_every_gradient(family, tp, options):
+    checks = verify_config(
+        config_dict(family), tp, world="sim", precision="bf16", reduce_dtype="fp32", **options
+    )
+    _assert_all_ok(checks)
+
+
+def test_fp32_partial_sums_on_gloo():
+    checks = verify_config(
+        config_dict("llama"), 2, precision="bf16", reduce_dtype="fp32", sequence_parallel=True
+    )
+    _assert_all_ok(checks)
+
+
 def test_bf16_pipeline_and_checkpointing_simulated():
     cfg = config_dict("llama", num_hidden_layers=3)
     checks = verify_config(
@@ -256,7 +331,7 @@ def test_verify_cli_with_checkpointing_and_bf16(tmp_path, capsys):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config_dict("llama")))
     argv = ["verify", "--config", str(path), "--tp", "2", "--world", "sim"]
-    argv += ["--activation-checkpointing", "full", "--precision", "bf16"]
+    argv += ["--activation-checkpointing", "full", "--precision", "bf16", "--reduce-dtype", "fp32"]
     assert main(argv) == 0
     assert "0 failed" in capsys.readouterr().out
 
@@ -265,6 +340,7 @@ def test_verify_cli_with_checkpointing_and_bf16(tmp_path, capsys):
     "options,error,message",
     [
         ({"precision": "fp16"}, ValueError, "use 'fp32' or 'bf16'"),
+        ({"precision": "bf16", "reduce_dtype": "bf16"}, ValueError, "reduce_dtype='bf16'.*'fp32'"),
         ({"activation_checkpointing": "all"}, ValueError, "'full' .* 'selective'"),
         ({"activation_checkpointing": [3]}, TypeError, "list of nn.Module classes"),
         ({"activation_checkpointing": [torch.nn.Conv2d]}, PlanError, "no module of the classes"),

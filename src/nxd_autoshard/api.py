@@ -50,6 +50,7 @@ def autoshard(
     compile: bool | str | Mapping[str, Any] | None = None,
     activation_checkpointing: str | list[type] | None = None,
     precision: str = "fp32",
+    reduce_dtype: str | None = None,
     sequence_parallel: bool = False,
 ) -> ShardedModule:
     """Shard an unmodified model over a (dp, pp, tp) mesh; see the README for the contract.
@@ -73,10 +74,14 @@ def autoshard(
     regions are cut at communicating collectives, so the recompute issues none.
     precision: "fp32", or "bf16" (bf16 weights and activations computed from the fp32 master
     weights, which the optimizer steps; fp32 gradients, the model's own fp32 upcasts kept).
+    reduce_dtype: None (tp's partial sums in the compute dtype, as Megatron and NxD reduce them)
+    or "fp32": with bf16, the ops that make, reduce or read a tp partial sum (row-parallel
+    outputs forward, column-parallel input gradients backward) run in fp32 and round once, as
+    the unsharded matmul's accumulator does; twice the bytes on those collectives.
     sequence_parallel: Megatron-SP with tp > 1: norms, dropout and residual adds run on this
     rank's part of the sequence; reduce-scatters and all-gathers replace TP's all-reduces (the
-    same bytes) and those activations take 1/tp of the memory. Every sequence length (the token
-    ids' last dim) must be a multiple of tp.
+    same bytes) and those activations take 1/tp of the memory. A sequence length tp does not
+    divide is padded on the shards (copies of the last row, sliced off at every gather).
     """
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
@@ -84,6 +89,11 @@ def autoshard(
     compiled = compile_options(compile)  # before the (slow) capture: a bad backend fails now
     recompute = checkpoint_mode(activation_checkpointing)
     _check_precision(model, precision)
+    if reduce_dtype not in (None, "fp32"):
+        raise ValueError(
+            f"reduce_dtype={reduce_dtype!r}: use None (partial sums in the compute dtype) or "
+            "'fp32' (partial sums made and reduced in fp32, with precision='bf16')"
+        )
     if balance not in BALANCE:
         raise ValueError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
     microbatches = microbatches or (pp if pp > 1 else 1)
@@ -133,6 +143,7 @@ def autoshard(
         loss_fn=loss_fn,
         strict=strict,
         precision=precision,
+        reduce_dtype=reduce_dtype,
         recompute=recompute,
         sequence_parallel=bool(sequence_parallel) and tp > 1,
     )

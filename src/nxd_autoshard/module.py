@@ -70,6 +70,7 @@ class ShardedModule(torch.nn.Module):
         loss_fn=None,
         strict: bool = False,
         precision: str = "fp32",
+        reduce_dtype: str | None = None,
         recompute: str | tuple[str, ...] | None = None,
         sequence_parallel: bool = False,
     ):
@@ -105,6 +106,7 @@ class ShardedModule(torch.nn.Module):
             balance=self.pipeline.balance,
             strict=strict,
             precision=precision,
+            reduce_dtype=reduce_dtype,
             recompute=recompute,
             sequence_parallel=sequence_parallel,
         )

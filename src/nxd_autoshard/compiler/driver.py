@@ -28,7 +28,7 @@ from nxd_autoshard.compiler.normalize import (
 )
 from nxd_autoshard.compiler.partition import partition
 from nxd_autoshard.compiler.plan import CompileSettings, Plan, decide_placements
-from nxd_autoshard.compiler.precision import DTYPES, cast_state
+from nxd_autoshard.compiler.precision import DTYPES, cast_state, fp32_partials, reduce_terms_apart
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.compiler.recompute import check_found, mark_recompute
 from nxd_autoshard.compiler.sequence import sequence_parallel
@@ -239,6 +239,14 @@ def _precision(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram
     return program
 
 
+def _fp32_partials(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
+    """Partial sums made, reduced and read in fp32, rounded once (with reduce_dtype="fp32")."""
+    for gm, _ in _programs(program, ctx):
+        reduce_terms_apart(gm)
+        fp32_partials(gm, DTYPES[ctx.settings.precision])
+    return program
+
+
 def _recompute(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram:
     """Regions recomputed in backward, cut at communicating collectives (with activation_checkpointing=)."""
     mode = ctx.settings.recompute
@@ -267,6 +275,11 @@ PASSES: tuple[Pass, ...] = (
     Pass("retarget_device", _retarget),
     Pass("split", _split, lambda ctx: ctx.settings.n_stages > 1),
     Pass("precision", _precision, lambda ctx: ctx.settings.precision != "fp32"),
+    Pass(
+        "fp32_partials",
+        _fp32_partials,
+        lambda ctx: ctx.settings.precision != "fp32" and ctx.settings.reduce_dtype == "fp32",
+    ),
     Pass("recompute", _recompute, lambda ctx: ctx.settings.recompute is not None),
 )
 

@@ -7,7 +7,7 @@ import torch.fx
 
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops as C
-from nxd_autoshard.ir.meta import padded_of, placement_of, set_placement, set_tp
+from nxd_autoshard.ir.meta import padded_of, placement_of, sequence_sharded, set_placement, set_tp
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, module_path
 from nxd_autoshard.rules import (
@@ -90,14 +90,27 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
     grad = requires_grad_nodes(gm, program)
     cache: dict[tuple, torch.fx.Node] = {}
 
-    def convert(value: torch.fx.Node, src: Placement, dst: Placement, padded: int | None = None):
-        key = (value, dst, padded)
+    def convert(
+        value: torch.fx.Node,
+        src: Placement,
+        dst: Placement,
+        padded: int | None = None,
+        sequence: bool = False,
+    ):
+        key = (value, dst, str(padded), sequence)  # str: a dynamic padded size is a SymInt
         if key in cache:
             return cache[key]
         current = anchor = value if value.op != "placeholder" else _last_placeholder(graph)
         current = value
-        size, pad = _real_size_if_padded(value, src), _pad_widths(value, dst, padded)
-        for fn, extra in redistribute_ops(src, dst, size=size, pad=pad):
+        size = _size_arg(graph, _real_size_if_padded(value, src))
+        if sequence and padded is not None:
+            steps = _into_padded_sequence(src, dst, size, tp)
+        elif size is not None and sequence_sharded(value):  # out of padded sequence shards
+            steps = redistribute_ops(src, Replicate()) + [(C.unpad_sequence, (src.dim, size))]
+            steps += redistribute_ops(Replicate(), dst)
+        else:
+            steps = redistribute_ops(src, dst, size=size, pad=_pad_widths(value, dst, padded))
+        for fn, extra in steps:
             with graph.inserting_after(anchor):
                 current = graph.call_function(fn, (current, *extra))
             set_placement(current, dst)
@@ -136,7 +149,7 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
             have = placement_of(value)
             if have != need:
                 padded = decision.padded if isinstance(need, Shard) else None
-                replace[value] = convert(value, have, need, padded)
+                replace[value] = convert(value, have, need, padded, sequence_sharded(node))
         if not _is_replicated(decision.out):
             for value in tensor_inputs(node):
                 src = replace.get(value, value)
@@ -169,7 +182,7 @@ def _gather_partial_grads(graph: torch.fx.Graph) -> None:
         chain = []
         while (
             source.op == "call_function"
-            and getattr(getattr(source.target, "overloadpacket", None), "__name__", "") in _MOVES
+            and (_moves(source) or source.target is C.unpad_sequence)  # a slice commutes too
             and len(source.users) == 1
         ):
             chain.append(source)
@@ -179,6 +192,10 @@ def _gather_partial_grads(graph: torch.fx.Graph) -> None:
         source.target = C.all_gather_rs
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
+
+
+def _moves(node: torch.fx.Node) -> bool:
+    return getattr(getattr(node.target, "overloadpacket", None), "__name__", "") in _MOVES
 
 
 def _divide_size(node: torch.fx.Node, step: DivideSize, tp: int) -> None:
@@ -222,7 +239,8 @@ def _scale_input(node: torch.fx.Node, step: ScaleInput, tp: int) -> None:
 def _lower(node: torch.fx.Node, step: Lower, tp: int) -> None:
     """Retarget a node to a runtime op (vocab-parallel embedding or cross entropy)."""
     node.target = step.op
-    node.args = (node.args[0], node.args[1], *step.extra_args)
+    extra = tuple(_size_arg(node.graph, a) for a in step.extra_args)  # a dynamic length: a node
+    node.args = (node.args[0], node.args[1], *extra)
     node.kwargs = {}
 
 
@@ -234,6 +252,37 @@ LOCALISE = {
     ScaleInput: _scale_input,
     Lower: _lower,
 }
+
+
+def _into_padded_sequence(src: Placement, dst: Shard, size: int | None, tp: int) -> list[tuple]:
+    """Into sequence shards of a length tp does not divide: padded with copies of the last row
+    (`pad_sequence`; a Partial value's copies sum to the real row's copy), then split."""
+    pad = (C.pad_sequence, (dst.dim, tp))
+    if isinstance(src, Shard):  # shards of another dim: gathered whole first
+        gathered = redistribute_ops(src, Replicate(), size=size)
+        return gathered + [pad, (C.shard, (dst.dim, AXIS))]
+    return [pad] + redistribute_ops(src, dst)
+
+
+def _size_arg(graph: torch.fx.Graph, size):
+    """`size` as a graph argument: an int, or the node giving a dynamic size (a SymInt)."""
+    if not isinstance(size, torch.SymInt):
+        return size
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) and val.node.expr == size.node.expr:
+            return node
+    for node in graph.nodes:  # read off an input of that size
+        val = node.meta.get("val")
+        if node.op != "placeholder" or not isinstance(val, torch.Tensor):
+            continue
+        for dim, d in enumerate(val.shape):
+            if isinstance(d, torch.SymInt) and d.node.expr == size.node.expr:
+                with graph.inserting_after(_last_placeholder(graph)):
+                    found = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+                found.meta["val"] = d
+                return found
+    raise NotImplementedError(f"no input gives the dynamic size {size}; capture with static shapes")
 
 
 def _real_size_if_padded(value: torch.fx.Node, placed: Placement) -> int | None:

@@ -38,6 +38,7 @@ class CompileSettings:
     balance: str = "flops"
     strict: bool = False  # raise instead of warning when a block's matmul stays replicated
     precision: str = "fp32"  # compute dtype name (compiler.precision.DTYPES); masters stay fp32
+    reduce_dtype: str | None = None  # "fp32": tp partial sums in fp32 (compiler.precision)
     recompute: str | tuple[str, ...] | None = None  # activation checkpointing (compiler.recompute)
     sequence_parallel: bool = False  # replicated regions on Shard(seq) (compiler.sequence)
 

@@ -11,7 +11,9 @@ read by such a region (a norm's) gets its gradient all-reduced over tp by the pa
 every replicated input of a sharded op. The sequence dim of a value is the one sized like the
 last dim of an embedding's ids (the captured dynamic sequence size, or its example size when
 static); dropout there draws the whole value's mask and keeps its part (`sequence_dropout`).
-A length tp does not divide is an error naming those that work, at capture and at each call.
+A length tp does not divide is padded to a multiple of tp on the shards (copies of the last
+row, sliced off at each gather: `_pad_lengths`). Captured at a length tp divides, the program
+splits equally, as Megatron-SP, and a call at another length is captured again (padded).
 
     program, tp=2:  o_proj -> P -> reduce_scatter(dim 1) -> add / rms_norm on S(1) -> all_gather -> q_proj
 """
@@ -23,12 +25,12 @@ import torch.fx
 
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops
-from nxd_autoshard.ir.meta import set_placement, set_sequence
+from nxd_autoshard.ir.meta import set_padded, set_placement, set_sequence
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
-from nxd_autoshard.ir.program import CapturedProgram, check_sequence_length
+from nxd_autoshard.ir.program import CapturedProgram
 from nxd_autoshard.rules import Decision, Lower, R, hint_int, rule_for, tensor_inputs
 
-__all__ = ["sequence_dims", "sequence_parallel"]
+__all__ = ["sequence_parallel"]
 
 aten = torch.ops.aten
 
@@ -48,8 +50,8 @@ def _seq_sizes(program: CapturedProgram) -> list:
 
 
 def sequence_dims(program: CapturedProgram, sizes: list) -> list[tuple[int, int]]:
-    """(flat user-input index, dim) of the user inputs' dims sized like a dynamic sequence:
-    each call checks them (a static program is captured again, and checked, per shape)."""
+    """(flat user-input index, dim) of the user inputs' dims sized like a dynamic sequence that
+    the program splits equally: a call at a length tp does not divide is captured again."""
     inputs = [n for n in program.gm.graph.nodes if n.op == "placeholder"][program.num_state :]
     dynamic = [s for s in sizes if isinstance(s, torch.SymInt)]
     found = []
@@ -141,7 +143,6 @@ def sequence_parallel(program: CapturedProgram, result: PropagationResult, tp: i
     if not sizes:
         return 0
     sp: dict[torch.fx.Node, object] = {}
-    used: dict[str, object] = {}  # the sequence sizes reduce-scattered
     for node in program.gm.graph.nodes:
         decision = result.decisions.get(node)
         if decision is None or node.op != "call_function":
@@ -165,15 +166,42 @@ def sequence_parallel(program: CapturedProgram, result: PropagationResult, tp: i
             for n in entering:
                 decision.needs.setdefault(n, R)  # all-gathered into the tensor-parallel region
             continue
-        for n, placed in seeds.items():
-            used.setdefault(str(n.meta["val"].shape[placed.dim]), n.meta["val"].shape[placed.dim])
         result.decisions[node] = new
         result.placements[node] = new.out
         set_placement(node, new.out)
         set_sequence(node)
         sp[node] = new.out
-    for size in used.values():
-        check_sequence_length(hint_int(size), tp)  # at the example inputs; each call checks its own
-    program.sequence_inputs = sequence_dims(program, list(used.values()))
+    split = _pad_lengths(sp, result, sizes, tp)
+    program.sequence_inputs = sequence_dims(program, split)
     program.sequence_tp = tp
     return len(sp)
+
+
+def _pad_lengths(sp: dict, result: PropagationResult, sizes: list, tp: int) -> list:
+    """Sequence shards of a length tp does not divide (at the example) hold it padded to a
+    multiple of tp; returns the lengths split equally instead.
+
+    Padding rows exist only on Shard(seq) values, made by `pad_sequence` where a value enters
+    the region and sliced off by every gather out of it; each op in between keeps the shard (it
+    computes each position from the same position), so a padding row never reaches a real one
+    and gets no gradient. Dropout draws the unsharded value's mask (its real length)."""
+    split = []
+    for node in sp:
+        # a node of two outputs (native dropout) has its input's length
+        probe = node if isinstance(node.meta.get("val"), torch.Tensor) else node.args[0]
+        dim = _seq_dim(probe, sizes)
+        size = None if dim is None else probe.meta["val"].shape[dim]
+        if size is None:
+            continue
+        if hint_int(size) % tp == 0:
+            split.append(size)
+            continue
+        padded = size + (-size % tp)  # a SymInt for a dynamic length
+        set_padded(node, padded)
+        decision = result.decisions[node]
+        decision.padded = padded
+        decision.localise = tuple(
+            Lower(step.op, (*step.extra_args, size)) if step.op is ops.sequence_dropout else step
+            for step in decision.localise
+        )
+    return split

@@ -116,6 +116,11 @@ def _training_lines(report) -> list[str]:
         lines.append(
             f"precision: {report.precision} weights and activations, computed from fp32 master "
             "weights; fp32 gradients"
+            + (
+                "; tp partial sums made and reduced in fp32"
+                if report.reduce_dtype == "fp32"
+                else ""
+            )
         )
     if report.recomputed:
         blocks = sorted({r.rsplit("[", 1)[0] for r in report.recomputed})

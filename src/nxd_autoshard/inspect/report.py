@@ -217,6 +217,7 @@ class Report:
     totals: dict[str, Any] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     precision: str = "fp32"  # compute dtype; parameters and gradients stay fp32 masters
+    reduce_dtype: str | None = None  # "fp32": tp partial sums made and reduced in fp32
     recomputed: list[str] = field(default_factory=list)  # activation-checkpointed regions
     # sequence parallelism: the modules whose ops run on Shard(seq), layer indices as `*`
     sequence_regions: list[str] = field(default_factory=list)
@@ -628,6 +629,7 @@ def build_report(compiled: CompiledPlan, *, program: int = 0) -> Report:
         sequence_regions=_sequence_regions(gm),
         sequence_ops=sum(1 for n in gm.graph.nodes if sequence_sharded(n)),
         precision=compiled.settings.precision,
+        reduce_dtype=compiled.settings.reduce_dtype,
         recomputed=sorted({recompute_of(n) for n in gm.graph.nodes if recompute_of(n)}),
         program=program,
         programs=len(compiled.programs),

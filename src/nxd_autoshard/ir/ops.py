@@ -127,12 +127,30 @@ def vocab_parallel_cross_entropy(
     )
 
 
-def sequence_dropout(x: torch.Tensor, p: float, dim: int, axis: str, native: bool = False):
+def sequence_dropout(
+    x: torch.Tensor, p: float, dim: int, axis: str, native: bool = False, length: int | None = None
+):
     """Dropout of a value sharded on `dim` (a sequence shard): every rank draws the mask of the
     whole value (the ranks of an axis share the random state, as replicated dropout assumes)
     and keeps its own part, so the ranks' masks are the unsharded dropout's, not one mask
-    repeated per shard. native: return (output, mask) as `aten.native_dropout`."""
-    return _run("sequence_dropout", x, p, dim, axis, native)
+    repeated per shard. native: return (output, mask) as `aten.native_dropout`. length: the
+    real sequence length of a value padded to a multiple of tp (`pad_sequence`)."""
+    return _run("sequence_dropout", x, p, dim, axis, native, length)
+
+
+def pad_sequence(x: torch.Tensor, dim: int, tp: int) -> torch.Tensor:
+    """`dim` padded up to a multiple of `tp` with copies of its last row, before it is split into
+    tp equal shards; the copies are finite wherever the real rows are, so position-wise ops on
+    them (norms, residual adds) stay finite, and the gather out of the shards slices them off."""
+    extra = -x.shape[dim] % tp
+    if not extra:
+        return x
+    return torch.cat([x] + [x.narrow(dim, x.shape[dim] - 1, 1)] * extra, dim)
+
+
+def unpad_sequence(x: torch.Tensor, dim: int, length) -> torch.Tensor:
+    """The first `length` rows of `dim` (a gathered padded sequence), contiguous for the views after."""
+    return x.narrow(dim, 0, length).contiguous()
 
 
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,6 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from nxd_autoshard.ir.errors import DivisibilityError
-
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, *, ignore_index: int | None = None) -> None:
     """Raise as the unsharded embedding / cross-entropy would on an id outside the vocabulary.
@@ -45,22 +43,6 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, *, ignore_index: int | N
         )
 
 
-def check_sequence_length(length: int, tp: int) -> None:
-    """Sequence parallelism splits a sequence into tp equal parts: a length tp does not divide
-    is an error naming the lengths that work (before any collective could hang on it)."""
-    if length % tp == 0:
-        return
-
-    lower = length - length % tp
-    works = " or ".join(str(n) for n in (lower, lower + tp) if n > 0)
-    raise DivisibilityError(
-        f"sequence_parallel=True shards the sequence over tp={tp}, and a sequence of {length} "
-        f"tokens does not split into {tp} equal parts: use a length that is a multiple of {tp} "
-        f"(here {works}; pad the batch, with attention_mask and labels=-100 on the padding), "
-        "or sequence_parallel=False"
-    )
-
-
 @dataclass
 class CapturedProgram:
     """A captured forward: `gm(*state, *flat_user_inputs)` returns the flat user outputs.
@@ -83,21 +65,17 @@ class CapturedProgram:
     # (flat user-input index, vocab size, ignore index or None) of token ids a vocab-parallel
     # op reads: checked against the vocabulary at every call, as the unsharded ops would
     token_inputs: list[tuple[int, int, int | None]] = field(default_factory=list)
-    # sequence parallelism: (flat user-input index, dim) of the sequences split over tp
+    # sequence parallelism: (flat user-input index, dim) of the sequences split into tp equal
+    # parts (a length tp does not divide needs the padded program: captured again)
     sequence_inputs: list[tuple[int, int]] = field(default_factory=list)
     sequence_tp: int = 1
 
     def check_token_inputs(self, flat_inputs: list[Any]) -> None:
-        """IndexError when a token id input is outside the vocabulary (see `check_token_ids`);
-        DivisibilityError when a sequence split over tp does not divide (`check_sequence_length`)."""
+        """IndexError when a token id input is outside the vocabulary (see `check_token_ids`)."""
         for index, vocab, ignore in self.token_inputs:
             value = flat_inputs[index] if index < len(flat_inputs) else None
             if isinstance(value, torch.Tensor):
                 check_token_ids(value, vocab, ignore_index=ignore)
-        for index, dim in self.sequence_inputs:
-            value = flat_inputs[index] if index < len(flat_inputs) else None
-            if isinstance(value, torch.Tensor) and value.dim() > dim:
-                check_sequence_length(int(value.shape[dim]), self.sequence_tp)
 
     @property
     def num_state(self) -> int:
@@ -112,6 +90,11 @@ class CapturedProgram:
                 return False
             for size, want in zip(value.shape, static):
                 if want >= 0 and size != want:
+                    return False
+        for index, dim in self.sequence_inputs:
+            value = flat_inputs[index] if index < len(flat_inputs) else None
+            if isinstance(value, torch.Tensor) and value.dim() > dim:
+                if value.shape[dim] % self.sequence_tp:
                     return False
         return True
 

@@ -249,17 +249,27 @@ def dropout_part(x: torch.Tensor, p: float, dim: int, rank: int, size: int, mask
     return x * keep * scale, keep
 
 
-def draw_mask(x: torch.Tensor, p: float, dim: int, size: int) -> torch.Tensor:
-    """The keep-mask of the whole value of which `x` is one of `size` parts along `dim`."""
+def draw_mask(
+    x: torch.Tensor, p: float, dim: int, size: int, length: int | None = None
+) -> torch.Tensor:
+    """The keep-mask of the whole value of which `x` is one of `size` parts along `dim`; with
+    `length`, the whole value's real length along `dim` (the rest, padding, is dropped)."""
     shape = list(x.shape)
-    shape[dim] *= size
-    return torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).bool()
+    padded = shape[dim] * size
+    shape[dim] = padded if length is None else length
+    mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p).bool()
+    if shape[dim] < padded:  # the unsharded model draws `length` rows: the same draws
+        shape[dim] = padded - shape[dim]
+        mask = torch.cat([mask, mask.new_zeros(shape)], dim)
+    return mask
 
 
-def sequence_dropout(x: torch.Tensor, p: float, dim: int, axis: str, native: bool = False):
+def sequence_dropout(
+    x: torch.Tensor, p: float, dim: int, axis: str, native: bool = False, length: int | None = None
+):
     """Dropout of a sequence shard with this rank's part of the whole value's mask."""
     size, rank = _size_rank(_group(axis))
-    out, keep = dropout_part(x, p, dim, rank, size, draw_mask(x, p, dim, size))
+    out, keep = dropout_part(x, p, dim, rank, size, draw_mask(x, p, dim, size, length))
     return (out, keep) if native else out
 
 

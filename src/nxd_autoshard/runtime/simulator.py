@@ -188,7 +188,8 @@ def _sim_collective(target, args, tp: int):
         return PerRank(_SimGradAllReduce.apply(*x))
     if target is C.sequence_dropout:
         p, dim, native = args[1], args[2], args[4] if len(args) > 4 else False
-        mask = draw_mask(x[0], p, dim, tp)  # one draw for the whole value, as every real rank
+        length = _at(args[5], 0) if len(args) > 5 else None  # a dynamic length: every rank's
+        mask = draw_mask(x[0], p, dim, tp, length)  # one draw for the whole value, as every rank
         parts = [dropout_part(x[r], p, dim, r, tp, mask) for r in range(tp)]
         if native:
             return tuple(PerRank(part[i] for part in parts) for i in range(2))

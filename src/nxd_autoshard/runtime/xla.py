@@ -145,9 +145,9 @@ class _Lowering:
     def implementations(self) -> dict[str, Any]:
         low = self
 
-        def sequence_dropout(x, p, dim, axis, native=False):
+        def sequence_dropout(x, p, dim, axis, native=False, length=None):
             # this rank's part of the whole value's mask, sliced by the rank tensor (one program)
-            keep = low.chunk(draw_mask(_on_tp(x, axis), p, dim, low.size), dim)
+            keep = low.chunk(draw_mask(_on_tp(x, axis), p, dim, low.size, length), dim)
             out = x * keep * (0.0 if p >= 1 else 1.0 / (1.0 - p))
             return (out, keep) if native else out
 

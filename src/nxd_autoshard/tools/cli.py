@@ -1,7 +1,8 @@
 """Command line.
 
 nxd-autoshard verify --config cfg.json --tp 4 [--pp 2 --dp 2 --schedule 1f1b] [--world gloo|sim]
-    [--activation-checkpointing full|selective] [--precision bf16] [--sequence-parallel]
+    [--activation-checkpointing full|selective] [--precision bf16 [--reduce-dtype fp32]]
+    [--sequence-parallel]
 nxd-autoshard plan --config cfg.json --tp 8 [--sequence-parallel] [--format text|json|html] [-o FILE]
 nxd-autoshard compile --config cfg.json --tp 8 --pp 4 --target trn1|trn2 -o DIR  (torch-xla)
 """
@@ -38,6 +39,7 @@ def _verify(ns: argparse.Namespace) -> int:
         atol=ns.atol,
         activation_checkpointing=ns.activation_checkpointing,
         precision=ns.precision,
+        reduce_dtype=ns.reduce_dtype,
         sequence_parallel=ns.sequence_parallel,
     )
     for check in checks:
@@ -199,9 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         help="bf16: bf16 compute from fp32 master weights, checked against the model in bf16",
     )
     v.add_argument(
+        "--reduce-dtype",
+        choices=("fp32",),
+        default=None,
+        help="with bf16: tp partial sums made, reduced and read in fp32 (twice their bytes)",
+    )
+    v.add_argument(
         "--sequence-parallel",
         action="store_true",
-        help="Megatron-SP: norms and residual adds on Shard(seq); --seq must be a multiple of tp",
+        help="Megatron-SP: norms and residual adds on Shard(seq) (a --seq tp does not divide is padded)",
     )
     v.add_argument("--rtol", type=float, default=None, help="default: 1e-4 (bf16: 4e-2)")
     v.add_argument("--atol", type=float, default=None, help="default: 1e-5 (bf16: 1e-3)")

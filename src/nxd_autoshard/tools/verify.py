@@ -176,13 +176,14 @@ def verify_config(
     atol: float | None = None,
     activation_checkpointing: str | None = None,
     precision: str = "fp32",
+    reduce_dtype: str | None = None,
     sequence_parallel: bool = False,
 ) -> list[Check]:
     """Compare the sharded model (gloo processes or the simulator) with the unsharded one in this process.
 
     With pp or dp > 1 the sharded side runs `train_step` on dp x microbatches chunks of the batch
     and its loss and gradients are compared with the unsharded model's on the whole batch.
-    activation_checkpointing / precision / sequence_parallel go to autoshard; with precision="bf16" the reference is
+    activation_checkpointing / precision / reduce_dtype / sequence_parallel go to autoshard; with precision="bf16" the reference is
     the unsharded model in bf16 and rtol / atol default to bf16's round-off (`TOLERANCES`).
     """
     if precision not in TOLERANCES:
@@ -192,6 +193,7 @@ def verify_config(
     features = {
         "activation_checkpointing": activation_checkpointing,
         "precision": precision,
+        "reduce_dtype": reduce_dtype,
         "sequence_parallel": sequence_parallel,
     }
     if world not in ("gloo", "sim"):
