@@ -220,9 +220,9 @@ def _scale_input(node: torch.fx.Node, step: ScaleInput, tp: int) -> None:
 
 
 def _lower(node: torch.fx.Node, step: Lower, tp: int) -> None:
-    """Retarget a node to a runtime op (vocab-parallel embedding or cross entropy)."""
+    """Retarget a node to a runtime op (vocab-parallel embedding, a sharded reduction, ...)."""
     node.target = step.op
-    node.args = (node.args[0], node.args[1], *step.extra_args)
+    node.args = (*node.args[: step.keep], *step.extra_args)
     node.kwargs = {}
 
 
