@@ -155,8 +155,28 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
     return program
 
 
-# ops a gradient all-reduce commutes with: they move or copy elements, in the same dtype
-_MOVES = {"view", "reshape", "_unsafe_view", "clone", "contiguous", "alias", "unsqueeze", "squeeze"}
+# ops a gradient all-reduce commutes with: they move, copy or drop elements in the same dtype,
+# so their backward only moves them back and fills zeros (a slice's), no arithmetic: summing
+# the ranks' gradients before it or after it is the same, bit for bit. A slice of any dim, the
+# gathered one too (HF's hidden_states[:, -k:] before the LM head): the forward gather is the
+# same, and the reduce-scatter of the zero-filled gradient sums what the all-reduce would.
+# Not expand, whose backward sums.
+_MOVES = {
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "clone",
+    "contiguous",
+    "alias",
+    "unsqueeze",
+    "squeeze",
+    "slice",
+    "select",
+    "narrow",
+    "transpose",
+    "permute",
+    "t",
+}
 
 
 def _gather_partial_grads(graph: torch.fx.Graph) -> None:
