@@ -56,6 +56,12 @@ def _ties(*shape):
     return torch.arange(torch.Size(shape).numel()).remainder(3).float().reshape(shape)
 
 
+def _negative(*shape):
+    """Values below -1, so a zero padding entry would be their max."""
+    gen = torch.Generator().manual_seed(3)
+    return -1 - torch.rand(shape, generator=gen)
+
+
 _OFFSETS = torch.tensor([2, 6])  # expert_linear: rows 0-1 go to expert 0, rows 2-5 to expert 1
 S0, S1, S2, S3 = Shard(0), Shard(1), Shard(2), Shard(3)
 ROWS = [
@@ -338,14 +344,41 @@ ROWS = [
         (S1, S0),
         R,
     ),
+    # a vocab-padded shard dim: the padding is left out (zero padding would win these)
     Row(
-        "amax_padded_refuses",
+        "amax_padded",
         aten.amax,
         lambda w: w.amax(0),
+        (_negative(7, 4),),
+        (S0,),
+        R,
+        padded={0: "pad"},
+    ),
+    Row(
+        "max_dim_padded",
+        aten.max,
+        lambda w: w.max(0),
+        (_negative(7, 4),),
+        (S0,),
+        (R, R),
+        padded={0: "pad"},
+    ),
+    Row(
+        "argmin_padded",
+        aten.argmin,
+        lambda w: w.argmin(0),
+        (_negative(7, 4).neg(),),
+        (S0,),
+        R,
+        padded={0: "pad"},
+    ),
+    Row(
+        "logsumexp_padded",  # zero padding would add exp(0) to each sum
+        aten.logsumexp,
+        lambda w: w.logsumexp(0),
         ((7, 4),),
         (S0,),
-        FALLBACK,
-        tps=(2, 4),
+        R,
         padded={0: "pad"},
     ),
     Row("max_all", aten.max, lambda x: x.max(), (_ties(4, 8),), (S1,), R),

@@ -115,32 +115,41 @@ def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     return _run("grad_all_reduce", x, axis)
 
 
+# padding: (shard dim, its real size) where the shard dim is vocab-padded (a padded LM head's
+# logits): the padding entries are no entries of the reduction; None where it is not padded
+Padding = tuple[int, int] | None
+
+
 def amax_all_reduce(
-    x: torch.Tensor, dims: tuple[int, ...], keepdim: bool, op: str, axis: str
+    x: torch.Tensor, dims: tuple[int, ...], keepdim: bool, op: str, padding: Padding, axis: str
 ) -> torch.Tensor:
     """amax (op "max") or amin ("min") of `x` over `dims`, one of them sharded across the axis:
     the local one, then an all-reduce max/min of it. Backward is torch's (the gradient split
     evenly among ties), the ties counted over every rank by an all-reduce of the local counts."""
-    return _run("amax_all_reduce", x, dims, keepdim, op, axis)
+    return _run("amax_all_reduce", x, dims, keepdim, op, padding, axis)
 
 
-def max_dim_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, axis: str):
+def max_dim_all_reduce(
+    x: torch.Tensor, dim: int, keepdim: bool, op: str, padding: Padding, axis: str
+):
     """(values, indices) of max.dim (op "max") or min.dim ("min") over the sharded `dim`: the
     global index of the first extremum, as torch's; the values' gradient goes to that element."""
-    return _run("max_dim_all_reduce", x, dim, keepdim, op, axis)
+    return _run("max_dim_all_reduce", x, dim, keepdim, op, padding, axis)
 
 
-def argmax_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, axis: str):
+def argmax_all_reduce(
+    x: torch.Tensor, dim: int, keepdim: bool, op: str, padding: Padding, axis: str
+):
     """argmax (op "max") or argmin ("min") over the sharded `dim`: max_dim_all_reduce's indices."""
-    return _run("argmax_all_reduce", x, dim, keepdim, op, axis)
+    return _run("argmax_all_reduce", x, dim, keepdim, op, padding, axis)
 
 
 def logsumexp_all_reduce(
-    x: torch.Tensor, dims: tuple[int, ...], keepdim: bool, axis: str
+    x: torch.Tensor, dims: tuple[int, ...], keepdim: bool, padding: Padding, axis: str
 ) -> torch.Tensor:
     """logsumexp over `dims`, one of them sharded: the local one, then the global max of those
     and the log of the summed exp of their differences to it (stable as torch's own)."""
-    return _run("logsumexp_all_reduce", x, dims, keepdim, axis)
+    return _run("logsumexp_all_reduce", x, dims, keepdim, padding, axis)
 
 
 def vocab_parallel_embedding(

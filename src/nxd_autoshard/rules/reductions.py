@@ -67,23 +67,28 @@ def reduction_rule(node, placements, tp):
     return Decision(_kept_shard(p, dims, keepdim), padded=padded_of(x))
 
 
-def _sharded_reduction(node, placements, dims, keepdim, lower: Lower, outputs: int = 1):
-    """A reduction whose dims may hold the shard dim: then the runtime op `lower` (a local
-    reduction and an all-reduce of the small result) gives a Replicate value; over other dims
-    the shard stays. A Partial input, or zero padding in the reduced dim, is refused."""
+def _sharded_reduction(node, placements, dims, keepdim, lower, outputs: int = 1):
+    """A reduction whose dims may hold the shard dim: then the runtime op `lower(padding)` (a
+    local reduction and an all-reduce of the small result; padding: (dim, real size) of a
+    vocab-padded shard dim, whose padding it leaves out) gives a Replicate value; over other
+    dims the shard stays. A Partial input is refused."""
     x = node.args[0]
     p = placements[x]
     if isinstance(p, Partial):
         return None
     if p.dim in dims:
-        if padded_of(x):  # the zero padding would count as entries
-            return None
+        padding = (p.dim, int(x.meta["val"].shape[p.dim])) if padded_of(x) else None
         out = R if outputs == 1 else (R,) * outputs
-        return Decision(out, localise=(lower,))
+        return Decision(out, localise=(lower(padding),))
     kept = _kept_shard(p, dims, keepdim)
     if outputs == 1:
         return Decision(kept, padded=padded_of(x))
     return None if padded_of(x) else Decision((kept,) * outputs)
+
+
+def _lower(op, *args):
+    """The localisation to runtime op `op` (x, *args, padding, axis), given the padding."""
+    return lambda padding: Lower(op, (*args, padding, "tp"), keep=1)
 
 
 _EXTREMUM = {aten.amax: "max", aten.amin: "min", aten.max: "max", aten.min: "min"}
@@ -96,7 +101,7 @@ def extremum_rule(node, placements, tp):
     of it (`amax_all_reduce`), not a gather of the input."""
     dims, keepdim = _reduced_dims(node)
     op = _EXTREMUM[packet_of(node.target)]
-    lower = Lower(ops.amax_all_reduce, (tuple(dims), keepdim, op, "tp"), keep=1)
+    lower = _lower(ops.amax_all_reduce, tuple(dims), keepdim, op)
     return _sharded_reduction(node, placements, dims, keepdim, lower)
 
 
@@ -110,12 +115,12 @@ def max_min_rule(node, placements, tp):
     op = _EXTREMUM[packet_of(node.target)]
     if overload == "default":
         dims = list(range(node.args[0].meta["val"].dim()))
-        lower = Lower(ops.amax_all_reduce, (tuple(dims), False, op, "tp"), keep=1)
+        lower = _lower(ops.amax_all_reduce, tuple(dims), False, op)
         return _sharded_reduction(node, placements, dims, False, lower)
     if overload != "dim":
         return None
     dims, keepdim = _reduced_dims(node)
-    lower = Lower(ops.max_dim_all_reduce, (dims[0], keepdim, op, "tp"), keep=1)
+    lower = _lower(ops.max_dim_all_reduce, dims[0], keepdim, op)
     return _sharded_reduction(node, placements, dims, keepdim, lower, outputs=2)
 
 
@@ -130,7 +135,7 @@ def argmax_rule(node, placements, tp):
     dims = [norm_dim(0 if raw is None else raw, nd)]
     keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
     op = _EXTREMUM[packet_of(node.target)]
-    lower = Lower(ops.argmax_all_reduce, (dims[0], keepdim, op, "tp"), keep=1)
+    lower = _lower(ops.argmax_all_reduce, dims[0], keepdim, op)
     return _sharded_reduction(node, placements, dims, keepdim, lower)
 
 
@@ -139,7 +144,7 @@ def logsumexp_rule(node, placements, tp):
     """logsumexp over dims: over the shard dim, the local one, then a max and a sum all-reduce
     of the small results (`logsumexp_all_reduce`), numerically stable as torch's."""
     dims, keepdim = _reduced_dims(node)
-    lower = Lower(ops.logsumexp_all_reduce, (tuple(dims), keepdim, "tp"), keep=1)
+    lower = _lower(ops.logsumexp_all_reduce, tuple(dims), keepdim)
     return _sharded_reduction(node, placements, dims, keepdim, lower)
 
 

@@ -231,6 +231,24 @@ def _local_extremum(x: torch.Tensor, dims, op: str) -> torch.Tensor:
     return x.amax(dims, keepdim=True) if op == "max" else x.amin(dims, keepdim=True)
 
 
+def _without_padding(x: torch.Tensor, padding, fill: str, low) -> torch.Tensor:
+    """`x` with the entries past the real size of its vocab-padded shard dim set to the value
+    no reduction picks (fill "max": the lowest, "min": the highest); `padding`: (dim, size)."""
+    if padding is None:
+        return x
+    dim, size = padding
+    n = x.shape[dim]
+    columns = torch.arange(n, device=x.device).view([n if d == dim else 1 for d in range(x.dim())])
+    # the global column: every rank runs this, its offset read from its rank (one program)
+    past = columns + low.offset(n, x.dim()) >= size
+    if x.dtype.is_floating_point:
+        value = float("-inf") if fill == "max" else float("inf")
+    else:
+        info = torch.iinfo(x.dtype)
+        value = info.min if fill == "max" else info.max
+    return x.masked_fill(past, value)
+
+
 def _restore_dims(t: torch.Tensor, dims, keepdim: bool) -> torch.Tensor:
     """A reduction's result (or its gradient) with the reduced dims back, of size 1."""
     if keepdim:
@@ -245,7 +263,8 @@ class AmaxAllReduce(torch.autograd.Function):
     every tied extremum, the ties counted over all ranks (an all-reduce of the local counts)."""
 
     @staticmethod
-    def forward(ctx, x, dims, keepdim, op, low):
+    def forward(ctx, x, dims, keepdim, op, padding, low):
+        x = _without_padding(x, padding, op, low)  # saved so: no padding is a tie
         out = low.reduce(_local_extremum(x, dims, op), op)
         ctx.save_for_backward(x, out)
         ctx.dims, ctx.keepdim, ctx.low = dims, keepdim, low
@@ -258,12 +277,13 @@ class AmaxAllReduce(torch.autograd.Function):
         count = ctx.low.reduce(mask.sum(ctx.dims, keepdim=True).to(grad.dtype))
         # torch's order (scale_grad_by_count): grad / count, then the mask
         grad = _restore_dims(grad, ctx.dims, ctx.keepdim)
-        return (grad / count) * mask, None, None, None, None
+        return (grad / count) * mask, None, None, None, None, None
 
 
-def max_dim_forward(x: torch.Tensor, dim: int, op: str, low):
+def max_dim_forward(x: torch.Tensor, dim: int, op: str, padding, low):
     """(values, global indices) of max/min.dim over the sharded `dim`, reduced dim kept: the
     extremum, and the lowest index of it over the ranks that hold it, as torch picks the first."""
+    x = _without_padding(x, padding, op, low)
     values, index = x.max(dim, keepdim=True) if op == "max" else x.min(dim, keepdim=True)
     best = low.reduce(values, op)
     index = index + low.offset(x.shape[dim], index.dim())
@@ -278,8 +298,8 @@ class MaxDimAllReduce(torch.autograd.Function):
     names (torch's value_selecting_reduction_backward), on the rank that holds it."""
 
     @staticmethod
-    def forward(ctx, x, dim, keepdim, op, low):
-        values, index = max_dim_forward(x, dim, op, low)
+    def forward(ctx, x, dim, keepdim, op, padding, low):
+        values, index = max_dim_forward(x, dim, op, padding, low)
         ctx.save_for_backward(index - low.offset(x.shape[dim], index.dim()))
         ctx.dim, ctx.keepdim, ctx.shape = dim, keepdim, x.shape
         if not keepdim:
@@ -295,7 +315,7 @@ class MaxDimAllReduce(torch.autograd.Function):
         grad = _restore_dims(grad, (ctx.dim,), ctx.keepdim)
         out = grad.new_zeros(ctx.shape)
         grad = torch.where(here, grad, 0)  # not grad * here: a NaN gradient stays on its rank
-        return out.scatter(ctx.dim, local.clamp(0, n - 1), grad), None, None, None, None
+        return out.scatter(ctx.dim, local.clamp(0, n - 1), grad), None, None, None, None, None
 
 
 class LogsumexpAllReduce(torch.autograd.Function):
@@ -303,7 +323,8 @@ class LogsumexpAllReduce(torch.autograd.Function):
     of the summed exp of their differences to it; the gradient is torch's, exp(x - result)."""
 
     @staticmethod
-    def forward(ctx, x, dims, keepdim, low):
+    def forward(ctx, x, dims, keepdim, padding, low):
+        x = _without_padding(x, padding, "max", low)  # exp(-inf): the padding adds nothing
         local = torch.logsumexp(x, dims, keepdim=True)
         top = low.reduce(local, "max")
         # as torch's logsumexp: an infinite max is not subtracted (inf - inf would be NaN)
@@ -316,7 +337,8 @@ class LogsumexpAllReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, out = ctx.saved_tensors
-        return _restore_dims(grad, ctx.dims, ctx.keepdim) * (x - out).exp(), None, None, None
+        grad = _restore_dims(grad, ctx.dims, ctx.keepdim) * (x - out).exp()
+        return grad, None, None, None, None
 
 
 def _lowering(axis: str) -> GroupLowering:
@@ -353,25 +375,25 @@ def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     return GradAllReduce.apply(x, _lowering(axis))
 
 
-def amax_all_reduce(x: torch.Tensor, dims, keepdim: bool, op: str, axis: str) -> torch.Tensor:
+def amax_all_reduce(x: torch.Tensor, dims, keepdim: bool, op: str, padding, axis: str):
     """amax/amin over dims one of which is sharded: local, then all-reduce max/min."""
-    return AmaxAllReduce.apply(x, tuple(dims), keepdim, op, _lowering(axis))
+    return AmaxAllReduce.apply(x, tuple(dims), keepdim, op, padding, _lowering(axis))
 
 
-def max_dim_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, axis: str):
+def max_dim_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, padding, axis: str):
     """(values, global indices) of max/min.dim over the sharded dim."""
-    return MaxDimAllReduce.apply(x, dim, keepdim, op, _lowering(axis))
+    return MaxDimAllReduce.apply(x, dim, keepdim, op, padding, _lowering(axis))
 
 
-def argmax_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, axis: str):
+def argmax_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, padding, axis: str):
     """argmax/argmin over the sharded dim (no gradient)."""
-    _, index = max_dim_forward(x.detach(), dim, op, _lowering(axis))
+    _, index = max_dim_forward(x.detach(), dim, op, padding, _lowering(axis))
     return index if keepdim else index.squeeze(dim)
 
 
-def logsumexp_all_reduce(x: torch.Tensor, dims, keepdim: bool, axis: str) -> torch.Tensor:
+def logsumexp_all_reduce(x: torch.Tensor, dims, keepdim: bool, padding, axis: str):
     """logsumexp over dims one of which is sharded: local, then a max and a sum all-reduce."""
-    return LogsumexpAllReduce.apply(x, tuple(dims), keepdim, _lowering(axis))
+    return LogsumexpAllReduce.apply(x, tuple(dims), keepdim, padding, _lowering(axis))
 
 
 def dropout_part(x: torch.Tensor, p: float, dim: int, rank: int, size: int, mask: torch.Tensor):

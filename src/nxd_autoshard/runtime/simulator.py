@@ -199,17 +199,20 @@ class _Stacked:
 def _sim_reduction(target, x: PerRank, args, tp: int):
     """A sharded reduction on all ranks at once, its dims shifted past the stacking dim."""
     stacked, low = torch.stack(list(x)), _Stacked(tp)
+    dims, keepdim = args[1], args[2]
+    padding = args[-2] if args[-2] is None else (args[-2][0] + 1, args[-2][1])
     if target is C.logsumexp_all_reduce:
-        dims, keepdim = tuple(d + 1 for d in args[1]), args[2]
-        return PerRank(LogsumexpAllReduce.apply(stacked, dims, keepdim, low).unbind(0))
+        dims = tuple(d + 1 for d in dims)
+        return PerRank(LogsumexpAllReduce.apply(stacked, dims, keepdim, padding, low).unbind(0))
+    op = args[3]
     if target is C.amax_all_reduce:
-        dims, keepdim, op = tuple(d + 1 for d in args[1]), args[2], args[3]
-        return PerRank(AmaxAllReduce.apply(stacked, dims, keepdim, op, low).unbind(0))
-    dim, keepdim, op = args[1] + 1, args[2], args[3]
+        dims = tuple(d + 1 for d in dims)
+        return PerRank(AmaxAllReduce.apply(stacked, dims, keepdim, op, padding, low).unbind(0))
+    dim = dims + 1
     if target is C.argmax_all_reduce:
-        _, index = max_dim_forward(stacked.detach(), dim, op, low)
+        _, index = max_dim_forward(stacked.detach(), dim, op, padding, low)
         return PerRank((index if keepdim else index.squeeze(dim)).unbind(0))
-    values, index = MaxDimAllReduce.apply(stacked, dim, keepdim, op, low)
+    values, index = MaxDimAllReduce.apply(stacked, dim, keepdim, op, padding, low)
     return PerRank(values.unbind(0)), PerRank(index.unbind(0))
 
 

@@ -176,8 +176,8 @@ class _Lowering:
             loss = CrossEntropy.apply(logits, target, ignore_index, vocab_size)
             return reduce_loss(loss, target, reduction, ignore_index)
 
-        def argmax(x, dim, keepdim, op, axis):
-            _, index = max_dim_forward(_on_tp(x, axis).detach(), dim, op, low)
+        def argmax(x, dim, keepdim, op, padding, axis):
+            _, index = max_dim_forward(_on_tp(x, axis).detach(), dim, op, padding, low)
             return index if keepdim else index.squeeze(dim)
 
         def embedding(weight, ids, padding_idx, vocab_size, axis):
@@ -191,15 +191,15 @@ class _Lowering:
             "reduce_scatter": lambda x, dim, axis: ReduceScatter.apply(_on_tp(x, axis), dim, low),
             "shard": lambda x, dim, axis: Shard.apply(_on_tp(x, axis), dim, low),
             "grad_all_reduce": lambda x, axis: GradAllReduce.apply(_on_tp(x, axis), low),
-            "amax_all_reduce": lambda x, dims, keepdim, op, axis: AmaxAllReduce.apply(
-                _on_tp(x, axis), tuple(dims), keepdim, op, low
+            "amax_all_reduce": lambda x, dims, keepdim, op, padding, axis: AmaxAllReduce.apply(
+                _on_tp(x, axis), tuple(dims), keepdim, op, padding, low
             ),
-            "max_dim_all_reduce": lambda x, dim, keepdim, op, axis: MaxDimAllReduce.apply(
-                _on_tp(x, axis), dim, keepdim, op, low
+            "max_dim_all_reduce": lambda x, dim, keepdim, op, padding, axis: MaxDimAllReduce.apply(
+                _on_tp(x, axis), dim, keepdim, op, padding, low
             ),
             "argmax_all_reduce": argmax,
-            "logsumexp_all_reduce": lambda x, dims, keepdim, axis: LogsumexpAllReduce.apply(
-                _on_tp(x, axis), tuple(dims), keepdim, low
+            "logsumexp_all_reduce": lambda x, dims, keepdim, padding, axis: (
+                LogsumexpAllReduce.apply(_on_tp(x, axis), tuple(dims), keepdim, padding, low)
             ),
             "vocab_parallel_embedding": embedding,
             "vocab_parallel_cross_entropy": cross_entropy,
