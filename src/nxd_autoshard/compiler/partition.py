@@ -8,6 +8,7 @@ import torch.fx
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.meta import padded_of, placement_of, set_placement, set_tp
+from nxd_autoshard.ir.opsets import COPIES, PERMUTES, RESHAPES, SLICES, op_name
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, module_path
 from nxd_autoshard.rules import (
@@ -155,28 +156,13 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
     return program
 
 
-# ops a gradient all-reduce commutes with: they move, copy or drop elements in the same dtype,
-# so their backward only moves them back and fills zeros (a slice's), no arithmetic: summing
-# the ranks' gradients before it or after it is the same, bit for bit. A slice of any dim, the
-# gathered one too (HF's hidden_states[:, -k:] before the LM head): the forward gather is the
-# same, and the reduce-scatter of the zero-filled gradient sums what the all-reduce would.
-# Not expand, whose backward sums.
-_MOVES = {
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "clone",
-    "contiguous",
-    "alias",
-    "unsqueeze",
-    "squeeze",
-    "slice",
-    "select",
-    "narrow",
-    "transpose",
-    "permute",
-    "t",
-}
+# ops a gradient all-reduce commutes with: they move, copy, drop or pad elements in the same
+# dtype, so their backward only moves them back, takes a part or fills zeros, no arithmetic:
+# summing the ranks' gradients before it or after it is the same, bit for bit. A slice of any
+# dim, the gathered one too (HF's hidden_states[:, -k:] before the LM head): the forward
+# gather is the same, and the reduce-scatter of the zero-filled gradient sums what the
+# all-reduce would. Not expand, whose backward sums; not detach, which ends the gradient.
+_MOVES = (RESHAPES - {"expand"}) | (COPIES - {"detach"}) | PERMUTES | SLICES
 
 
 def _gather_partial_grads(graph: torch.fx.Graph) -> None:
@@ -187,11 +173,7 @@ def _gather_partial_grads(graph: torch.fx.Graph) -> None:
             continue
         source = node.args[0]
         chain = []
-        while (
-            source.op == "call_function"
-            and getattr(getattr(source.target, "overloadpacket", None), "__name__", "") in _MOVES
-            and len(source.users) == 1
-        ):
+        while source.op == "call_function" and op_name(source) in _MOVES and len(source.users) == 1:
             chain.append(source)
             source = source.args[0]
         if source.target is not C.all_gather or len(source.users) != 1:
