@@ -168,7 +168,14 @@ def _chain(x):
     y = ops.shard(y, 1, "tp")  # [4, 6] -> [4, 3]
     y = ops.all_gather(y * 2.0, 1, "tp")
     y = ops.reduce_scatter(y.sin(), 0, "tp")
-    return ops.all_reduce(y.exp(), "tp").sum()
+    # the sharded reductions, y taken as sharded on dim 1 (ties: rounded to a tenth)
+    z = y.mul(10).round().div(10)
+    top = ops.amax_all_reduce(z, (1,), True, "max", None, "tp")
+    low, index = ops.max_dim_all_reduce(z, 1, False, "min", (1, 5), "tp")  # 5 of 6 columns
+    first = ops.argmax_all_reduce(z, 1, False, "max", None, "tp")
+    lse = ops.logsumexp_all_reduce(y, (0, 1), False, None, "tp")
+    picked = (index + first).to(y.dtype)
+    return ops.all_reduce(y.exp(), "tp").sum() + top.sum() + low.sum() + lse + picked.sum()
 
 
 def _collectives_rank(rank, world):

@@ -50,6 +50,18 @@ def _glu_model(x, w1, w2):
     return F.linear(F.glu(F.linear(x, w1), -1), w2)
 
 
+def _ties(*shape):
+    """0, 1, 2, 0, ...: ties within and across shards (a row of 8 at tp 2: max 2 twice on rank 0,
+    once on rank 1)."""
+    return torch.arange(torch.Size(shape).numel()).remainder(3).float().reshape(shape)
+
+
+def _negative(*shape):
+    """Values below -1, so a zero padding entry would be their max."""
+    gen = torch.Generator().manual_seed(3)
+    return -1 - torch.rand(shape, generator=gen)
+
+
 _OFFSETS = torch.tensor([2, 6])  # expert_linear: rows 0-1 go to expert 0, rows 2-5 to expert 1
 S0, S1, S2, S3 = Shard(0), Shard(1), Shard(2), Shard(3)
 ROWS = [
@@ -309,8 +321,92 @@ ROWS = [
         P,
     ),
     Row("mean_other_dim", aten.mean, lambda x: x.mean(-1), ((8, 4),), (S0,), S0),
-    Row("amax_shard_dim", aten.amax, lambda x: x.amax(1), ((4, 8),), (S1,), FALLBACK),
+    # over the shard dim: a local reduction and an all-reduce of its small result, no gather;
+    # _ties has equal maxima within a shard and across shards, in unequal counts per rank
+    Row("amax_shard_dim", aten.amax, lambda x: x.amax(1), ((4, 8),), (S1,), R),
+    Row("amax_ties", aten.amax, lambda x: x.amax(1), (_ties(4, 8),), (S1,), R),
+    Row(
+        "amax_dims_keepdim",
+        aten.amax,
+        lambda x: x.amax((1, 2), keepdim=True),
+        (_ties(2, 8, 3),),
+        (S1,),
+        R,
+    ),
+    Row("amax_all_dims", aten.amax, lambda x: x.amax(), ((4, 8),), (S0,), R),
+    Row("amin_ties", aten.amin, lambda x: x.amin(-1), (_ties(4, 8),), (S1,), R),
     Row("amin_other_dim", aten.amin, lambda x: x.amin(1), ((8, 4),), (S0,), S0),
+    Row(
+        "amax_partial_reduces",
+        aten.amax,
+        lambda a, b: (a @ b).amax(1),
+        ((8, 4), (4, 8)),
+        (S1, S0),
+        R,
+    ),
+    # a vocab-padded shard dim: the padding is left out (zero padding would win these)
+    Row(
+        "amax_padded",
+        aten.amax,
+        lambda w: w.amax(0),
+        (_negative(7, 4),),
+        (S0,),
+        R,
+        padded={0: "pad"},
+    ),
+    Row(
+        "max_dim_padded",
+        aten.max,
+        lambda w: w.max(0),
+        (_negative(7, 4),),
+        (S0,),
+        (R, R),
+        padded={0: "pad"},
+    ),
+    Row(
+        "argmin_padded",
+        aten.argmin,
+        lambda w: w.argmin(0),
+        (_negative(7, 4).neg(),),
+        (S0,),
+        R,
+        padded={0: "pad"},
+    ),
+    Row(
+        "logsumexp_padded",  # zero padding would add exp(0) to each sum
+        aten.logsumexp,
+        lambda w: w.logsumexp(0),
+        ((7, 4),),
+        (S0,),
+        R,
+        padded={0: "pad"},
+    ),
+    Row("max_all", aten.max, lambda x: x.max(), (_ties(4, 8),), (S1,), R),
+    Row("max_other", aten.max, torch.max, ((4, 8), (4, 8)), (S1, S1), S1),
+    Row("max_dim_ties", aten.max, lambda x: x.max(1), (_ties(4, 8),), (S1,), (R, R)),
+    Row(
+        "min_dim_keepdim_ties",
+        aten.min,
+        lambda x: x.min(0, keepdim=True),
+        (_ties(8, 4).neg(),),
+        (S0,),
+        (R, R),
+    ),
+    Row("max_dim_other_dim", aten.max, lambda x: x.max(0), ((4, 8),), (S1,), (S0, S0)),
+    Row("argmax_ties", aten.argmax, lambda x: x.argmax(-1), (_ties(4, 8),), (S1,), R),
+    Row("argmin_flat_1d", aten.argmin, lambda x: x.argmin(), (_ties(8),), (S0,), R),
+    Row("argmax_other_dim", aten.argmax, lambda x: x.argmax(0), ((4, 8),), (S1,), S0),
+    Row("argmax_flat_refuses", aten.argmax, lambda x: x.argmax(), ((4, 8),), (S1,), FALLBACK),
+    Row("logsumexp_shard_dim", aten.logsumexp, lambda x: x.logsumexp(1), ((4, 8),), (S1,), R),
+    Row(
+        "logsumexp_infinite",  # a row of -inf and one with +inf, as torch's: -inf and +inf
+        aten.logsumexp,
+        lambda x: x.logsumexp(1, keepdim=True),
+        (torch.tensor([[float("-inf")] * 8, [0.0] * 7 + [float("inf")], [3.0] * 8]),),
+        (S1,),
+        R,
+    ),
+    Row("logsumexp_other_dim", aten.logsumexp, lambda x: x.logsumexp(0), ((4, 8),), (S1,), S0),
     Row("softmax_other_dim", aten.softmax, lambda x: x.softmax(-1), ((8, 4),), (S0,), S0),
     Row("softmax_own_dim", aten.softmax, lambda x: x.softmax(-1), ((4, 8),), (S1,), FALLBACK),
     Row("log_softmax", aten.log_softmax, lambda x: x.log_softmax(0), ((4, 8),), (S1,), S1),

@@ -13,6 +13,8 @@ from test_equivalence import UNSEEN
 
 from nxd_autoshard import autoshard
 from nxd_autoshard.ir import ops
+from nxd_autoshard.ir.printer import target_name
+from nxd_autoshard.ir.program import module_path
 from nxd_autoshard.runtime.simulator import trace_collectives
 from nxd_autoshard.tools.cli import main
 from nxd_autoshard.tools.hf import build_model, random_batch
@@ -391,3 +393,59 @@ def test_padding_never_enters_a_reduction_over_the_sequence(tp, seq):
     grads = dict(model.named_parameters())
     for name, p in ref.named_parameters():
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class _LastTokensLM(torch.nn.Module):
+    """A block, a norm, then the hidden states of the last tokens only (a slice of the sequence
+    dim, as HF's logits_to_keep) into a column-parallel LM head."""
+
+    def __init__(self, vocab=32, width=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids, labels):
+        x = self.embed(ids)
+        x = self.norm(x + self.down(torch.nn.functional.gelu(self.up(x))))
+        logits = self.head(x[:, 3:].transpose(0, 1))  # a slice of the sequence, then a view
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels[:, 3:].transpose(0, 1).flatten()
+        )
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gather_into_a_column_through_slices_reduce_scatters_its_gradient(tp):
+    # all_gather -> slice (of the gathered sequence dim) -> transpose -> column linear: the
+    # gradient all-reduce before the column fuses into the gather (all_gather_rs), whose
+    # backward reduce-scatters the zero-filled gradient instead of all-reducing it
+    torch.manual_seed(0)
+    model = _LastTokensLM()
+    ids, labels = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))
+    ref = copy.deepcopy(model)
+    want = ref(ids, labels)
+    want.backward()
+    plan = {"embed": "vocab_parallel", "up": "column", "down": "row", "head": "column"}
+    sharded = autoshard(
+        model, tp, example_inputs=(ids, labels), plan=plan, auto=False, sequence_parallel=True
+    )
+    head = next(n for n in sharded.graph_module.graph.nodes if module_path(n) == "head")
+    chain = [head.args[0]]
+    while chain[-1].target not in (ops.all_gather, ops.all_gather_rs):
+        chain.append(chain[-1].args[0])
+    assert chain[-1].target is ops.all_gather_rs, [n.target for n in chain]
+    assert [target_name(n.target) for n in chain[:-1]] == ["aten.transpose", "aten.slice"]
+    with trace_collectives() as log:
+        loss = sharded(ids, labels)
+        loss.backward()
+    backward = Counter(k for k, phase, shape, _ in log if phase == "backward" and len(shape) == 3)
+    # up's input gradient (the embedding's value is all-reduced for up, reduce-scattered for
+    # the residual), the two reduce-scatters' all-gathers, and the head's reduce-scatter: no
+    # second all-reduce of an activation's gradient
+    assert backward == {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 1}
+    torch.testing.assert_close(loss.detach(), want.detach())
+    grads = sharded.gather_grads()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -168,3 +168,23 @@ def test_more_families_are_one_program(name):
     (proof,) = neuron.prove_one_program(sharded, args, kwargs)
     assert proof.identical
     assert proof.collectives == proof.expected, (proof.collectives, proof.expected)
+
+
+@pytest.mark.parametrize("name", ["z_loss", "z_loss_padded_vocab", "max_pool"])
+def test_sharded_reductions_are_one_program_with_their_all_reduces(name):
+    """A z-loss (logsumexp) and max-poolings (amax, min.dim) over sharded dims: every rank
+    traces one HLO whose max/min/sum all-reduces are those the program counts; no all-gather."""
+    import test_sharded_reductions as reductions
+
+    model, args = reductions._batch(name)
+    sharded = reductions._shard(model, 2, args)
+    (proof,) = neuron.prove_one_program(sharded, args, {})
+    assert proof.identical
+    assert proof.collectives == proof.expected, (proof.collectives, proof.expected)
+    tp = xla.hlo_groups(Mesh(1, 1, 2).groups("tp"))
+    assert not any(kind == "all-gather" for kind, _ in proof.collectives)
+    if name == "max_pool":  # amax's max, min.dim's value and index; amax's tie counts backward
+        assert proof.collectives[("all-reduce/max", tp)] == 1
+        assert proof.collectives[("all-reduce/min", tp)] == 2
+    else:  # logsumexp's max and the loss's
+        assert proof.collectives[("all-reduce/max", tp)] == 2

@@ -8,6 +8,7 @@ import torch.fx
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.meta import padded_of, placement_of, sequence_sharded, set_placement, set_tp
+from nxd_autoshard.ir.opsets import COPIES, PERMUTES, RESHAPES, SLICES, op_name
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import CapturedProgram, module_path
 from nxd_autoshard.rules import (
@@ -168,8 +169,13 @@ def partition(program: CapturedProgram, result: PropagationResult, tp: int) -> C
     return program
 
 
-# ops a gradient all-reduce commutes with: they move or copy elements, in the same dtype
-_MOVES = {"view", "reshape", "_unsafe_view", "clone", "contiguous", "alias", "unsqueeze", "squeeze"}
+# ops a gradient all-reduce commutes with: they move, copy, drop or pad elements in the same
+# dtype, so their backward only moves them back, takes a part or fills zeros, no arithmetic:
+# summing the ranks' gradients before it or after it is the same, bit for bit. A slice of any
+# dim, the gathered one too (HF's hidden_states[:, -k:] before the LM head): the forward
+# gather is the same, and the reduce-scatter of the zero-filled gradient sums what the
+# all-reduce would. Not expand, whose backward sums; not detach, which ends the gradient.
+_MOVES = (RESHAPES - {"expand"}) | (COPIES - {"detach"}) | PERMUTES | SLICES
 
 
 def _gather_partial_grads(graph: torch.fx.Graph) -> None:
@@ -182,7 +188,7 @@ def _gather_partial_grads(graph: torch.fx.Graph) -> None:
         chain = []
         while (
             source.op == "call_function"
-            and (_moves(source) or source.target is C.unpad_sequence)  # a slice commutes too
+            and (op_name(source) in _MOVES or source.target is C.unpad_sequence)  # a slice too
             and len(source.users) == 1
         ):
             chain.append(source)
@@ -192,10 +198,6 @@ def _gather_partial_grads(graph: torch.fx.Graph) -> None:
         source.target = C.all_gather_rs
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
-
-
-def _moves(node: torch.fx.Node) -> bool:
-    return getattr(getattr(node.target, "overloadpacket", None), "__name__", "") in _MOVES
 
 
 def _divide_size(node: torch.fx.Node, step: DivideSize, tp: int) -> None:
@@ -237,10 +239,10 @@ def _scale_input(node: torch.fx.Node, step: ScaleInput, tp: int) -> None:
 
 
 def _lower(node: torch.fx.Node, step: Lower, tp: int) -> None:
-    """Retarget a node to a runtime op (vocab-parallel embedding or cross entropy)."""
+    """Retarget a node to a runtime op (vocab-parallel embedding, a sharded reduction, ...)."""
     node.target = step.op
     extra = tuple(_size_arg(node.graph, a) for a in step.extra_args)  # a dynamic length: a node
-    node.args = (node.args[0], node.args[1], *extra)
+    node.args = (*node.args[: step.keep], *extra)
     node.kwargs = {}
 
 

@@ -34,6 +34,7 @@ _COMMUNICATES = {
     ops.all_gather_rs,
     ops.reduce_scatter,
     ops.vocab_parallel_cross_entropy,
+    *ops.REDUCTIONS,
 }
 
 # ops whose backward keeps no activation: a region of only these saves nothing by being

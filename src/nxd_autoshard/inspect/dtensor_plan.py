@@ -353,7 +353,9 @@ class _Regions:
             if node.op == "output":
                 self.fail(mod, "its sharded output is returned by the model as it is")
                 continue
-            if node.target in (ops.all_gather, ops.vocab_parallel_cross_entropy):
+            # a sharded reduction ends the region as a gather does: under DTensor the model's
+            # own reduction runs on the gathered output (correct, if not as cheap as ours)
+            if node.target in (ops.all_gather, ops.vocab_parallel_cross_entropy, *ops.REDUCTIONS):
                 gathers.append(node)
                 continue
             if isinstance(self.result.placements.get(node), Replicate):

@@ -343,6 +343,8 @@ def _events(node: torch.fx.Node, tp: int, grad: set) -> tuple[list[CommEvent], l
         # the three reductions (max, sum of exp, target logit) are fp32, one value per token
         kinds = ("all_reduce(max)", "all_reduce", "all_reduce")
         return [_event(k, "forward", shape, 4) for k in kinds], []
+    if node.target in C.REDUCTIONS:
+        return _reduction_events(node, tp, grad)
     source = node.args[0]
     in_shape, dtype = _local(source, tp)
     out_shape, _ = _local(node, tp)
@@ -354,6 +356,25 @@ def _events(node: torch.fx.Node, tp: int, grad: set) -> tuple[list[CommEvent], l
     # whole gathered value's for a reduce-scatter (all_gather_rs)
     on_output = bwd in ("all_gather", "reduce_scatter")
     backward = [_event(bwd, "backward", out_shape if on_output else in_shape, size)] if bwd else []
+    return forward, backward
+
+
+def _reduction_events(node: torch.fx.Node, tp: int, grad: set):
+    """A sharded reduction's all-reduces, each of the local result with the reduced dims kept:
+    the extremum (max/min), or for logsumexp the max and the sum of exp; the index of max/min.dim
+    (int64, "all_reduce(min)"); the tie counts of amax/amin in backward."""
+    source = node.args[0]
+    shape, dtype = _local(source, tp)
+    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    shape = [1 if d in dims else s for d, s in enumerate(shape)]
+    if node.target is C.logsumexp_all_reduce:
+        size = torch.empty((), dtype=node.meta["val"].dtype).element_size()
+        return [_event(k, "forward", shape, size) for k in ("all_reduce(max)", "all_reduce")], []
+    size = torch.empty((), dtype=dtype).element_size()
+    forward = [_event(f"all_reduce({node.args[3]})", "forward", shape, size)]
+    if node.target is not C.amax_all_reduce:
+        return forward + [_event("all_reduce(min)", "forward", shape, 8)], []
+    backward = [_event("all_reduce", "backward", shape, size)] if source in grad else []
     return forward, backward
 
 

@@ -14,6 +14,13 @@ backend traces them. The compiler itself imports no runtime.
 | shard | Replicate -> Shard(dim) (local chunk) | all-gather |
 | grad_all_reduce | identity (Replicate input of a sharded op) | all-reduce |
 | all_gather_rs | Shard(dim) -> Replicate, read by sharded ops | reduce-scatter |
+| amax_all_reduce | amax/amin over dims incl. the shard dim -> Replicate: local, then max/min | all-reduce of the tie counts |
+| max_dim_all_reduce | max/min.dim over the shard dim -> Replicate (values, global indices) | none |
+| argmax_all_reduce | argmax/argmin over the shard dim -> Replicate | (no gradient) |
+| logsumexp_all_reduce | logsumexp over dims incl. the shard dim -> Replicate | none |
+
+The reductions over a sharded dim reduce the local piece and all-reduce only the small
+result (max, min or sum over the axis), never gathering the activation.
 """
 
 from __future__ import annotations
@@ -26,13 +33,18 @@ import torch
 __all__ = [
     "COLLECTIVES",
     "PARALLEL_OPS",
+    "REDUCTIONS",
     "all_gather",
     "all_gather_rs",
     "all_reduce",
+    "amax_all_reduce",
+    "argmax_all_reduce",
     "bind",
     "bound",
     "expert_linear",
     "grad_all_reduce",
+    "logsumexp_all_reduce",
+    "max_dim_all_reduce",
     "reduce_scatter",
     "sequence_dropout",
     "shard",
@@ -101,6 +113,43 @@ def shard(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
 def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient backward (Megatron's `f`)."""
     return _run("grad_all_reduce", x, axis)
+
+
+# padding: (shard dim, its real size) where the shard dim is vocab-padded (a padded LM head's
+# logits): the padding entries are no entries of the reduction; None where it is not padded
+Padding = tuple[int, int] | None
+
+
+def amax_all_reduce(
+    x: torch.Tensor, dims: tuple[int, ...], keepdim: bool, op: str, padding: Padding, axis: str
+) -> torch.Tensor:
+    """amax (op "max") or amin ("min") of `x` over `dims`, one of them sharded across the axis:
+    the local one, then an all-reduce max/min of it. Backward is torch's (the gradient split
+    evenly among ties), the ties counted over every rank by an all-reduce of the local counts."""
+    return _run("amax_all_reduce", x, dims, keepdim, op, padding, axis)
+
+
+def max_dim_all_reduce(
+    x: torch.Tensor, dim: int, keepdim: bool, op: str, padding: Padding, axis: str
+):
+    """(values, indices) of max.dim (op "max") or min.dim ("min") over the sharded `dim`: the
+    global index of the first extremum, as torch's; the values' gradient goes to that element."""
+    return _run("max_dim_all_reduce", x, dim, keepdim, op, padding, axis)
+
+
+def argmax_all_reduce(
+    x: torch.Tensor, dim: int, keepdim: bool, op: str, padding: Padding, axis: str
+):
+    """argmax (op "max") or argmin ("min") over the sharded `dim`: max_dim_all_reduce's indices."""
+    return _run("argmax_all_reduce", x, dim, keepdim, op, padding, axis)
+
+
+def logsumexp_all_reduce(
+    x: torch.Tensor, dims: tuple[int, ...], keepdim: bool, padding: Padding, axis: str
+) -> torch.Tensor:
+    """logsumexp over `dims`, one of them sharded: the local one, then the global max of those
+    and the log of the summed exp of their differences to it (stable as torch's own)."""
+    return _run("logsumexp_all_reduce", x, dims, keepdim, padding, axis)
 
 
 def vocab_parallel_embedding(
@@ -172,7 +221,20 @@ def grouped_linear(
 
 
 # the ops that move data between ranks, and those with any rank-dependent behaviour
-COLLECTIVES = (all_reduce, all_gather, reduce_scatter, shard, grad_all_reduce, all_gather_rs)
+COLLECTIVES = (
+    all_reduce,
+    all_gather,
+    reduce_scatter,
+    shard,
+    grad_all_reduce,
+    all_gather_rs,
+    amax_all_reduce,
+    max_dim_all_reduce,
+    argmax_all_reduce,
+    logsumexp_all_reduce,
+)
+# the sharded reductions: local reduction, then all-reduces of the small result
+REDUCTIONS = (amax_all_reduce, max_dim_all_reduce, argmax_all_reduce, logsumexp_all_reduce)
 PARALLEL_OPS = COLLECTIVES + (
     vocab_parallel_embedding,
     vocab_parallel_cross_entropy,

@@ -1,10 +1,14 @@
-"""Reduction rules: sum/mean/amax/amin, softmax and cumsum along a dim, layer_norm and rms_norm."""
+"""Reduction rules: sum/mean, amax/amin, max/min, argmax/argmin, logsumexp, softmax and cumsum
+along a dim, layer_norm and rms_norm."""
 
 from __future__ import annotations
 
+from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.placements import Partial, Shard
+from nxd_autoshard.rules.pointwise import pointwise_rule
 from nxd_autoshard.rules.registry import (
     Decision,
+    Lower,
     P,
     R,
     ScaleInput,
@@ -17,33 +21,131 @@ from nxd_autoshard.rules.registry import (
 )
 from nxd_autoshard.rules.views import dim_map_rule
 
-__all__ = ["layer_norm_rule", "reduction_rule", "rms_norm_rule"]
+__all__ = [
+    "argmax_rule",
+    "extremum_rule",
+    "layer_norm_rule",
+    "logsumexp_rule",
+    "max_min_rule",
+    "reduction_rule",
+    "rms_norm_rule",
+]
 
 
-@rule(aten.sum, aten.mean, aten.amax, aten.amin, padding_aware=True)
+def _reduced_dims(node) -> tuple[list[int], bool]:
+    """The dims a reduction reduces (none given: all) and its keepdim, from args or kwargs."""
+    nd = node.args[0].meta["val"].dim()
+    raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if raw is None or raw == [] or raw == ():
+        dims = list(range(nd))
+    else:
+        dims = [norm_dim(d, nd) for d in (raw if isinstance(raw, (list, tuple)) else [raw])]
+    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    return dims, keepdim
+
+
+def _kept_shard(p: Shard, dims: list[int], keepdim: bool) -> Shard:
+    """The shard of a reduction over other dims than the shard dim."""
+    return Shard(p.dim if keepdim else p.dim - sum(1 for d in dims if d < p.dim))
+
+
+@rule(aten.sum, aten.mean, padding_aware=True)
 def reduction_rule(node, placements, tp):
-    """sum/mean/amax over dims: a reduced shard dim gives Partial for sum and mean (each rank's
-    mean of its piece, over tp), so only the small reduced value is all-reduced; amax/amin gather."""
+    """sum/mean over dims: a reduced shard dim gives Partial (each rank's mean of its piece,
+    over tp), so only the small reduced value is all-reduced."""
     x = node.args[0]
     p = placements[x]
     packet = packet_of(node.target)
-    nd = x.meta["val"].dim()
-    raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = (
-        list(range(nd))
-        if raw is None or raw == []
-        else [norm_dim(d, nd) for d in (raw if isinstance(raw, (list, tuple)) else [raw])]
-    )
-    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    dims, keepdim = _reduced_dims(node)
     if isinstance(p, Partial):
         return Decision(P) if packet is aten.sum else None
     if p.dim in dims:
         # padding need not be zero after element-wise ops: a padded dim is gathered, then reduced
-        if padded_of(x) or packet not in (aten.sum, aten.mean):
+        if padded_of(x):
             return None
         return Decision(P, localise=(ScaleInput(),) if packet is aten.mean else ())
-    out = p.dim if keepdim else p.dim - sum(1 for d in dims if d < p.dim)
-    return Decision(Shard(out), padded=padded_of(x))
+    return Decision(_kept_shard(p, dims, keepdim), padded=padded_of(x))
+
+
+def _sharded_reduction(node, placements, dims, keepdim, lower, outputs: int = 1):
+    """A reduction whose dims may hold the shard dim: then the runtime op `lower(padding)` (a
+    local reduction and an all-reduce of the small result; padding: (dim, real size) of a
+    vocab-padded shard dim, whose padding it leaves out) gives a Replicate value; over other
+    dims the shard stays. A Partial input is refused."""
+    x = node.args[0]
+    p = placements[x]
+    if isinstance(p, Partial):
+        return None
+    if p.dim in dims:
+        padding = (p.dim, int(x.meta["val"].shape[p.dim])) if padded_of(x) else None
+        out = R if outputs == 1 else (R,) * outputs
+        return Decision(out, localise=(lower(padding),))
+    kept = _kept_shard(p, dims, keepdim)
+    if outputs == 1:
+        return Decision(kept, padded=padded_of(x))
+    return None if padded_of(x) else Decision((kept,) * outputs)
+
+
+def _lower(op, *args):
+    """The localisation to runtime op `op` (x, *args, padding, axis), given the padding."""
+    return lambda padding: Lower(op, (*args, padding, "tp"), keep=1)
+
+
+_EXTREMUM = {aten.amax: "max", aten.amin: "min", aten.max: "max", aten.min: "min"}
+_EXTREMUM.update({aten.argmax: "max", aten.argmin: "min"})
+
+
+@rule(aten.amax, aten.amin, padding_aware=True)
+def extremum_rule(node, placements, tp):
+    """amax/amin over dims: over the shard dim, the local extremum and an all-reduce max/min
+    of it (`amax_all_reduce`), not a gather of the input."""
+    dims, keepdim = _reduced_dims(node)
+    op = _EXTREMUM[packet_of(node.target)]
+    lower = _lower(ops.amax_all_reduce, tuple(dims), keepdim, op)
+    return _sharded_reduction(node, placements, dims, keepdim, lower)
+
+
+@rule(aten.max, aten.min, padding_aware=True)
+def max_min_rule(node, placements, tp):
+    """max/min: the element-wise one (`other`) as maximum/minimum; the whole reduction as amax
+    over every dim; `dim` over the shard dim with global indices (`max_dim_all_reduce`)."""
+    overload = node.target._overloadname
+    if overload == "other":
+        return pointwise_rule(node, placements, tp)
+    op = _EXTREMUM[packet_of(node.target)]
+    if overload == "default":
+        dims = list(range(node.args[0].meta["val"].dim()))
+        lower = _lower(ops.amax_all_reduce, tuple(dims), False, op)
+        return _sharded_reduction(node, placements, dims, False, lower)
+    if overload != "dim":
+        return None
+    dims, keepdim = _reduced_dims(node)
+    lower = _lower(ops.max_dim_all_reduce, dims[0], keepdim, op)
+    return _sharded_reduction(node, placements, dims, keepdim, lower, outputs=2)
+
+
+@rule(aten.argmax, aten.argmin, padding_aware=True)
+def argmax_rule(node, placements, tp):
+    """argmax/argmin over the shard dim: max_dim_all_reduce's global index; over all dims
+    (dim=None) of a 1-d input, as over dim 0; of more dims, refused (a flat global index)."""
+    nd = node.args[0].meta["val"].dim()
+    raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if raw is None and nd != 1:
+        return None
+    dims = [norm_dim(0 if raw is None else raw, nd)]
+    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    op = _EXTREMUM[packet_of(node.target)]
+    lower = _lower(ops.argmax_all_reduce, dims[0], keepdim, op)
+    return _sharded_reduction(node, placements, dims, keepdim, lower)
+
+
+@rule(aten.logsumexp, padding_aware=True)
+def logsumexp_rule(node, placements, tp):
+    """logsumexp over dims: over the shard dim, the local one, then a max and a sum all-reduce
+    of the small results (`logsumexp_all_reduce`), numerically stable as torch's."""
+    dims, keepdim = _reduced_dims(node)
+    lower = _lower(ops.logsumexp_all_reduce, tuple(dims), keepdim)
+    return _sharded_reduction(node, placements, dims, keepdim, lower)
 
 
 def _same_dim_unless(arg_index: int, default=None):

@@ -93,10 +93,11 @@ class ScaleInput:
 
 @dataclass(frozen=True)
 class Lower:
-    """Retarget the node to runtime op `op` with args (args[0], args[1], *extra_args)."""
+    """Retarget the node to runtime op `op` with args (*args[:keep], *extra_args)."""
 
     op: Callable
     extra_args: tuple
+    keep: int = 2
 
 
 Localisation = DivideSize | SplitSizes | SliceBlock | ScaleInput | Lower

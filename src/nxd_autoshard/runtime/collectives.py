@@ -14,6 +14,10 @@ gives the right gradients without user code.
 | shard | Replicate -> Shard(dim) (local chunk) | all-gather |
 | all_gather_rs | Shard(dim) -> Replicate (sharded consumers) | reduce-scatter |
 | grad_all_reduce | identity (Replicate input of a sharded op) | all-reduce |
+| amax_all_reduce | local amax/amin, all-reduce max/min | all-reduce (sum) of the tie counts |
+| max_dim_all_reduce | local max/min.dim, all-reduce max/min, all-reduce min of the index | local scatter |
+| argmax_all_reduce | max_dim_all_reduce's indices | (no gradient) |
+| logsumexp_all_reduce | local logsumexp, all-reduce max, all-reduce sum of exp | local |
 
 The graph names a mesh axis ("tp"), never a rank or a group object, so every rank runs the
 same program; `axis_groups` binds axes to process groups at run time.
@@ -31,11 +35,19 @@ import torch.distributed._functional_collectives as funcol
 from nxd_autoshard.ir import ops
 
 __all__ = [
+    "AmaxAllReduce",
+    "LogsumexpAllReduce",
+    "MaxDimAllReduce",
     "all_gather",
     "all_reduce",
+    "amax_all_reduce",
+    "argmax_all_reduce",
     "axis_groups",
     "bound_groups",
     "grad_all_reduce",
+    "logsumexp_all_reduce",
+    "max_dim_all_reduce",
+    "max_dim_forward",
     "reduce_scatter",
     "shard",
     "vocab_parallel_cross_entropy",
@@ -81,7 +93,7 @@ def _size_rank(group) -> tuple[int, int]:
 # graph ops (c10d_functional.all_reduce ... + wait_tensor) that Dynamo and AOTAutograd keep,
 # forward and backward, so a backend sees every collective; the in-place torch.distributed
 # calls below are what eager runs (no AsyncCollectiveTensor wrapper, no funcol warm-up).
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 # torch 2.13 renamed all_gather_tensor (deprecated there) to all_gather_single
 _all_gather_functional = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _reduce_scatter_functional = (
@@ -118,7 +130,7 @@ def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 class GroupLowering:
-    """The four primitives the conjugate collectives below are written in, for one process
+    """The primitives the conjugate collectives below are written in, for one process
     group: torch.distributed eagerly, functional collectives under torch.compile. The XLA
     runtime supplies its own (`runtime/xla.py`), with the same methods."""
 
@@ -136,6 +148,11 @@ class GroupLowering:
 
     def chunk(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return _chunk(x, dim, self.group)
+
+    def offset(self, n: int, ndim: int):
+        """The global index of this rank's first entry along a dim of local size n, to add to
+        an index of `ndim` dims."""
+        return _size_rank(self.group)[1] * n
 
 
 # Megatron's conjugate pairs, each an autograd function over a lowering `low`: the forward
@@ -207,6 +224,123 @@ class GradAllReduce(torch.autograd.Function):
         return ctx.low.reduce(grad), None
 
 
+# reductions over a sharded dim: the local reduction, then an all-reduce of the small result;
+# written in the same primitives, so the simulator runs them on all ranks stacked (its own
+# lowering reduces over the stacking dim) and XLA traces them with its collectives
+def _local_extremum(x: torch.Tensor, dims, op: str) -> torch.Tensor:
+    return x.amax(dims, keepdim=True) if op == "max" else x.amin(dims, keepdim=True)
+
+
+def _without_padding(x: torch.Tensor, padding, fill: str, low) -> torch.Tensor:
+    """`x` with the entries past the real size of its vocab-padded shard dim set to the value
+    no reduction picks (fill "max": the lowest, "min": the highest); `padding`: (dim, size)."""
+    if padding is None:
+        return x
+    dim, size = padding
+    n = x.shape[dim]
+    columns = torch.arange(n, device=x.device).view([n if d == dim else 1 for d in range(x.dim())])
+    # the global column: every rank runs this, its offset read from its rank (one program)
+    past = columns + low.offset(n, x.dim()) >= size
+    if x.dtype.is_floating_point:
+        value = float("-inf") if fill == "max" else float("inf")
+    else:
+        info = torch.iinfo(x.dtype)
+        value = info.min if fill == "max" else info.max
+    return x.masked_fill(past, value)
+
+
+def _restore_dims(t: torch.Tensor, dims, keepdim: bool) -> torch.Tensor:
+    """A reduction's result (or its gradient) with the reduced dims back, of size 1."""
+    if keepdim:
+        return t
+    for d in sorted(dims):
+        t = t.unsqueeze(d)
+    return t
+
+
+class AmaxAllReduce(torch.autograd.Function):
+    """amax/amin over dims one of which is sharded; the gradient is torch's: an equal share to
+    every tied extremum, the ties counted over all ranks (an all-reduce of the local counts)."""
+
+    @staticmethod
+    def forward(ctx, x, dims, keepdim, op, padding, low):
+        x = _without_padding(x, padding, op, low)  # saved so: no padding is a tie
+        out = low.reduce(_local_extremum(x, dims, op), op)
+        ctx.save_for_backward(x, out)
+        ctx.dims, ctx.keepdim, ctx.low = dims, keepdim, low
+        return out if keepdim else out.squeeze(dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        mask = x == out
+        count = ctx.low.reduce(mask.sum(ctx.dims, keepdim=True).to(grad.dtype))
+        # torch's order (scale_grad_by_count): grad / count, then the mask
+        grad = _restore_dims(grad, ctx.dims, ctx.keepdim)
+        return (grad / count) * mask, None, None, None, None, None
+
+
+def max_dim_forward(x: torch.Tensor, dim: int, op: str, padding, low):
+    """(values, global indices) of max/min.dim over the sharded `dim`, reduced dim kept: the
+    extremum, and the lowest index of it over the ranks that hold it, as torch picks the first."""
+    x = _without_padding(x, padding, op, low)
+    values, index = x.max(dim, keepdim=True) if op == "max" else x.min(dim, keepdim=True)
+    best = low.reduce(values, op)
+    index = index + low.offset(x.shape[dim], index.dim())
+    # a NaN is the extremum wherever it is (as in torch's max); no index beats a held one
+    holds = (values == best) | values.isnan()
+    index = low.reduce(index.masked_fill(~holds, torch.iinfo(index.dtype).max), "min")
+    return best, index
+
+
+class MaxDimAllReduce(torch.autograd.Function):
+    """max/min.dim over the sharded dim; the values' gradient goes to the element the index
+    names (torch's value_selecting_reduction_backward), on the rank that holds it."""
+
+    @staticmethod
+    def forward(ctx, x, dim, keepdim, op, padding, low):
+        values, index = max_dim_forward(x, dim, op, padding, low)
+        ctx.save_for_backward(index - low.offset(x.shape[dim], index.dim()))
+        ctx.dim, ctx.keepdim, ctx.shape = dim, keepdim, x.shape
+        if not keepdim:
+            values, index = values.squeeze(dim), index.squeeze(dim)
+        ctx.mark_non_differentiable(index)
+        return values, index
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (local,) = ctx.saved_tensors
+        n = ctx.shape[ctx.dim]
+        here = (local >= 0) & (local < n)
+        grad = _restore_dims(grad, (ctx.dim,), ctx.keepdim)
+        out = grad.new_zeros(ctx.shape)
+        grad = torch.where(here, grad, 0)  # not grad * here: a NaN gradient stays on its rank
+        return out.scatter(ctx.dim, local.clamp(0, n - 1), grad), None, None, None, None, None
+
+
+class LogsumexpAllReduce(torch.autograd.Function):
+    """logsumexp over dims one of which is sharded: the global max of the local results, the log
+    of the summed exp of their differences to it; the gradient is torch's, exp(x - result)."""
+
+    @staticmethod
+    def forward(ctx, x, dims, keepdim, padding, low):
+        x = _without_padding(x, padding, "max", low)  # exp(-inf): the padding adds nothing
+        local = torch.logsumexp(x, dims, keepdim=True)
+        top = low.reduce(local, "max")
+        # as torch's logsumexp: an infinite max is not subtracted (inf - inf would be NaN)
+        top = top.masked_fill(top.abs() == float("inf"), 0)
+        out = low.reduce((local - top).exp()).log() + top
+        ctx.save_for_backward(x, out)
+        ctx.dims, ctx.keepdim = dims, keepdim
+        return out if keepdim else out.squeeze(dims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        grad = _restore_dims(grad, ctx.dims, ctx.keepdim) * (x - out).exp()
+        return grad, None, None, None, None
+
+
 def _lowering(axis: str) -> GroupLowering:
     return GroupLowering(_group(axis))
 
@@ -239,6 +373,27 @@ def shard(x: torch.Tensor, dim: int, axis: str) -> torch.Tensor:
 def grad_all_reduce(x: torch.Tensor, axis: str) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient backward (Megatron's `f`)."""
     return GradAllReduce.apply(x, _lowering(axis))
+
+
+def amax_all_reduce(x: torch.Tensor, dims, keepdim: bool, op: str, padding, axis: str):
+    """amax/amin over dims one of which is sharded: local, then all-reduce max/min."""
+    return AmaxAllReduce.apply(x, tuple(dims), keepdim, op, padding, _lowering(axis))
+
+
+def max_dim_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, padding, axis: str):
+    """(values, global indices) of max/min.dim over the sharded dim."""
+    return MaxDimAllReduce.apply(x, dim, keepdim, op, padding, _lowering(axis))
+
+
+def argmax_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, padding, axis: str):
+    """argmax/argmin over the sharded dim (no gradient)."""
+    _, index = max_dim_forward(x.detach(), dim, op, padding, _lowering(axis))
+    return index if keepdim else index.squeeze(dim)
+
+
+def logsumexp_all_reduce(x: torch.Tensor, dims, keepdim: bool, padding, axis: str):
+    """logsumexp over dims one of which is sharded: local, then a max and a sum all-reduce."""
+    return LogsumexpAllReduce.apply(x, tuple(dims), keepdim, padding, _lowering(axis))
 
 
 def dropout_part(x: torch.Tensor, p: float, dim: int, rank: int, size: int, mask: torch.Tensor):
@@ -408,6 +563,10 @@ ops.bind(
         "reduce_scatter": reduce_scatter,
         "shard": shard,
         "grad_all_reduce": grad_all_reduce,
+        "amax_all_reduce": amax_all_reduce,
+        "max_dim_all_reduce": max_dim_all_reduce,
+        "argmax_all_reduce": argmax_all_reduce,
+        "logsumexp_all_reduce": logsumexp_all_reduce,
         "vocab_parallel_embedding": vocab_parallel_embedding,
         "sequence_dropout": sequence_dropout,
         "vocab_parallel_cross_entropy": vocab_parallel_cross_entropy,

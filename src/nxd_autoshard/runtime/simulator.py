@@ -14,9 +14,13 @@ from torch.utils.checkpoint import checkpoint
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.placements import Placement, Shard, shard_tensor, unshard_tensor
 from nxd_autoshard.runtime.collectives import (
+    AmaxAllReduce,
+    LogsumexpAllReduce,
+    MaxDimAllReduce,
     draw_mask,
     dropout_part,
     local_vocab_embedding,
+    max_dim_forward,
     reduce_loss,
 )
 from nxd_autoshard.runtime.recompute import Recompute, with_recompute
@@ -172,6 +176,46 @@ class _SimVocabCrossEntropy(torch.autograd.Function):
         return (None, None, None, *out)
 
 
+class _Stacked:
+    """The lowering of the sharded reductions (`collectives.AmaxAllReduce`, ...) over every
+    rank's value stacked on a new leading dim: a reduction over the ranks is one over that dim,
+    so the simulator runs the very code the ranks run."""
+
+    _REDUCE = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}
+
+    def __init__(self, tp: int):
+        self.tp = tp
+
+    def reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        # inside a backward, autograd has a current node
+        phase = "forward" if torch._C._current_autograd_node() is None else "backward"
+        _record("all_reduce" if op == "sum" else f"all_reduce({op})", phase, x[0])
+        return self._REDUCE[op](x, 0, keepdim=True).expand_as(x).clone()
+
+    def offset(self, n: int, ndim: int) -> torch.Tensor:
+        return torch.arange(self.tp).view(-1, *[1] * (ndim - 1)) * n
+
+
+def _sim_reduction(target, x: PerRank, args, tp: int):
+    """A sharded reduction on all ranks at once, its dims shifted past the stacking dim."""
+    stacked, low = torch.stack(list(x)), _Stacked(tp)
+    dims, keepdim = args[1], args[2]
+    padding = args[-2] if args[-2] is None else (args[-2][0] + 1, args[-2][1])
+    if target is C.logsumexp_all_reduce:
+        dims = tuple(d + 1 for d in dims)
+        return PerRank(LogsumexpAllReduce.apply(stacked, dims, keepdim, padding, low).unbind(0))
+    op = args[3]
+    if target is C.amax_all_reduce:
+        dims = tuple(d + 1 for d in dims)
+        return PerRank(AmaxAllReduce.apply(stacked, dims, keepdim, op, padding, low).unbind(0))
+    dim = dims + 1
+    if target is C.argmax_all_reduce:
+        _, index = max_dim_forward(stacked.detach(), dim, op, padding, low)
+        return PerRank((index if keepdim else index.squeeze(dim)).unbind(0))
+    values, index = MaxDimAllReduce.apply(stacked, dim, keepdim, op, padding, low)
+    return PerRank(values.unbind(0)), PerRank(index.unbind(0))
+
+
 def _sim_collective(target, args, tp: int):
     x = args[0] if isinstance(args[0], PerRank) else PerRank([args[0]] * tp)
     if target is C.all_reduce:
@@ -186,6 +230,8 @@ def _sim_collective(target, args, tp: int):
         return PerRank(_SimShard.apply(args[1], *x))
     if target is C.grad_all_reduce:
         return PerRank(_SimGradAllReduce.apply(*x))
+    if target in C.REDUCTIONS:
+        return _sim_reduction(target, x, args, tp)
     if target is C.sequence_dropout:
         p, dim, native = args[1], args[2], args[4] if len(args) > 4 else False
         length = _at(args[5], 0) if len(args) > 5 else None  # a dynamic length: every rank's

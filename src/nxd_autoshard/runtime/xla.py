@@ -32,11 +32,15 @@ from nxd_autoshard.runtime.collectives import (
     AllGather,
     AllGatherRS,
     AllReduce,
+    AmaxAllReduce,
     GradAllReduce,
+    LogsumexpAllReduce,
+    MaxDimAllReduce,
     ReduceScatter,
     Shard,
     draw_mask,
     local_vocab_embedding,
+    max_dim_forward,
     reduce_loss,
     vocab_cross_entropy_backward,
     vocab_cross_entropy_forward,
@@ -108,7 +112,7 @@ class _Lowering:
         return torch.compiler.is_compiling() and len(self.groups) == 1
 
     def reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        kind = {"sum": self.xm.REDUCE_SUM, "max": self.xm.REDUCE_MAX}[op]
+        kind = {"sum": self.xm.REDUCE_SUM, "max": self.xm.REDUCE_MAX, "min": self.xm.REDUCE_MIN}[op]
         if self._functional():
             return torch.ops._c10d_functional.all_reduce(x.contiguous(), kind, "")
         return self.xm.all_reduce(kind, x.contiguous(), groups=self.groups)
@@ -142,6 +146,10 @@ class _Lowering:
     def chunk(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return _local_chunk(x, dim, self.size, self.rank)
 
+    def offset(self, n: int, ndim: int) -> torch.Tensor:
+        """The global index of this rank's first entry along a dim of local size n (a tensor)."""
+        return self.rank * n
+
     def implementations(self) -> dict[str, Any]:
         low = self
 
@@ -168,6 +176,10 @@ class _Lowering:
             loss = CrossEntropy.apply(logits, target, ignore_index, vocab_size)
             return reduce_loss(loss, target, reduction, ignore_index)
 
+        def argmax(x, dim, keepdim, op, padding, axis):
+            _, index = max_dim_forward(_on_tp(x, axis).detach(), dim, op, padding, low)
+            return index if keepdim else index.squeeze(dim)
+
         def embedding(weight, ids, padding_idx, vocab_size, axis):
             return local_vocab_embedding(weight, ids, padding_idx, low.rank, low.size, vocab_size)
 
@@ -179,6 +191,16 @@ class _Lowering:
             "reduce_scatter": lambda x, dim, axis: ReduceScatter.apply(_on_tp(x, axis), dim, low),
             "shard": lambda x, dim, axis: Shard.apply(_on_tp(x, axis), dim, low),
             "grad_all_reduce": lambda x, axis: GradAllReduce.apply(_on_tp(x, axis), low),
+            "amax_all_reduce": lambda x, dims, keepdim, op, padding, axis: AmaxAllReduce.apply(
+                _on_tp(x, axis), tuple(dims), keepdim, op, padding, low
+            ),
+            "max_dim_all_reduce": lambda x, dim, keepdim, op, padding, axis: MaxDimAllReduce.apply(
+                _on_tp(x, axis), dim, keepdim, op, padding, low
+            ),
+            "argmax_all_reduce": argmax,
+            "logsumexp_all_reduce": lambda x, dims, keepdim, padding, axis: (
+                LogsumexpAllReduce.apply(_on_tp(x, axis), tuple(dims), keepdim, padding, low)
+            ),
             "vocab_parallel_embedding": embedding,
             "vocab_parallel_cross_entropy": cross_entropy,
         }
@@ -414,8 +436,9 @@ def hlo_collectives(text: str) -> dict[tuple[str, str], int]:
         groups = _GROUPS.search(rest)
         if kind == "all-reduce":
             applied = _APPLY.search(rest)
-            if applied and applied.group(1).lower().startswith("max"):
-                kind = "all-reduce/max"
+            reduction = applied.group(1).lower()[:3] if applied else ""
+            if reduction in ("max", "min"):
+                kind = f"all-reduce/{reduction}"
         key = (kind, groups.group(1) if groups else "")
         counts[key] = counts.get(key, 0) + 1
     return counts
@@ -432,8 +455,9 @@ def program_collectives(
     """The XLA collectives our own partitioned program amounts to, counted from its ops: forward
     all-reduce (sum; the vocab-parallel loss adds a max and two sums), all-gather, reduce-scatter;
     backward, for ops whose input carries a gradient: grad_all_reduce's all-reduce, the all-gather
-    of reduce_scatter's and shard's, the reduce-scatter of all_gather_rs's. `grad_inputs`: indices of the placeholders with a gradient
-    (None: every floating one)."""
+    of reduce_scatter's and shard's, the reduce-scatter of all_gather_rs's; the sharded
+    reductions' all-reduces. `grad_inputs`: indices of the placeholders with a gradient (None:
+    every floating one)."""
     grad = _grad_nodes(gm, grad_inputs)
     fwd = {f: 0 for f in ops.PARALLEL_OPS}
     bwd = {f: 0 for f in ops.PARALLEL_OPS}
@@ -447,11 +471,28 @@ def program_collectives(
         "all-gather": fwd[ops.all_gather] + fwd[ops.all_gather_rs],
         "reduce-scatter": fwd[ops.reduce_scatter],
     }
+    for node in gm.graph.nodes:
+        for kind, phase in _reduction_collectives(node):
+            if phase == "forward" or (backward and node.args[0] in grad):
+                counts[kind] = counts.get(kind, 0) + 1
     if backward:
         counts["all-reduce"] += bwd[ops.grad_all_reduce]
         counts["all-gather"] += bwd[ops.reduce_scatter] + bwd[ops.shard]
         counts["reduce-scatter"] += bwd[ops.all_gather_rs]
     return {k: v for k, v in counts.items() if v}
+
+
+def _reduction_collectives(node: torch.fx.Node) -> list[tuple[str, str]]:
+    """(HLO kind, phase) of each all-reduce a sharded reduction issues (see `collectives`)."""
+    target = node.target
+    if target is ops.logsumexp_all_reduce:
+        return [("all-reduce/max", "forward"), ("all-reduce", "forward")]
+    if target not in ops.REDUCTIONS:
+        return []
+    extremum = f"all-reduce/{node.args[3]}"
+    if target is ops.amax_all_reduce:
+        return [(extremum, "forward"), ("all-reduce", "backward")]
+    return [(extremum, "forward"), ("all-reduce/min", "forward")]  # values, then the index
 
 
 def _grad_nodes(gm: torch.fx.GraphModule, grad_inputs: set[int] | None) -> set[torch.fx.Node]:
