@@ -24,8 +24,9 @@ Identity is proved, not assumed:
   before it; code after the blocks may read only the last block.
 
 Anything else (no prefix shorter than the list, a capture of the prefix that fails, a
-region that is not contiguous, a tensor constant inside a block) falls back to the full
-capture, with the reason in the debug log (`logging.getLogger("nxd_autoshard.stamp")`).
+region that is not contiguous, a tensor constant inside a block, a block that writes a
+buffer) falls back to the full capture, with the reason in the debug log
+(`logging.getLogger("nxd_autoshard.stamp")`).
 """
 
 from __future__ import annotations
@@ -651,6 +652,9 @@ def capture_stamped(model: torch.nn.Module, capture_fn) -> CapturedProgram:
             touched = list(_Touched.uses)
         if touched:
             raise _Fallback(f"the forward uses a block's position attribute ({touched[0]})")
+        written = [n for n in short.mutated if any(n.startswith(b.path + ".") for b in lists)]
+        if written:  # each block's write is an output named by its block: not stamped (yet)
+            raise _Fallback(f"the blocks write buffers ({written[0]})")
         regions = _regions(short, lists)
         outputs = _outputs(regions)
         _prove_alike(regions, outputs, lists)
