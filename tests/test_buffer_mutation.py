@@ -198,6 +198,66 @@ def _tp_on_rank(rank: int, world: int, model, batches) -> dict:
     return {"steps": steps, "replicated": replicated}
 
 
+class FunctionalNorm(torch.nn.Module):
+    """F.batch_norm over registered buffers, and no other in-place op: aten.batch_norm's schema
+    does not say it writes them, capture must see it anyway."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.register_buffer("mean", torch.zeros(16))
+        self.register_buffer("var", torch.ones(16))
+
+    def forward(self, x):
+        h = self.up(x)
+        return torch.nn.functional.batch_norm(h, self.mean, self.var, training=True, momentum=0.5)
+
+
+def test_functional_batch_norm_writes_its_running_stats():
+    torch.manual_seed(0)
+    model = FunctionalNorm()
+    ref = copy.deepcopy(model)
+    x = torch.randn(6, 8)
+    sharded = autoshard(model, 2, plan={"up": "column"})
+    _close(sharded(x), ref(x), "output")
+    assert sharded.programs()[0].mutated == ["mean", "var"]
+    _close(sharded.get_buffer("mean"), ref.mean, "mean")
+    _close(sharded.get_buffer("var"), ref.var, "var")
+
+
+def _dp_on_rank(rank: int, world: int, model, x, y) -> dict:
+    mine = slice(3 * rank, 3 * rank + 3)  # this replica's half of the batch
+    sharded = autoshard(copy.deepcopy(model), 1, dp=2, loss_fn=mse, example_inputs=(x[mine],))
+    loss = sharded.train_step(x[mine], target=y[mine])
+    return {"loss": loss, "buffers": _buffers(sharded)}
+
+
+def test_data_parallel_replicas_keep_their_own_running_stats_gloo():
+    """As torch DDP without SyncBatchNorm: each replica's statistics are of its own batch (and
+    its counters count its own samples); the loss is the replicas' mean."""
+    torch.manual_seed(0)
+    model = StatsNet().train()
+    (x, y), *_ = _batches(1)
+    outs = run_ranks(_dp_on_rank, 2, args=(model, x, y), timeout_s=300)
+    losses = []
+    for rank, out in enumerate(outs):
+        ref = copy.deepcopy(model)
+        losses.append(mse(ref(x[3 * rank : 3 * rank + 3]), y[3 * rank : 3 * rank + 3]))
+        for name, buf in ref.named_buffers():
+            _close(out["buffers"][name], buf, f"rank {rank} {name}")
+    for out in outs:
+        _close(out["loss"], torch.stack(losses).mean().detach(), "dp loss")
+
+
+def test_xla_hand_off_refuses_buffer_writes_by_name():
+    from nxd_autoshard.tools import neuron
+
+    x = torch.randn(6, 8)
+    sharded = autoshard(StatsNet().train(), 2, plan={"up": "column", "down": "row"})
+    with pytest.raises(ValueError, match="buffers written in forward yet .*seen"):
+        neuron.stage_specs(sharded, (x,), {})
+
+
 def _stack_batches(steps: int):
     return _batches(steps, width=8, out=8)
 
