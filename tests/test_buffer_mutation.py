@@ -299,7 +299,7 @@ def test_microbatches_write_buffers_one_after_another():
     assert int(sharded.get_buffer("calls")) == 2  # the forward ran once per microbatch
 
 
-def _pp_on_rank(rank: int, world: int, model, batches) -> dict:
+def _pp_on_rank(rank: int, world: int, model, batches, directory) -> dict:
     sharded = autoshard(
         copy.deepcopy(model),
         1,
@@ -310,18 +310,25 @@ def _pp_on_rank(rank: int, world: int, model, batches) -> dict:
         example_inputs=(batches[0][0],),
     )
     steps = _train(sharded, batches)
+    sharded.save_checkpoint(directory)  # each stage's writer writes the buffers it holds
     return {"steps": steps, "held": sorted(n for n, _ in sharded.named_buffers())}
 
 
-def test_buffers_written_in_pipeline_stages_gloo():
+def test_buffers_written_in_pipeline_stages_gloo(tmp_path):
     model = _stack_model()
     batches = _stack_batches(2)
-    _, want = _reference(model, batches)
-    for rank, out in enumerate(run_ranks(_pp_on_rank, 2, args=(model, batches), timeout_s=300)):
+    ref, want = _reference(model, batches)
+    outs = run_ranks(_pp_on_rank, 2, args=(model, batches, tmp_path), timeout_s=300)
+    for rank, out in enumerate(outs):
         mine = [n for n in want[0][1] if n.startswith(f"layers.{rank}.")]
         held = [n for n in want[0][2] if n.startswith(f"layers.{rank}.")]
         assert out["held"] == sorted(held + (["calls"] if rank == 1 else []))
         _assert_steps(out["steps"], want, grads_of=mine)
+    saved = {}
+    for part in sorted(tmp_path.glob("model-*.safetensors")):
+        saved.update(load_file(str(part)))
+    for name, buf in ref.named_buffers():
+        _close(saved[name], buf, f"saved {name}")
 
 
 class Scaled(torch.nn.Module):
