@@ -114,7 +114,24 @@ ROWS = [
         {1: S1},
     ),
     Row("softplus", aten.softplus, F.softplus, ((4, 8),), (S1,), S1),
-    Row("type_as", aten.type_as, lambda x, y: x.type_as(y), ((4, 8), (4, 8)), (S1, R), S1, {1: S1}),
+    # type_as reads only the dtype of its second operand: neither sliced nor reduced for it
+    Row("type_as", aten.type_as, lambda x, y: x.type_as(y), ((4, 8), (4, 8)), (S1, R), S1),
+    Row(
+        "type_as_partial_dtype_source",
+        aten.type_as,
+        lambda x, a, b: x.type_as(a @ b),
+        ((4, 8), (8, 4), (4, 8)),
+        (S1, S1, S0),
+        S1,
+    ),
+    Row(
+        "type_as_partial_same_dtype",
+        aten.type_as,
+        lambda a, b, y: (a @ b).type_as(y),
+        ((8, 4), (4, 8), (8, 8)),
+        (S1, S0, R),
+        P,
+    ),
     Row(
         "zeros_like_plus", aten.zeros_like, lambda x: torch.zeros_like(x) + x, ((4, 8),), (S1,), S1
     ),
