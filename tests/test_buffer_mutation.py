@@ -198,6 +198,34 @@ def _tp_on_rank(rank: int, world: int, model, batches) -> dict:
     return {"steps": steps, "replicated": replicated}
 
 
+class LastSum(torch.nn.Module):
+    """A buffer overwritten with a statistic of a row-parallel output (a partial sum per rank)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.down = torch.nn.Linear(16, 4, bias=False)
+        self.register_buffer("last", torch.zeros(4))
+
+    def forward(self, x):
+        y = self.down(torch.relu(self.up(x)))
+        self.last.copy_(y.detach().sum(0))
+        return y
+
+
+def test_partial_new_value_is_all_reduced_where_stored():
+    torch.manual_seed(0)
+    model = LastSum()
+    ref = copy.deepcopy(model)
+    x = torch.randn(6, 8)
+    sharded = autoshard(model, 2, plan={"up": "column", "down": "row"})
+    _close(sharded(x), ref(x), "output")
+    _close(sharded.get_buffer("last"), ref.last, "last")
+    program = sharded.programs()[0]
+    (new,) = program.gm.graph.output_node().args[0][: len(program.mutated)]
+    assert new.target is C.all_reduce
+
+
 class FunctionalNorm(torch.nn.Module):
     """F.batch_norm over registered buffers, and no other in-place op: aten.batch_norm's schema
     does not say it writes them, capture must see it anyway."""
