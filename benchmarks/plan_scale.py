@@ -13,7 +13,9 @@ imports, as a user's `nxd-autoshard plan` does, and its peak RSS is its own):
 * export: `torch.export.export` of the same meta model alone (non-strict, as our capture);
 * pipeline: `torch.distributed.pipelining.pipeline()` on the same model cut into the same
   number of stages at layer boundaries (no TP, no report): the peer that also captures with
-  torch.export and splits the graph.
+  torch.export and splits the graph;
+* floor: `import torch, transformers` and building the model on meta, nothing else: what any
+  planner of this model pays before it starts, so "autoshard - floor" is planning itself.
 
 Rows: 2, 4, ..., 128 layers of the Llama-3-70B shape (pp = min(8, layers)), and the
 Llama-3-8B / 70B / 3.1-405B configs. Each autoshard row splits its time into imports, build on
@@ -41,7 +43,7 @@ STARTED = time.perf_counter()  # before torch is imported: the worker's import t
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Planning at scale (meta device)"
-TOOLS = ("autoshard", "full", "export", "pipeline")
+TOOLS = ("autoshard", "full", "export", "pipeline", "floor")
 COMMON = dict(
     model_type="llama",
     architectures=["LlamaForCausalLM"],
@@ -122,6 +124,8 @@ def _worker(tool: str, config: dict, pp: int) -> dict:
             model = transformers.LlamaForCausalLM._from_config(hf_config, dtype=torch.bfloat16)
         model.eval()
         times["build"] = time.perf_counter() - t
+        if tool == "floor":
+            return _usage(times)
         args = (torch.zeros((BATCH, SEQ), dtype=torch.long, device="meta"),)
         kwargs = {"use_cache": False}
         t = time.perf_counter()
@@ -141,6 +145,10 @@ def _worker(tool: str, config: dict, pp: int) -> dict:
             )
             times["stages"] = pipe.num_stages
         times["capture"] = time.perf_counter() - t
+    return _usage(times)
+
+
+def _usage(times: dict) -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     times["peak_rss_mb"] = usage.ru_maxrss / 1024
     # CPU seconds: on a machine shared with other jobs they move far less than wall time
@@ -183,6 +191,12 @@ def _ratio(a: dict | None, b: dict | None) -> str:
     return f"{a['wall'] / b['wall']:.2f} / {a['cpu'] / b['cpu']:.2f}"
 
 
+def _above(a: dict | None, floor: dict | None) -> str:
+    if not a or not floor or "error" in a or "error" in floor:
+        return "-"
+    return f"{a['wall'] - floor['wall']:.1f} / {a['cpu'] - floor['cpu']:.1f} s"
+
+
 def _time(r: dict | None) -> str:
     if r is None or "error" in r:
         return _cell(r)
@@ -194,13 +208,15 @@ def _table(rows: list[tuple[str, int, int, dict[str, dict]]]) -> str:
         "| model | layers | pp | autoshard wall / CPU | peak RSS | imports | build | capture | "
         "other passes | report | start, exit | full capture wall / CPU | RSS | export alone "
         "wall / CPU | RSS | pipeline() wall / CPU | RSS | autoshard / full (wall / CPU) | "
-        "autoshard / export (wall / CPU) | autoshard / pipeline() (wall / CPU) |\n"
+        "autoshard / export (wall / CPU) | autoshard / pipeline() (wall / CPU) | floor: torch + "
+        "transformers + build, wall / CPU | autoshard above the floor (wall / CPU) |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|---:|---:|"
+        "---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for name, layers, pp, r in rows:
         a, f, e, p = r.get("autoshard"), r.get("full"), r.get("export"), r.get("pipeline")
+        floor = r.get("floor")
         lines.append(
             f"| {name} | {layers} | {pp} | {_time(a)} | {_cell(a, 'peak_rss_mb', '{:.0f} MB')} | "
             f"{_cell(a, 'imports')} | {_cell(a, 'build')} | {_cell(a, 'capture')} | "
@@ -208,7 +224,7 @@ def _table(rows: list[tuple[str, int, int, dict[str, dict]]]) -> str:
             f"{_cell(f, 'peak_rss_mb', '{:.0f} MB')} | {_time(e)} | "
             f"{_cell(e, 'peak_rss_mb', '{:.0f} MB')} | {_time(p)} | "
             f"{_cell(p, 'peak_rss_mb', '{:.0f} MB')} | {_ratio(a, f)} | {_ratio(a, e)} | "
-            f"{_ratio(a, p)} |"
+            f"{_ratio(a, p)} | {_time(floor)} | {_above(a, floor)} |"
         )
     return "\n".join(lines)
 

@@ -343,8 +343,8 @@ def test_eval_mode_recapture_keeps_the_stages():
     with torch.no_grad():
         want = model(*args, **kwargs).loss
     assert compare("eval loss", got, want).ok
-    entries = [e for es in sharded._programs.values() for e in es]
-    assert len(entries) == 2 and [s.blocks for s in entries[-1].stages] == trained_blocks
+    programs = sharded.compiled.programs
+    assert len(programs) == 2 and [s.blocks for s in programs[-1].stages] == trained_blocks
 
 
 def test_gloo_padded_tied_vocab_across_stages():

@@ -49,6 +49,13 @@ def test_new_shapes_and_kwargs_without_user_visible_recapture(llama):
     assert len(sharded.programs()) == 2  # labels= call, and this attention_mask= call
     sharded(torch.randint(0, 128, (5, 7)), attention_mask=torch.ones(5, 7, dtype=torch.long))
     assert len(sharded.programs()) == 2  # dynamic batch and sequence: no recapture
+    assert sharded.explain(program=1).blocks  # programs are numbered in capture order
+    with pytest.raises(
+        IndexError, match=r"explain\(\): program=2, but 2 program\(s\) are captured"
+    ):
+        sharded.explain(program=2)
+    with pytest.raises(IndexError, match=r"dtensor_plan\(\): program=-3"):
+        sharded.dtensor_plan(program=-3)
 
 
 def test_train_and_eval_modes_follow_dropout():
@@ -64,9 +71,7 @@ def test_train_and_eval_modes_follow_dropout():
     torch.manual_seed(1)
     b = sharded(*args).logits
     assert not torch.allclose(a, b), "dropout must be active in train mode"
-    assert sharded.training and any(
-        p.program.training for p in [e for e in sharded._programs.values() for e in e]
-    )
+    assert sharded.training and any(p.training for p in sharded.programs())
 
 
 def test_training_steps_track_unsharded():

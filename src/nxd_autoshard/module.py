@@ -1,8 +1,9 @@
 """ShardedModule: the nn.Module `autoshard()` returns, a facade over the plan and a runtime.
 
-It keeps the original parameter names and the plan (placements, stages, history); everything
-that depends on where it runs (one process for all ranks, or one rank of a mesh) is the
-runtime's, chosen once by `autoshard` (see `runtime/base.py`).
+It keeps the original parameter names; the programs and the plan they share are the
+`ProgramCache`'s (compiler/cache.py, handed out as `sharded.compiled`); everything that depends
+on where it runs (one process for all ranks, or one rank of a mesh) is the runtime's, chosen
+once by `autoshard` (see `runtime/base.py`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils import _pytree as pytree
 
-from nxd_autoshard.compiler.capture import _default_kwargs, meta_shadow, own_example_inputs
-from nxd_autoshard.compiler.driver import LocalProgram, compile_call
-from nxd_autoshard.compiler.plan import CompileSettings, Plan
-from nxd_autoshard.compiler.precision import DTYPES
+from nxd_autoshard.compiler.cache import ProgramCache, model_settings
+from nxd_autoshard.compiler.compiled import CompiledPlan
+from nxd_autoshard.compiler.driver import LocalProgram
 from nxd_autoshard.inspect.history import History
 from nxd_autoshard.ir.mesh import Mesh
-from nxd_autoshard.ir.program import CapturedProgram, StageProgram, input_signature
+from nxd_autoshard.ir.program import CapturedProgram, StageProgram
 from nxd_autoshard.runtime.base import LocalState, Runtime, loss_of
 from nxd_autoshard.runtime.pipeline import _attach
 from nxd_autoshard.runtime.simulated import SimulatorRuntime
@@ -80,20 +80,12 @@ class ShardedModule(torch.nn.Module):
         self.runtime = runtime if runtime is not None else SimulatorRuntime()
         self.loss_fn = loss_fn
         self._installed = False
-        self._compute_dtype = DTYPES[precision]
-        # captured as the model runs in the compute dtype (`model.to(bfloat16)`), its own upcasts
-        # included; the program reads the fp32 masters and casts them (compiler/precision.py)
-        shadow = meta_shadow(model)
-        self._shadow = [shadow.to(self._compute_dtype) if precision != "fp32" else shadow]
         self._model_name = type(model).__name__
         self._config = (
             getattr(model, "config", None)
             if hasattr(getattr(model, "config", None), "to_json_file")
             else None
         )
-        self._full_shapes = {
-            n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)
-        }
         self._full = dict(model.named_parameters(remove_duplicate=False))
         self._buffers_full = dict(model.named_buffers(remove_duplicate=False))
         self._persistent = {
@@ -102,18 +94,12 @@ class ShardedModule(torch.nn.Module):
             for b in mod._buffers
             if b not in mod._non_persistent_buffers_set
         }
-        aliases: dict[int, list[str]] = {}
-        for name, full in self._full.items():
-            aliases.setdefault(id(full), []).append(name)
-        self.plan = Plan()  # decided by the first capture
-        self._settings = CompileSettings(
+        settings = model_settings(
+            model,
+            self._device(),
             tp=tp,
             styles=dict(styles),
             auto=auto,
-            model_name=self._model_name,
-            full_shapes=dict(self._full_shapes),
-            device=self._device(),
-            aliases=tuple(tuple(names) for names in aliases.values() if len(names) > 1),
             n_stages=self.pipeline.n_stages,
             cuts=self.pipeline.cuts,
             balance=self.pipeline.balance,
@@ -122,42 +108,30 @@ class ShardedModule(torch.nn.Module):
             recompute=recompute,
             sequence_parallel=sequence_parallel,
         )
-        self._programs: dict[tuple, list[LocalProgram]] = {}
+        self._cache = ProgramCache(model, settings)
+        self.plan = self._cache.plan  # decided by the first capture
+        self._full_shapes = settings.full_shapes
         self.train(model.training)
         early = self.runtime.state_before_capture(self, self._full, self._buffers_full)
         if early is not None:
             self._install_state(early)
 
     # ------------------------------------------------------------------ building
-    def _capture(self, args: tuple, kwargs: dict) -> LocalProgram:
-        entry = compile_call(
-            self._shadow[0],
-            args,
-            kwargs,
-            training=self.training,
-            settings=self._settings,
-            plan=self.plan,
-        )
-        if not self._installed:
+    def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]:
+        """The program for this call and its flat inputs; the first capture installs the
+        runtime's tensors (this rank's shards, or every full tensor)."""
+        entry, flat, new = self._cache.get(args, kwargs, self.training)
+        if new and not self._installed:
             self._install_state(
                 self.runtime.local_state(self, entry, self._full, self._buffers_full)
             )
-        return entry
+        return entry, flat
 
     def _ensure_program(self, needed_by: str) -> None:
         """Capture the model's own example call if nothing has been captured yet."""
-        if self._programs:
+        if self._cache.captured:
             return
-        own = own_example_inputs(self._shadow[0])
-        if own is None:
-            raise ValueError(
-                f"{needed_by} needs the captured program, and nothing has been captured yet: "
-                f"{self._model_name} is captured at its first call (forward, train_step or "
-                "eval_step) and has no example inputs of its own (a Hugging Face model's "
-                "dummy_inputs). Pass one step's batch, as train_step will get it (on a pipeline, "
-                "one microbatch's is enough), to autoshard: autoshard(model, ..., "
-                "example_inputs=(input_ids,), example_kwargs={...}), or run one call first"
-            )
+        own = self._cache.own_example_call(needed_by)
         args, kwargs = pytree.tree_map(
             lambda x: x.to(self._device()) if isinstance(x, torch.Tensor) else x, own
         )
@@ -220,41 +194,8 @@ class ShardedModule(torch.nn.Module):
         if not state.keep_full:
             self._full = {}  # the full weights are no longer needed on this rank
 
-    def _cast_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Floating inputs in the compute dtype, as the model cast to it would need them."""
-        if self._compute_dtype is torch.float32:
-            return args, kwargs
-        dtype = self._compute_dtype
-        return pytree.tree_map(
-            lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
-            (tuple(args), dict(kwargs)),
-        )
-
-    def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]:
-        args, kwargs = self._cast_inputs(args, kwargs)
-        kwargs = _default_kwargs(self._shadow[0], dict(kwargs))
-        key = (input_signature(args, {k: kwargs[k] for k in sorted(kwargs)}), self.training)
-        for entry in self._programs.get(key, []):
-            flat = self._flatten(entry, args, kwargs)
-            if entry.program.accepts(flat):
-                return entry, flat
-        if torch.compiler.is_compiling():  # torch.export cannot run inside a Dynamo trace
-            raise RuntimeError(
-                "torch.compile(sharded) met a call this module has not captured yet (a new "
-                "input structure, dtype or shape): call it once without torch.compile on such "
-                "inputs first, or pass them to autoshard as example inputs"
-            )
-        entry = self._capture(args, kwargs)
-        self._programs.setdefault(key, []).append(entry)
-        return entry, self._flatten(entry, args, kwargs)
-
     def _flatten(self, entry: LocalProgram, args: tuple, kwargs: dict) -> list:
-        """The call's flat inputs in the program's order; token ids outside the vocab raise."""
-        args, kwargs = self._cast_inputs(args, kwargs)
-        ordered = {k: kwargs[k] for k in entry.kwarg_order}
-        flat = pytree.tree_leaves((args, ordered))
-        entry.program.check_token_inputs(flat)
-        return flat
+        return self._cache.flatten(entry, args, kwargs)
 
     def _state_value(self, program: CapturedProgram, name: str):
         if name in program.constants:
@@ -262,11 +203,10 @@ class ShardedModule(torch.nn.Module):
         return self.get_parameter(name) if name in self._full_shapes else self.get_buffer(name)
 
     def _with_defaults(self, kwargs: dict) -> dict:
-        """`kwargs` with the model's defaults for the keyword arguments the call left out."""
-        return _default_kwargs(self._shadow[0], dict(kwargs))
+        return self._cache.with_defaults(kwargs)
 
     def _loss_from(self, output, target) -> torch.Tensor:
-        if self._compute_dtype is not torch.float32 and self.loss_fn is not None:
+        if self._cache.compute_dtype is not torch.float32 and self.loss_fn is not None:
             # a loss function of the bf16 outputs computes and reduces in fp32
             output = pytree.tree_map(
                 lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
@@ -325,15 +265,24 @@ class ShardedModule(torch.nn.Module):
         self.runtime.save_checkpoint(self, Path(directory))
 
     # ------------------------------------------------------------------ inspection
+    @property
+    def compiled(self) -> CompiledPlan:
+        """The plan and every program captured so far, as one read-only value with no runtime
+        inside (compiler/compiled.py): what explain(), goldens and the plan CLI read."""
+        return self._compiled("compiled")
+
+    def _compiled(self, needed_by: str) -> CompiledPlan:
+        self._ensure_program(needed_by)
+        local = {n: p.dtype for n, p in self.named_parameters(remove_duplicate=False)}
+        return self._cache.compiled(self.pipeline.pp, local)
+
     def programs(self) -> list[CapturedProgram]:
         """Every captured local program (one per call signature and train/eval mode)."""
-        return [e.program for entries in self._programs.values() for e in entries]
+        return [e.program for e in self._cache.entries()]
 
     def stages(self, program: int = 0) -> list[StageProgram]:
         """Pipeline stages of a captured program, by default the first ([] without pipelining)."""
-        self._ensure_program("stages()")
-        entries = [e for es in self._programs.values() for e in es]
-        return entries[program].stages or []
+        return list(self._compiled("stages()").program(program, "stages()").stages)
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -351,8 +300,7 @@ class ShardedModule(torch.nn.Module):
         """The plan report (see `report.explain`): a Report, or its "text" / "html" / "json" form."""
         from nxd_autoshard.inspect.report import explain
 
-        self._ensure_program("explain()")
-        return explain(self, format=format, program=program)
+        return explain(self._compiled("explain()"), format=format, program=program)
 
     def dtensor_plan(self, *, program: int = 0):
         """This plan as a DTensor `parallelize_module` plan `{module: ColwiseParallel(), ...}`.
@@ -363,14 +311,14 @@ class ShardedModule(torch.nn.Module):
         """
         from nxd_autoshard.inspect.dtensor_plan import dtensor_plan
 
-        self._ensure_program("dtensor_plan()")
-        entry = [e for es in self._programs.values() for e in es][program]
+        compiled = self._compiled("dtensor_plan()")
+        entry = compiled.program(program, "dtensor_plan()")
         return dtensor_plan(
             entry.program,
             entry.result,
-            self.plan,
-            self._shadow[0],
-            self._settings.aliases,
+            compiled.plan,
+            self._cache.shadow,
+            self._cache.settings.aliases,
             tp=self.tp,
         )
 
@@ -383,11 +331,11 @@ class ShardedModule(torch.nn.Module):
             self._ensure_program("the plan view")
         except ValueError as err:  # a notebook cell showing the module must not fail
             return f"<pre>{escape(self.extra_repr())}\n\n{escape(str(err))}</pre>"
-        return explain(self).to_html(full=True)
+        return explain(self._compiled("the plan view")).to_html(full=True)
 
     def extra_repr(self) -> str:
         mesh = f"{self._model_name}, tp={self.tp}, pp={self.pipeline.pp}, dp={self.pipeline.dp}"
-        if not self._programs:
+        if not self._cache.captured:
             return f"{mesh}, not captured yet (captured at the first call)"
         return f"{mesh}, {len(self.programs())} captured program(s)"
 

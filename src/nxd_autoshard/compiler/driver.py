@@ -35,6 +35,7 @@ from nxd_autoshard.compiler.sequence import sequence_parallel
 from nxd_autoshard.compiler.split import split_stages
 from nxd_autoshard.compiler.stamp import capture_stamped
 from nxd_autoshard.ir import ops
+from nxd_autoshard.ir.opsets import CASTS, COPIES, RESHAPES, SLICES, op_name
 from nxd_autoshard.ir.printer import graph_text
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram
 
@@ -186,24 +187,7 @@ def _partition(program: CapturedProgram, ctx: CompileContext) -> CapturedProgram
 
 
 # ops that move or copy ids without changing them: a token input is found through them
-_ID_PATH = {
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "slice",
-    "select",
-    "unsqueeze",
-    "squeeze",
-    "expand",
-    "clone",
-    "contiguous",
-    "_to_copy",
-    "to",
-    "constant_pad_nd",
-    "pad",
-    "alias",
-    "detach",
-}
+_ID_PATH = RESHAPES | COPIES | CASTS | SLICES
 
 
 def _token_inputs(program: CapturedProgram) -> list[tuple[int, int, int | None]]:
@@ -220,11 +204,7 @@ def _token_inputs(program: CapturedProgram) -> list[tuple[int, int, int | None]]
             ids, vocab, ignore = node.args[1], node.args[4], node.args[3]
         else:
             continue
-        while (
-            isinstance(ids, torch.fx.Node)
-            and ids.op == "call_function"
-            and getattr(getattr(ids.target, "overloadpacket", None), "__name__", "") in _ID_PATH
-        ):
+        while op_name(ids) in _ID_PATH:
             ids = ids.args[0]
         if isinstance(ids, torch.fx.Node) and user.get(ids, -1) >= 0:
             found.append((user[ids], int(vocab), ignore))

@@ -29,6 +29,7 @@ from nxd_autoshard.ir.meta import (
     split_bias_of,
 )
 from nxd_autoshard.ir.ops import expert_linear, grouped_linear
+from nxd_autoshard.ir.opsets import CASTS, op_name
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard, padded_size
 from nxd_autoshard.ir.program import CapturedProgram, module_path
 from nxd_autoshard.rules import (
@@ -419,7 +420,7 @@ def _seed_weights(node: torch.fx.Node, s: _Seeding) -> None:
 
 
 # ops between a projection and the residual add that change no layout (dropout, casts, a scale)
-_PASS_THROUGH = {aten.dropout, aten.clone, aten._to_copy, aten.to, aten.type_as, aten.alias}
+_PASS_THROUGH = CASTS | {"dropout", "clone", "alias"}
 
 
 def _feeds_residual(node: torch.fx.Node, placements: dict) -> bool:
@@ -445,7 +446,7 @@ def _feeds_residual(node: torch.fx.Node, placements: dict) -> bool:
                 and shape_of(other[0]) == shape_of(node)
             )
         scaled = _packet(user) is aten.mul and any(isinstance(a, (int, float)) for a in user.args)
-        if _packet(user) not in _PASS_THROUGH and not scaled:
+        if op_name(user) not in _PASS_THROUGH and not scaled:
             return False
         current = user
     return False

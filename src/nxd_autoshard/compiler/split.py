@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from nxd_autoshard.compiler.partition import requires_grad_nodes
 from nxd_autoshard.ir.cost import node_flops
 from nxd_autoshard.ir.errors import PlanError
 from nxd_autoshard.ir.meta import state_kind_of
@@ -142,7 +143,6 @@ def segment_blocks(
     program: CapturedProgram, block_of: dict[torch.fx.Node, int], blocks: list[str]
 ) -> Units:
     """Cut every block into units at its child modules and mark where a stage may start."""
-    from nxd_autoshard.compiler.partition import requires_grad_nodes
 
     gm = program.gm
     by_block: list[list[torch.fx.Node]] = [[] for _ in blocks]

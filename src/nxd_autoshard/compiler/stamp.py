@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from nxd_autoshard.ir.meta import set_state
 from nxd_autoshard.ir.program import CapturedProgram, graph_module, module_path
 
 __all__ = ["capture_stamped", "full_capture", "renumber", "stamped_lists"]
@@ -281,10 +282,16 @@ def _rename_block(text: str, list_path: str, r: int, j: int) -> str:
 def _renamed_stack(stack: dict | None, list_path: str, r: int, j: int) -> dict | None:
     if not stack or r == j:
         return stack
-    return {
-        _rename_block_key(k, list_path, r, j): (_rename_block(v[0], list_path, r, j), *v[1:])
-        for k, v in stack.items()
-    }
+    return dict(_renamed_items(tuple(stack.items()), list_path, r, j))
+
+
+@functools.lru_cache(maxsize=4096)
+def _renamed_items(items: tuple, list_path: str, r: int, j: int) -> tuple:
+    """A block's nodes share a few module stacks: each is renamed once per stamped copy."""
+    return tuple(
+        (_rename_block_key(k, list_path, r, j), (_rename_block(v[0], list_path, r, j), *v[1:]))
+        for k, v in items
+    )
 
 
 def _rename_block_key(key: str, list_path: str, r: int, j: int) -> str:
@@ -580,8 +587,8 @@ def _stamped_writes(program, output, regions: _Regions, lists, last_copy, names:
 
 def _placeholder(graph, node, name: str, kind: str, meta: dict) -> torch.fx.Node:
     new = graph.placeholder(_placeholder_name(kind, name), type_expr=node.type)
-    meta["nxd_name"], meta["nxd_kind"] = name, kind
     new.meta = meta
+    set_state(new, name, kind)
     return new
 
 

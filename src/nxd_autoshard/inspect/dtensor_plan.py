@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -65,10 +65,6 @@ class _Member:
     why: str | None = None
     output_replicated: bool = False  # colwise whose output the rewrite gathers (an LM head)
     input_replicated: bool = False  # rowwise whose input the rewrite slices from a replicated one
-
-
-# ops a value passes through unchanged in meaning on its way to a collective or the loss
-_LAYOUT = {"view", "reshape", "_unsafe_view", "_to_copy", "to", "contiguous", "clone", "alias"}
 
 
 def _name(target) -> str:
@@ -183,47 +179,9 @@ def dtensor_plan(
         if isinstance(plan.placements.get(name), Shard)
     }
 
-    def owner(node: torch.fx.Node) -> str | None:
-        """The candidate module whose weight this linear / embedding node reads."""
-        if node.op != "call_function":
-            return None
-        if node.target is aten.linear.default:
-            weight = node.args[1]
-        elif node.target in (ops.vocab_parallel_embedding, aten.embedding.default):
-            weight = node.args[0]
-        else:  # an op of a module DTensor cannot shard (experts under a grouped matmul, say)
-            for value in tensor_inputs(node):
-                mod = sharded_state.get(value, "").rpartition(".")[0]
-                if mod in members and members[mod].kind == "other":
-                    return mod
-            return None
-        lookup = node.target is not aten.linear.default
-        for name in tied.get(state_of.get(weight), (state_of.get(weight),)):
-            mod = name.rpartition(".")[0] if name else None
-            if mod in members and members[mod].kind.startswith("embedding") == lookup:
-                return mod  # a tied weight: the module of this use (embedding or LM head)
-        return None
-
-    # regions: modules joined by the sharded values between them (union-find over names)
-    parent: dict[str, str] = {m: m for m in members}
-
-    def find(m: str) -> str:
-        while parent[m] != m:
-            parent[m] = parent[parent[m]]
-            m = parent[m]
-        return m
-
-    def union(a: str, b: str) -> None:
-        parent[find(a)] = find(b)
-
-    failures: dict[str, str] = {}  # module -> why its region cannot be expressed
-    explained: set[torch.fx.Node] = set()
-
-    def fail(module: str, why: str) -> None:
-        failures.setdefault(module, why)
-
+    r = _Regions(members, result, state_of, sharded_state, tied, tp)
     for node in gm.graph.nodes:
-        mod = owner(node)
+        mod = r.owner(node)
         if mod is None:
             continue
         member = members[mod]
@@ -231,50 +189,48 @@ def dtensor_plan(
             continue  # already refused, with its reason
         written = _written_in_place(node)
         if written:
-            fail(
+            r.fail(
                 mod,
                 f"the model writes into its output in place ({written}); DTensor forbids that "
                 "on the plain tensor a parallel style returns (a view made in autograd.Function)",
             )
         if member.kind == "colwise":
-            _walk_column(
-                node, mod, members, owner, result, sharded_state, explained, union, fail, tp
-            )
+            r.walk_column(node, mod)
         elif member.kind == "rowwise":
-            _reduce_later(node, mod, result, explained, fail)
+            r.reduce_later(node, mod)
             source = node.args[0]
             if isinstance(source, torch.fx.Node) and source.target is ops.shard:
                 if source.args[1] in (-1, source.meta["val"].dim() - 1):
                     member.input_replicated = True
-                    explained.add(source)
+                    r.explained.add(source)
         elif member.kind == "embedding_rowwise":
-            explained.add(node)  # the module's own lookup; what follows it is checked here
+            r.explained.add(node)  # the module's own lookup; what follows it is checked here
             if node.target is ops.vocab_parallel_embedding:
-                _reduce_later(node, mod, result, explained, fail)
+                r.reduce_later(node, mod)
             else:
-                fail(mod, f"its lookup {node.name} is no vocab-parallel embedding")
+                r.fail(mod, f"its lookup {node.name} is no vocab-parallel embedding")
         else:  # embedding_colwise: the rewrite gathers its output
             users = list(node.users)
             if [u.target for u in users] == [ops.all_gather]:
-                explained.add(users[0])
+                r.explained.add(users[0])
             else:
-                fail(mod, "its output is used sharded")
+                r.fail(mod, "its output is used sharded")
 
     for node in gm.graph.nodes:
-        mod = owner(node)
+        mod = r.owner(node)
         if mod and members[mod].kind == "rowwise" and not members[mod].input_replicated:
-            if find(mod) == mod and not any(
-                find(m) == mod for m in members if m != mod
+            if r.find(mod) == mod and not any(
+                r.find(m) == mod for m in members if m != mod
             ):  # no column joined it: its sharded input comes from elsewhere
-                fail(mod, f"its input {node.args[0]} is sharded by the rewrite, not by a column")
+                r.fail(mod, f"its input {node.args[0]} is sharded by the rewrite, not by a column")
 
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ops.PARALLEL_OPS:
             continue
-        if node in explained:
+        if node in r.explained:
             continue
         if node.target is ops.grad_all_reduce and all(
-            (mod := owner(u)) and members[mod].kind == "colwise" for u in node.users
+            (mod := r.owner(u)) and members[mod].kind == "colwise" for u in node.users
         ):
             continue  # the replicated input of column linears: ColwiseParallel's own
         where = f"at node '{node.name}' in '{module_path(node) or '<top level>'}'"
@@ -284,25 +240,27 @@ def dtensor_plan(
             if node.target is ops.shard
             else f"the rewrite puts {node.target.__name__} {where}"
         )
-        touched = _nearest_members(node, owner, result)
+        touched = r.nearest_members(node)
         for mod in touched:
-            fail(mod, why)
+            r.fail(mod, why)
         if not touched:
             for mod in members:
-                fail(mod, why + ", next to no module DTensor shards")
+                r.fail(mod, why + ", next to no module DTensor shards")
 
     # a region is exported whole or not at all
-    bad_roots = {find(m) for m in failures} | {find(m) for m, mem in members.items() if mem.why}
+    bad_roots = {r.find(m) for m in r.failures} | {
+        r.find(m) for m, mem in members.items() if mem.why
+    }
     reasons: dict[str, str] = {}
     for root in bad_roots:
-        region = sorted(m for m in members if find(m) == root)
+        region = sorted(m for m in members if r.find(m) == root)
         why = next(
-            (members[m].why or failures[m] for m in region if members[m].why or m in failures),
+            (members[m].why or r.failures[m] for m in region if members[m].why or m in r.failures),
             "",
         )
-        cause = next((m for m in region if members[m].why or m in failures), region[0])
+        cause = next((m for m in region if members[m].why or m in r.failures), region[0])
         for m in region:
-            own = members[m].why or failures.get(m)
+            own = members[m].why or r.failures.get(m)
             reasons[m] = own if own else f"its region is left whole: {cause}: {why}"
 
     styles = {}
@@ -328,95 +286,149 @@ def dtensor_plan(
     return DTensorPlan(styles, reasons)
 
 
-def _walk_column(column, mod, members, owner, result, sharded_state, explained, union, fail, tp):
-    """Follow a column linear's sharded output to the row linears (or gather) that end it."""
-    member = members[mod]
-    interior: list[torch.fx.Node] = []
-    rows, gathers = [], []
-    queue, seen = deque(column.users), set()
-    while queue:
-        node = queue.popleft()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "output":
-            fail(mod, "its sharded output is returned by the model as it is")
-            continue
-        if node.target in (ops.all_gather, ops.vocab_parallel_cross_entropy):
-            gathers.append(node)
-            continue
-        if isinstance(result.placements.get(node), Replicate):
-            continue  # a size read off the sharded value, not the value itself
-        user_mod = owner(node)
-        if user_mod is not None and members[user_mod].kind == "rowwise":
-            rows.append(node)
-            union(mod, user_mod)
-            continue
-        if node.target in ops.PARALLEL_OPS or user_mod is not None:
-            what = node.target.__name__ if node.target in ops.PARALLEL_OPS else user_mod
-            fail(mod, f"the rewrite feeds its sharded output to {what} at {node.name}")
-            continue
-        interior.append(node)
-        for value in tensor_inputs(node):
-            name = sharded_state.get(value)
-            if name and name != f"{mod}.bias":
-                fail(mod, f"{node.name} reads {name}, sharded by the rewrite, in the model's code")
-        queue.extend(node.users)
-    if gathers and rows:
-        fail(mod, "its output is both gathered and used sharded")
-        return
-    if gathers:
-        member.output_replicated = True
-        explained.update(gathers)
-        return  # under DTensor the code after it runs on the gathered value
-    for node in interior:
-        why = _localised_literal(node, result, tp)
-        if why:
-            fail(mod, why)
-            return
+@dataclass
+class _Regions:
+    """Column -> row regions of the partitioned program, joined by the sharded values between
+    them (union-find over module names), and why a module's region cannot be expressed."""
 
+    members: dict[str, _Member]
+    result: PropagationResult
+    state_of: dict[torch.fx.Node, str]
+    sharded_state: dict[torch.fx.Node, str]
+    tied: dict[str, tuple[str, ...]]
+    tp: int
+    explained: set[torch.fx.Node] = field(default_factory=set)  # collectives a style accounts for
+    failures: dict[str, str] = field(default_factory=dict)
+    parent: dict[str, str] = field(init=False)
 
-def _nearest_members(start: torch.fx.Node, owner, result: PropagationResult) -> set[str]:
-    """The sharded modules nearest to a node through sharded values, up and down the graph."""
-    found: set[str] = set()
-    for step in (lambda n: tensor_inputs(n), lambda n: list(n.users)):
-        queue, seen = deque(step(start)), {start}
+    def owner(self, node: torch.fx.Node) -> str | None:
+        """The candidate module whose weight this linear / embedding node reads."""
+        if node.op != "call_function":
+            return None
+        if node.target is aten.linear.default:
+            weight = node.args[1]
+        elif node.target in (ops.vocab_parallel_embedding, aten.embedding.default):
+            weight = node.args[0]
+        else:  # an op of a module DTensor cannot shard (experts under a grouped matmul, say)
+            for value in tensor_inputs(node):
+                mod = self.sharded_state.get(value, "").rpartition(".")[0]
+                if mod in self.members and self.members[mod].kind == "other":
+                    return mod
+            return None
+        lookup = node.target is not aten.linear.default
+        name = self.state_of.get(weight)
+        for tied_name in self.tied.get(name, (name,)):
+            mod = tied_name.rpartition(".")[0] if tied_name else None
+            if mod in self.members and self.members[mod].kind.startswith("embedding") == lookup:
+                return mod  # a tied weight: the module of this use (embedding or LM head)
+        return None
+
+    def __post_init__(self) -> None:
+        self.parent = {m: m for m in self.members}
+
+    def find(self, m: str) -> str:
+        parent = self.parent
+        while parent[m] != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+    def fail(self, module: str, why: str) -> None:
+        self.failures.setdefault(module, why)
+
+    def walk_column(self, column: torch.fx.Node, mod: str) -> None:
+        """Follow a column linear's sharded output to the row linears (or gather) that end it."""
+        member = self.members[mod]
+        interior: list[torch.fx.Node] = []
+        rows, gathers = [], []
+        queue, seen = deque(column.users), set()
         while queue:
             node = queue.popleft()
-            if node in seen or node.op != "call_function":
+            if node in seen:
                 continue
-            if isinstance(result.placements.get(node), Replicate):
-                continue  # regions are joined by sharded (or partial) values only
             seen.add(node)
-            mod = owner(node)
-            if mod is not None:
-                found.add(mod)
+            if node.op == "output":
+                self.fail(mod, "its sharded output is returned by the model as it is")
                 continue
-            queue.extend(step(node))
-    return found
+            if node.target in (ops.all_gather, ops.vocab_parallel_cross_entropy):
+                gathers.append(node)
+                continue
+            if isinstance(self.result.placements.get(node), Replicate):
+                continue  # a size read off the sharded value, not the value itself
+            user_mod = self.owner(node)
+            if user_mod is not None and self.members[user_mod].kind == "rowwise":
+                rows.append(node)
+                self.union(mod, user_mod)
+                continue
+            if node.target in ops.PARALLEL_OPS or user_mod is not None:
+                what = node.target.__name__ if node.target in ops.PARALLEL_OPS else user_mod
+                self.fail(mod, f"the rewrite feeds its sharded output to {what} at {node.name}")
+                continue
+            interior.append(node)
+            for value in tensor_inputs(node):
+                name = self.sharded_state.get(value)
+                if name and name != f"{mod}.bias":
+                    self.fail(
+                        mod,
+                        f"{node.name} reads {name}, sharded by the rewrite, in the model's code",
+                    )
+            queue.extend(node.users)
+        if gathers and rows:
+            self.fail(mod, "its output is both gathered and used sharded")
+            return
+        if gathers:
+            member.output_replicated = True
+            self.explained.update(gathers)
+            return  # under DTensor the code after it runs on the gathered value
+        for node in interior:
+            why = _localised_literal(node, self.result, self.tp)
+            if why:
+                self.fail(mod, why)
+                return
 
+    def nearest_members(self, start: torch.fx.Node) -> set[str]:
+        """The sharded modules nearest to a node through sharded values, up and down the graph."""
+        found: set[str] = set()
+        for step in (lambda n: tensor_inputs(n), lambda n: list(n.users)):
+            queue, seen = deque(step(start)), {start}
+            while queue:
+                node = queue.popleft()
+                if node in seen or node.op != "call_function":
+                    continue
+                if isinstance(self.result.placements.get(node), Replicate):
+                    continue  # regions are joined by sharded (or partial) values only
+                seen.add(node)
+                mod = self.owner(node)
+                if mod is not None:
+                    found.add(mod)
+                    continue
+                queue.extend(step(node))
+        return found
 
-def _reduce_later(start: torch.fx.Node, mod: str, result: PropagationResult, explained, fail):
-    """Follow a row linear's partial sums to the all-reduces that end them.
+    def reduce_later(self, start: torch.fx.Node, mod: str) -> None:
+        """Follow a row linear's partial sums to the all-reduces that end them.
 
-    The rewrite may add two partial sums before one all-reduce (an embedding and the first
-    attention output); RowwiseParallel all-reduces each at once. Only linear ops touch a
-    partial sum, so reducing it first gives the same value.
-    """
-    queue, seen = deque(start.users), set()
-    while queue:
-        node = queue.popleft()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.target is ops.all_reduce:
-            explained.add(node)
-            continue
-        if node.op == "output" or node.target in ops.PARALLEL_OPS:
-            what = "the model's output" if node.op == "output" else node.target.__name__
-            fail(mod, f"its partial sums reach {what} at {node.name}, not an all-reduce")
-            continue
-        queue.extend(node.users)
+        The rewrite may add two partial sums before one all-reduce (an embedding and the first
+        attention output); RowwiseParallel all-reduces each at once. Only linear ops touch a
+        partial sum, so reducing it first gives the same value.
+        """
+        queue, seen = deque(start.users), set()
+        while queue:
+            node = queue.popleft()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.target is ops.all_reduce:
+                self.explained.add(node)
+                continue
+            if node.op == "output" or node.target in ops.PARALLEL_OPS:
+                what = "the model's output" if node.op == "output" else node.target.__name__
+                self.fail(mod, f"its partial sums reach {what} at {node.name}, not an all-reduce")
+                continue
+            queue.extend(node.users)
 
 
 # torch.export names an in-place op's node after the op with its trailing underscore (`add_`,

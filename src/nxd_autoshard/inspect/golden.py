@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from nxd_autoshard.compiler.compiled import CompiledPlan
 from nxd_autoshard.ir.meta import state_name_of, tp_of
 from nxd_autoshard.ir.printer import graph_text
 
@@ -31,28 +32,30 @@ class GoldenMismatch(AssertionError):
 
 
 def golden_text(obj) -> str:
-    """Golden text of a ShardedModule (every captured program), a CapturedProgram or a GraphModule."""
+    """Golden text of a compiled plan (or the ShardedModule of one: every captured program), a
+    CapturedProgram or a GraphModule."""
     if isinstance(obj, torch.fx.GraphModule):
         return f"# nxd-autoshard golden v{GOLDEN_VERSION}\n" + graph_text(obj)
     if hasattr(obj, "gm") and hasattr(obj, "state_names"):
         return _program_section(obj, 0, 1, model=None, tp=tp_of(obj.gm))
-    programs = obj.programs()
+    compiled = obj if isinstance(obj, CompiledPlan) else obj.compiled
+    n = len(compiled.programs)
     sections = []
-    for i, p in enumerate(programs):
-        stages = obj.stages(i)
-        if not stages:
-            sections.append(_program_section(p, i, len(programs), model=obj._model_name, tp=obj.tp))
-        for stage in stages:  # one section per pipeline stage: what that pp rank runs
+    for i, entry in enumerate(compiled.programs):
+        p, model, tp = entry.program, compiled.model_name, compiled.tp
+        if not entry.stages:
+            sections.append(_program_section(p, i, n, model=model, tp=tp))
+        for stage in entry.stages:  # one section per pipeline stage: what that pp rank runs
             sections.append(
                 _program_section(
                     p,
                     i,
-                    len(programs),
-                    model=obj._model_name,
-                    tp=obj.tp,
-                    pp=obj.pipeline.pp,
+                    n,
+                    model=model,
+                    tp=tp,
+                    pp=compiled.pp,
                     stage=stage,
-                    n_stages=len(stages),
+                    n_stages=len(entry.stages),
                 )
             )
     return "\n".join(sections)

@@ -19,7 +19,8 @@ from nxd_autoshard.inspect.render import fmt_bytes
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.meta import placement_of
 from nxd_autoshard.ir.placements import Partial, Shard
-from nxd_autoshard.ir.printer import display_module, target_name
+from nxd_autoshard.ir.printer import display_module, target_name, value_names
+from nxd_autoshard.ir.program import block_of
 
 __all__ = ["before_after_html", "block_lines", "graph_svg"]
 
@@ -46,10 +47,8 @@ def _group_of(path: str, block) -> str:
 
 def _rows(report, gm: torch.fx.GraphModule):
     """(group, [row]) in program order; a row is (kind, text)."""
-    from nxd_autoshard.ir.program import block_of
 
     by_node = {c.node: c for c in report.collectives}
-    from nxd_autoshard.ir.printer import value_names
 
     names = value_names(gm)
     groups: list[tuple[str, list]] = []

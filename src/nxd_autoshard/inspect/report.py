@@ -19,12 +19,15 @@ import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 
+from nxd_autoshard.compiler.compiled import CompiledPlan
 from nxd_autoshard.compiler.partition import requires_grad_nodes
+from nxd_autoshard.compiler.plan import Plan
+from nxd_autoshard.compiler.propagate import LINEAR_OPS, weight_role
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.ir.cost import node_flops
 from nxd_autoshard.ir.meta import (
@@ -34,7 +37,8 @@ from nxd_autoshard.ir.meta import (
     sequence_sharded,
     state_name_of,
 )
-from nxd_autoshard.ir.placements import Partial, Replicate, Shard, placement_str
+from nxd_autoshard.ir.opsets import ARITHMETIC, CASTS, COPIES, PERMUTES, RESHAPES, op_name
+from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard, placement_str
 from nxd_autoshard.ir.printer import (
     display_module,
     dtype_str,
@@ -283,9 +287,10 @@ class Picture:
         return self.markup if self.kind == "html" else None
 
 
-def explain(sharded, format: str | None = None, *, program: int = 0):
-    """Report of a sharded module's plan: a Report, or its "text", "html" or "json" form."""
-    report = build_report(sharded, program=program)
+def explain(compiled: CompiledPlan, format: str | None = None, *, program: int = 0):
+    """Report of a compiled plan (`sharded.compiled`): a Report, or its "text", "html" or
+    "json" form."""
+    report = build_report(compiled, program=program)
     if format is None:
         return report
     if format == "json":
@@ -398,62 +403,65 @@ def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
     return rows
 
 
-def _param_rows(sharded) -> list[ParamRow]:
-    first_name: dict[int, str] = {}
+def _param_rows(compiled: CompiledPlan) -> list[ParamRow]:
     rows = []
-    for name, param in sharded.named_parameters(remove_duplicate=False):
-        tied = first_name.setdefault(id(param), name)
-        local = list(sharded.local_shape(name))
+    for name, info in compiled.parameters.items():
+        local = list(compiled.local_shape(name))
         rows.append(
             ParamRow(
                 name=name,
-                placement=placement_str(sharded.placements.get(name)),
-                full_shape=list(sharded.full_shape(name)),
+                placement=placement_str(compiled.placements.get(name)),
+                full_shape=list(info.shape),
                 local_shape=local,
-                dtype=dtype_str(param.dtype),
-                bytes_per_rank=math.prod(local) * param.element_size(),
+                dtype=dtype_str(info.dtype),
+                bytes_per_rank=math.prod(local) * info.dtype.itemsize,
                 block=block_of(name),
-                tied_to=None if tied == name else tied,
+                tied_to=info.tied_to,
             )
         )
     return rows
 
 
 # ops that carry one tensor through unchanged in layout meaning (a cast, a transpose, `1 + w`)
-_CARRIES = {
-    "_to_copy", "to", "type_as", "t", "transpose", "permute", "view", "reshape", "_unsafe_view",
-    "expand", "unsqueeze", "squeeze", "alias", "clone", "contiguous", "add", "sub", "mul", "div",
-    "rsub", "neg",
-}  # fmt: skip
+_CARRIES = CASTS | PERMUTES | RESHAPES | COPIES | ARITHMETIC
 
 
 def _parameter_source(node) -> torch.fx.Node | None:
     """The parameter a value is read from through casts, transposes and scalar arithmetic."""
     while isinstance(node, torch.fx.Node) and node.op == "call_function":
-        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
         tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-        if name not in _CARRIES or len(tensors) != 1:
+        if op_name(node) not in _CARRIES or len(tensors) != 1:
             return None
         node = tensors[0]
     return node if isinstance(node, torch.fx.Node) and is_parameter(node) else None
 
 
-def _weight_and_activation(node: torch.fx.Node):
-    """(placement of the weight, its out dim, the activation) of a matmul with a parameter; None
-    for one between activations (attention's q @ k.T), which no plan splits by rows or columns."""
-    from nxd_autoshard.compiler.propagate import LINEAR_OPS, weight_role
+class _Matmul(NamedTuple):
+    """A matmul with a parameter: the weight's placement, its out dim, the activation it
+    multiplies, and the module the weight belongs to."""
 
+    placement: Placement
+    out_dim: int
+    activation: torch.fx.Node
+    module: str | None
+
+
+def _weight_and_activation(node: torch.fx.Node) -> _Matmul | None:
+    """The matmul's weight and activation if it multiplies by a parameter; None for one between
+    activations (attention's q @ k.T), which no plan splits by rows or columns."""
     if getattr(node.target, "overloadpacket", node.target) not in LINEAR_OPS:
         return None
     role = weight_role(node)
     if role is None or not isinstance(role[0], torch.fx.Node):
         return None
     weight, _, out_dim, act = role
-    if _parameter_source(weight) is None:
+    source = _parameter_source(weight)
+    if source is None:
         return None
     while isinstance(act, torch.fx.Node) and act.target in _COLLECTIVE_FNS:
         act = act.args[0]
-    return placement_of(weight), out_dim, act
+    name = state_name_of(source)
+    return _Matmul(placement_of(weight), out_dim, act, name.rsplit(".", 1)[0] if name else None)
 
 
 def _reduces_a_sharded_dim(node: torch.fx.Node) -> bool:
@@ -488,13 +496,13 @@ def _optimum(
         found = _weight_and_activation(node)
         if found is None:
             continue
-        placement, out_dim, act = found
+        placement = found.placement
         matmuls += 1
         sharded += isinstance(placement, Shard)
         if isinstance(placement, Shard) and (
-            placement.dim == out_dim or _weight_module(node) in row_fallbacks
+            placement.dim == found.out_dim or found.module in row_fallbacks
         ):
-            column_inputs.add(act)
+            column_inputs.add(found.activation)
         elif isinstance(placement, Shard):
             rows += 1
     slices = sum(1 for node in nodes if node.target is C.shard and _replicated_projection(node))
@@ -502,15 +510,6 @@ def _optimum(
         both = rows + len(column_inputs)
         return both, both + slices, matmuls, sharded
     return rows, len(column_inputs) + slices, matmuls, sharded
-
-
-def _weight_module(node: torch.fx.Node) -> str | None:
-    """The module whose parameter a matmul node multiplies by."""
-    from nxd_autoshard.compiler.propagate import weight_role
-
-    role = weight_role(node)
-    name = state_name_of(_parameter_source(role[0])) if role else None
-    return name.rsplit(".", 1)[0] if name else None
 
 
 def _replicated_projection(shard: torch.fx.Node) -> bool:
@@ -528,7 +527,7 @@ def _replicated_projection(shard: torch.fx.Node) -> bool:
             continue
         found = _weight_and_activation(node)
         if found is not None:
-            if isinstance(found[0], Replicate):
+            if isinstance(found.placement, Replicate):
                 return True
             continue
         todo.extend(a for a in node.all_input_nodes if not is_parameter(a))
@@ -580,14 +579,14 @@ def _flops(node: torch.fx.Node, tp: int) -> int:
     return node_flops(node, local, matmuls_only=True)
 
 
-def build_report(sharded, *, program: int = 0) -> Report:
-    """Read the plan report off one captured program of a ShardedModule."""
-    programs = sharded.programs()
-    prog = programs[program]
-    gm, tp = prog.gm, sharded.tp
+def build_report(compiled: CompiledPlan, *, program: int = 0) -> Report:
+    """Read the plan report off one captured program of a compiled plan."""
+    entry = compiled.program(program, "explain()")
+    prog = entry.program
+    gm, tp = prog.gm, compiled.tp
     names = value_names(gm)
     sizes = _sizes(gm, names)  # first: it numbers the dynamic sizes in graph order, as goldens do
-    params = _param_rows(sharded)
+    params = _param_rows(compiled)
     collectives = _collective_rows(gm, tp, names, requires_grad_nodes(gm, prog))
 
     by_block: dict[str, list[torch.fx.Node]] = {}
@@ -596,13 +595,12 @@ def build_report(sharded, *, program: int = 0) -> Report:
             block = block_of(display_module(node))
             if block is not None:
                 by_block.setdefault(block, []).append(node)
-    sp = sharded._settings.sequence_parallel
+    sp = compiled.settings.sequence_parallel
     blocks = _block_rows(
-        by_block, params, collectives, tp, sp, frozenset(sharded.plan.row_fallbacks)
+        by_block, params, collectives, tp, sp, frozenset(compiled.plan.row_fallbacks)
     )
-    stage_programs = sharded.stages(program)
-    if stage_programs:
-        stages = _stage_rows(sharded, gm, stage_programs, params, collectives, tp)
+    if entry.stages:
+        stages = _stage_rows(compiled.plan, gm, entry.stages, params, collectives, tp)
     else:
         stages = [
             StageReport(
@@ -616,16 +614,16 @@ def build_report(sharded, *, program: int = 0) -> Report:
             )
         ]
     report = Report(
-        model=sharded._model_name,
+        model=compiled.model_name,
         tp=tp,
-        pp=sharded.pipeline.pp,
+        pp=compiled.pp,
         sequence_parallel=sp,
         sequence_regions=_sequence_regions(gm),
         sequence_ops=sum(1 for n in gm.graph.nodes if sequence_sharded(n)),
-        precision=sharded._settings.precision,
+        precision=compiled.settings.precision,
         recomputed=sorted({recompute_of(n) for n in gm.graph.nodes if recompute_of(n)}),
         program=program,
-        programs=len(programs),
+        programs=len(compiled.programs),
         mode="train" if prog.training else "eval",
         inputs=list(prog.user_input_names),
         sizes=sizes,
@@ -641,13 +639,18 @@ def build_report(sharded, *, program: int = 0) -> Report:
 
 
 def _stage_rows(
-    sharded, gm, stage_programs, params: list[ParamRow], collectives: list[CollectiveRow], tp: int
+    plan: Plan,
+    gm,
+    stage_programs,
+    params: list[ParamRow],
+    collectives: list[CollectiveRow],
+    tp: int,
 ) -> list[StageReport]:
     """One row per pipeline stage: what it holds, receives, sends over tp, and costs."""
     fx_name = {row.node: node.name for row, node in zip(collectives, collective_nodes(gm))}
     by_name = {p.name: p for p in params}
     cost = {}
-    for c, st in zip(sharded.unit_costs, sharded.stage_of_unit or []):
+    for c, st in zip(plan.unit_costs, plan.stage_of_unit or []):
         cost[st] = cost.get(st, 0) + c.flops
     rows = []
     for stage in stage_programs:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
+from nxd_autoshard.ir.opsets import op_name
+
 _MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "linear"}
 
 
@@ -35,7 +37,7 @@ def node_flops(
     """Forward FLOPs of one node: 2·m·n·k for matmuls (k, the contracted size: the activation's
     last dim), 4·b·h·s·t·d for attention, the output's element count otherwise (0 with
     `matmuls_only`). `shape(node)` gives a node's sizes (by default its global ones)."""
-    name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+    name = op_name(node)
     if not isinstance(node.meta.get("val"), torch.Tensor):
         return 0
     out = shape(node)

@@ -30,6 +30,7 @@ import torch.fx
 
 from nxd_autoshard.ir.meta import placement_of, state_kind_of, state_name_of, tp_of
 from nxd_autoshard.ir.placements import Shard, placement_str
+from nxd_autoshard.ir.program import module_path
 
 _DTYPES = {
     torch.float32: "f32",
@@ -189,7 +190,6 @@ def node_label(node: torch.fx.Node, names: _Names | None = None) -> str:
 
 def display_module(node: torch.fx.Node) -> str:
     """The module a node came from, `<top>` for the model's own forward (or no module)."""
-    from nxd_autoshard.ir.program import module_path
 
     path = module_path(node)
     # export marks nodes with no module stack by the name of one of its own hooks
@@ -227,7 +227,7 @@ def graph_text(gm: torch.fx.GraphModule) -> str:
             kind = state_kind_of(node) or "input"
             lines.append(
                 f"  {names.value(node)}: {placement} "
-                f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}"
+                f"{_val_str(node.meta.get('val'), placement_of(node), tp, names)}"
                 f" ({kind})"
             )
         elif node.op == "output":
@@ -240,7 +240,7 @@ def graph_text(gm: torch.fx.GraphModule) -> str:
             call = node_label(node, names)
             body.append(
                 f"    {names.value(node)} = {call}  {placement}  "
-                f"{_val_str(node.meta.get('val'), node.meta.get('nxd_placement'), tp, names)}"
+                f"{_val_str(node.meta.get('val'), placement_of(node), tp, names)}"
             )
         elif node.op == "get_attr":
             body.append(f"    {names.value(node)} = get_attr({node.target!r})")

@@ -10,6 +10,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from nxd_autoshard.ir.errors import DivisibilityError
+
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, *, ignore_index: int | None = None) -> None:
     """Raise as the unsharded embedding / cross-entropy would on an id outside the vocabulary.
@@ -48,7 +50,6 @@ def check_sequence_length(length: int, tp: int) -> None:
     is an error naming the lengths that work (before any collective could hang on it)."""
     if length % tp == 0:
         return
-    from nxd_autoshard.ir.errors import DivisibilityError
 
     lower = length - length % tp
     works = " or ".join(str(n) for n in (lower, lower + tp) if n > 0)

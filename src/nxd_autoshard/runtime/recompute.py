@@ -18,9 +18,10 @@ from torch.utils.checkpoint import checkpoint
 from nxd_autoshard.ir.meta import recompute_of, set_recompute
 from nxd_autoshard.runtime.collectives import axis_groups, bound_groups
 
-__all__ = ["Recompute", "with_recompute"]
+__all__ = ["RECOMPUTED_KEY", "Recompute", "with_recompute"]
 
-_KEY = "nxd_recompute_gm"
+# gm.meta: the graph with its regions outlined (built once per graph, kept with it)
+RECOMPUTED_KEY = "nxd_recompute_gm"
 
 
 class Recompute(torch.nn.Module):
@@ -48,7 +49,7 @@ def with_recompute(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     Made once per graph and kept in its meta.
     """
-    done = gm.meta.get(_KEY)
+    done = gm.meta.get(RECOMPUTED_KEY)
     if done is not None:
         return done
     regions: dict[str, list[torch.fx.Node]] = {}
@@ -57,13 +58,13 @@ def with_recompute(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if name is not None and node.op == "call_function":
             regions.setdefault(name, []).append(node)
     if not regions:
-        gm.meta[_KEY] = gm
+        gm.meta[RECOMPUTED_KEY] = gm
         return gm
     graph, modules = _outlined(gm, regions)
     out = torch.fx.GraphModule(_root(gm, graph, modules), graph)
-    out.meta.update({k: v for k, v in gm.meta.items() if k != _KEY})
-    out.meta[_KEY] = out
-    gm.meta[_KEY] = out
+    out.meta.update({k: v for k, v in gm.meta.items() if k != RECOMPUTED_KEY})
+    out.meta[RECOMPUTED_KEY] = out
+    gm.meta[RECOMPUTED_KEY] = out
     return out
 
 

@@ -41,7 +41,7 @@ from nxd_autoshard.runtime.collectives import (
     vocab_cross_entropy_backward,
     vocab_cross_entropy_forward,
 )
-from nxd_autoshard.runtime.recompute import with_recompute
+from nxd_autoshard.runtime.recompute import RECOMPUTED_KEY, with_recompute
 
 __all__ = [
     "XLA_HELP",
@@ -227,7 +227,7 @@ def on_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphM
         node.args = swap(node.args)
         node.kwargs = {k: swap(v) for k, v in node.kwargs.items()}
     out = torch.fx.GraphModule(gm, graph)
-    out.meta.update({k: v for k, v in gm.meta.items() if k != "nxd_recompute_gm"})
+    out.meta.update({k: v for k, v in gm.meta.items() if k != RECOMPUTED_KEY})
     return out
 
 

@@ -59,6 +59,7 @@ def _plan(ns: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from nxd_autoshard.compiler.driver import pass_names
+    from nxd_autoshard.inspect.report import explain
     from nxd_autoshard.tools.plan_meta import plan_on_meta
 
     steps = [
@@ -101,7 +102,7 @@ def _plan(ns: argparse.Namespace) -> int:
             )
         except (ValueError, AutoshardError) as err:
             return _fail(str(err))
-        report = sharded.explain()
+        report = explain(sharded.compiled)
         bar.update(task, completed=len(steps), description="done")
     if ns.format == "json":
         text = json.dumps(report.to_dict(), indent=1)

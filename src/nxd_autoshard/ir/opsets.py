@@ -1,0 +1,37 @@
+"""Families of ATen ops by what they do to a value, named once for the passes that look through
+them (a token id found through views and casts, a projection's output through dropout, a weight
+read through a cast or `1 + w`). Sets of overload-packet names: `op_name(node) in RESHAPES`."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "ARITHMETIC",
+    "CASTS",
+    "COPIES",
+    "PERMUTES",
+    "RESHAPES",
+    "SLICES",
+    "op_name",
+]
+
+# same elements in a new shape
+RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "expand"})
+# the same tensor again (a new buffer or a new handle)
+COPIES = frozenset({"clone", "contiguous", "alias", "detach"})
+# the same values in another dtype or on another device
+CASTS = frozenset({"_to_copy", "to", "type_as"})
+# dims reordered
+PERMUTES = frozenset({"t", "transpose", "permute"})
+# a part of the tensor, or the tensor padded
+SLICES = frozenset({"slice", "select", "constant_pad_nd", "pad"})
+# scalar arithmetic: with one tensor operand, a value read through it stays the same value scaled
+ARITHMETIC = frozenset({"add", "sub", "mul", "div", "rsub", "neg"})
+
+
+def op_name(node) -> str:
+    """The overload-packet name of a call_function node (`"add"` for `aten.add.Tensor`), else ""."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return ""
+    return getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
