@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nxd_autoshard import PlanError, autoshard
+from nxd_autoshard import CaptureError, PlanError, autoshard
 from nxd_autoshard.ir import ops as C
 from nxd_autoshard.tools.launch import run_ranks
 
@@ -395,3 +395,18 @@ def test_buffer_read_by_two_stages_is_refused():
             example_inputs=(x,),
             loss_fn=mse,
         )
+
+
+class WritesInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.proj(x)
+
+
+def test_a_write_into_an_input_is_refused_by_name():
+    with pytest.raises(CaptureError, match="writes into its input 'x' in place"):
+        autoshard(WritesInput(), 2, example_inputs=(torch.randn(4, 8),))

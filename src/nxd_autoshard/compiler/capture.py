@@ -276,6 +276,12 @@ def _mutated_buffers(sig, model: torch.nn.Module) -> list[str]:
     for i, spec in enumerate(sig.output_specs):
         if spec.kind == OutputKind.BUFFER_MUTATION and i == len(mutated):
             mutated.append(spec.target)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            raise CaptureError(
+                f"torch.export put the new value of buffer '{spec.target}' of "
+                f"{type(model).__name__} after the model's outputs, where capture does not "
+                "look for it; please report this model to us"
+            )
         elif spec.kind == OutputKind.USER_INPUT_MUTATION:
             raise CaptureError(
                 f"{type(model).__name__}.forward writes into its input '{spec.target}' in place "
