@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Beyond Hugging Face: model code from other libraries, sharded in the simulator and checked.
 
-For each model (torchtitan 0.3's own Llama 3 / Qwen3 / Qwen3 MoE and timm 1.0's ViT when they
+For each model (torchtitan 0.3's own Llama 3 / Qwen3 / Qwen3 MoE / DeepSeek-V3 and timm 1.0's ViT when they
 are installed, `make test-models`; the small modules of tests/test_constructs.py that reproduce timm's fused
 qkv, torchtitan's constructs and OLMo 2's q/k norm; HF OLMo 2 and Phi-3 from tiny configs):
 the largest loss and gradient error against the unsharded model, collectives per block
@@ -152,10 +152,10 @@ def _models():
         pass  # timm: `make test-models` (PYTHONPATH=.models-site)
     try:
         import test_torchtitan as t
-        from torchtitan.models import llama3, qwen3
+        from torchtitan.models import deepseek_v3, llama3, qwen3
     except ImportError:
         return rows, False
-    for module in (llama3, qwen3):
+    for module in (llama3, qwen3, deepseek_v3):
         module.get_attention_config = lambda backend: t._sdpa_config()
 
     def titan(build):
@@ -172,6 +172,13 @@ def _models():
         ("torchtitan Llama 3, fused qkv", 2, titan(lambda: t._llama3(2, True))),
         ("torchtitan Qwen3", 2, titan(lambda: t._qwen3(False))),
         ("torchtitan Qwen3 MoE (eval)", 2, titan(lambda: t._qwen3(True).eval())),
+        (
+            "torchtitan Qwen3 MoE (training: tokens_per_expert buffer)",
+            2,
+            titan(lambda: t._qwen3(True)),
+        ),
+        ("torchtitan DeepSeek-V3 (MLA, dense + MoE; training)", 2, titan(t._deepseek_v3)),
+        ("torchtitan DeepSeek-V3 (MLA, dense + MoE; training)", 4, titan(t._deepseek_v3)),
     ]
     return rows, True
 

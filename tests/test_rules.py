@@ -126,7 +126,24 @@ ROWS = [
         {1: S1},
     ),
     Row("softplus", aten.softplus, F.softplus, ((4, 8),), (S1,), S1),
-    Row("type_as", aten.type_as, lambda x, y: x.type_as(y), ((4, 8), (4, 8)), (S1, R), S1, {1: S1}),
+    # type_as reads only the dtype of its second operand: neither sliced nor reduced for it
+    Row("type_as", aten.type_as, lambda x, y: x.type_as(y), ((4, 8), (4, 8)), (S1, R), S1),
+    Row(
+        "type_as_partial_dtype_source",
+        aten.type_as,
+        lambda x, a, b: x.type_as(a @ b),
+        ((4, 8), (8, 4), (4, 8)),
+        (S1, S1, S0),
+        S1,
+    ),
+    Row(
+        "type_as_partial_same_dtype",
+        aten.type_as,
+        lambda a, b, y: (a @ b).type_as(y),
+        ((8, 4), (4, 8), (8, 8)),
+        (S1, S0, R),
+        P,
+    ),
     Row(
         "zeros_like_plus", aten.zeros_like, lambda x: torch.zeros_like(x) + x, ((4, 8),), (S1,), S1
     ),
@@ -448,6 +465,32 @@ ROWS = [
         (S0, R),
         S0,
         {1: R},
+    ),
+    Row(
+        "batch_norm_channels_eval",
+        aten.batch_norm,
+        lambda x, w, b: F.batch_norm(x, torch.zeros(8), torch.ones(8), w, b, training=False),
+        ((4, 8), (8,), (8,)),
+        (S1, R, R),
+        S1,
+        {1: S0, 2: S0},
+    ),
+    Row(
+        "batch_norm_channels_batch_stats",
+        aten.batch_norm,
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+        ((4, 8, 3), (8,), (8,)),
+        (S1, R, R),
+        S1,
+        {1: S0, 2: S0},
+    ),
+    Row(
+        "batch_norm_batch_refuses",
+        aten.batch_norm,
+        lambda x: F.batch_norm(x, None, None, training=True),
+        ((8, 4),),
+        (S0,),
+        FALLBACK,
     ),
     # matmul family
     Row("linear_column", aten.linear, F.linear, ((4, 8), (8, 8)), (R, S0), S1),

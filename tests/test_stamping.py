@@ -270,3 +270,57 @@ def test_history_printed_when_read_equals_history_printed_after_each_pass(monkey
     assert [r[0] for r in lazy] == [r[0] for r in eager]
     assert lazy == eager
     assert len({r[3] for r in lazy}) > 3  # the passes did change the program
+
+
+class _Counting(torch.nn.Module):
+    """A block that writes buffers: BatchNorm's running stats and a routing histogram."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 32)
+        self.bn = torch.nn.BatchNorm1d(32)
+        self.down = torch.nn.Linear(32, 16)
+        self.register_buffer("routed", torch.zeros(4))
+
+    def forward(self, x):
+        y = self.down(torch.relu(self.bn(self.up(x))))
+        top = y[:, :4].argmax(-1)
+        self.routed.index_add_(0, top, torch.ones_like(top, dtype=torch.float))
+        return x + y
+
+
+class _CountingStack(torch.nn.Module):
+    def __init__(self, layers: int = 5):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Counting() for _ in range(layers))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.steps += 1
+        for layer in self.layers:
+            x = layer(x)
+        return x.square().mean()
+
+
+def test_blocks_that_write_buffers_are_stamped(caplog):
+    """Each block's write is stamped with the block: one new value per block of the full list,
+    in the full capture's order, and every buffer as the unsharded model leaves it."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _CountingStack().train()
+    x = torch.randn(6, 16)
+    with caplog.at_level(logging.DEBUG, logger="nxd_autoshard.stamp"):
+        stamped = autoshard(copy.deepcopy(model), 2, example_inputs=(x,))
+    said = [r.getMessage() for r in caplog.records if r.name == "nxd_autoshard.stamp"]
+    assert any("2 of 5 blocks traced" in s for s in said), said
+    with full_capture():
+        full = autoshard(copy.deepcopy(model), 2, example_inputs=(x,))
+    _assert_same(stamped, full)
+    written = stamped.programs()[0].mutated
+    assert written == full.programs()[0].mutated
+    assert len(written) == 1 + 5 * 4  # steps; per block running mean, var, batch count, routed
+    ref = copy.deepcopy(model)
+    torch.testing.assert_close(stamped(x), ref(x))
+    for name, buf in ref.named_buffers():
+        torch.testing.assert_close(stamped.get_buffer(name), buf, msg=name)

@@ -185,8 +185,17 @@ def _mutating_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
         for n in gm.graph.nodes
         if n.op == "call_function"
         and isinstance(n.target, torch._ops.OpOverload)
-        and n.target._schema.is_mutable
+        and (n.target._schema.is_mutable or _updates_running_stats(n))
     ]
+
+
+def _updates_running_stats(node: torch.fx.Node) -> bool:
+    """`aten.batch_norm` in training with running stats: it writes them, though its schema
+    does not say so (F.batch_norm(x, mean, var, training=True) with no other in-place op)."""
+    if node.target is not torch.ops.aten.batch_norm.default:
+        return False
+    args = node.args
+    return len(args) > 5 and bool(args[5]) and any(a is not None for a in args[3:5])
 
 
 def functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -260,14 +269,38 @@ def _differentiable_copies(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedProgram:
-    sig = ep.graph_signature
-    for spec in sig.output_specs:
-        if spec.kind not in (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT):
+def _mutated_buffers(sig, model: torch.nn.Module) -> list[str]:
+    """The buffers the forward writes, in the order of their new values, which export puts
+    before the user outputs; any other write (into an input, a parameter) is refused."""
+    mutated = []
+    for i, spec in enumerate(sig.output_specs):
+        if spec.kind == OutputKind.BUFFER_MUTATION and i == len(mutated):
+            mutated.append(spec.target)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            raise CaptureError(
+                f"torch.export put the new value of buffer '{spec.target}' of "
+                f"{type(model).__name__} after the model's outputs, where capture does not "
+                "look for it; please report this model to us"
+            )
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+            raise CaptureError(
+                f"{type(model).__name__}.forward writes into its input '{spec.target}' in place "
+                "(USER_INPUT_MUTATION); a sharded rank holds its own copy of inputs, so the write "
+                "could not reach your tensor. What to do: clone the input inside forward before "
+                "writing to it, or return the new value instead."
+            )
+        elif spec.kind not in (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT):
             raise CaptureError(
                 f"{type(model).__name__} mutates state during forward ({spec.kind.name} of "
-                f"'{spec.target}'); stateful layers such as BatchNorm running stats are not supported yet."
+                f"'{spec.target}'); only writes to buffers (BatchNorm running stats, counters) "
+                "are supported. What to do: register that state as a buffer, or return it."
             )
+    return mutated
+
+
+def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedProgram:
+    sig = ep.graph_signature
+    mutated = _mutated_buffers(sig, model)
     buffer_names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
     state_names, state_kinds, user_names = [], [], []
     constants: dict[str, torch.Tensor] = {}
@@ -320,6 +353,7 @@ def _flatten_exported(ep, model: torch.nn.Module, training: bool) -> CapturedPro
         training=training,
         static_dims=static_dims,
         constants=constants,
+        mutated=mutated,
     )
 
 

@@ -19,6 +19,7 @@ import torch.fx
 from nxd_autoshard.compiler.partition import requires_grad_nodes
 from nxd_autoshard.ir.cost import node_flops
 from nxd_autoshard.ir.errors import PlanError
+from nxd_autoshard.ir.meta import state_kind_of
 from nxd_autoshard.ir.program import (
     BlockCost,
     CapturedProgram,
@@ -80,6 +81,8 @@ def assign_units(gm: torch.fx.GraphModule, blocks: list[str]) -> dict[torch.fx.N
         if node.target is operator.getitem:
             unit[node] = unit[node.args[0]]
             continue
+        if own is None and _reads_only_state(node):
+            continue  # placed with its first reader below
         if own is None:
             pending.append(node)
             continue
@@ -91,10 +94,22 @@ def assign_units(gm: torch.fx.GraphModule, blocks: list[str]) -> dict[torch.fx.N
     last = len(blocks) - 1
     for p in pending:
         unit[p] = max(last, max((unit[n] for n in p.all_input_nodes if n in unit), default=0))
+    for node in reversed(gm.graph.nodes):
+        if node not in unit and node.op == "call_function":
+            unit[node] = min((unit[u] for u in node.users if u in unit), default=last)
     for node in gm.graph.nodes:  # getitems follow their (possibly moved) tuple
         if node.target is operator.getitem and node in unit:
             unit[node] = unit[node.args[0]]
     return unit
+
+
+def _reads_only_state(node: torch.fx.Node) -> bool:
+    """A node of no module that reads only state (a replicated buffer sliced for a sharded op):
+    it runs with its first reader, so no stage computes another stage's state and sends it."""
+    ins = node.all_input_nodes
+    return bool(ins) and all(
+        n.op == "placeholder" and state_kind_of(n) not in (None, "input") for n in ins
+    )
 
 
 @dataclass
@@ -136,11 +151,15 @@ def segment_blocks(
             by_block[block_of[node]].append(node)
     of_node: dict[torch.fx.Node, int] = {}
     names, block = [], []
+    later: list[torch.fx.Node] = []
     for b, (prefix, nodes) in enumerate(zip(blocks, by_block)):
         key = None
         for node in nodes:
             if node.target is operator.getitem:
                 of_node[node] = of_node[node.args[0]]
+                continue
+            if not module_path(node) and _reads_only_state(node):
+                later.append(node)  # in its first reader's unit, not a unit of its own
                 continue
             here = _unit_name(module_path(node), prefix)
             if key is None or (here and here != key):
@@ -151,6 +170,10 @@ def segment_blocks(
         if key is None:  # a block the graph never runs still gets a unit
             names.append(prefix)
             block.append(b)
+    for node in reversed(later):
+        of_node[node] = min(
+            (of_node[u] for u in node.users if u in of_node), default=len(names) - 1
+        )
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -158,12 +181,18 @@ def segment_blocks(
     n = len(names)
     grad = requires_grad_nodes(gm, program)
     state = set(placeholders[: program.num_state])
-    # a value defined in unit lo and last read in unit hi crosses every cut lo+1..hi
+    # a value defined in unit lo and last read in unit hi crosses every cut lo+1..hi; a buffer's
+    # new value is stored by the stage that makes it, and crosses nothing
+    outputs = set(_nodes_in(tuple(_written(program)[1])))
     delta = [0] * (n + 2)
     for node, lo in of_node.items():
         if node not in grad or node in state:
             continue
-        hi = max((n if u.op == "output" else of_node[u] for u in node.users), default=lo)
+        hi = max(
+            (of_node[u] for u in node.users if u.op != "output"),
+            default=lo,
+        )
+        hi = n if node in outputs else hi
         if hi > lo:
             delta[lo + 1] += 1
             delta[hi + 1] -= 1
@@ -340,8 +369,16 @@ def split_program(
         else:
             stage[node] = stage_of_unit[units.of_node[node]]
 
+    written, results = _written(program)
+    owner = _writer_stages(written, state, stage, n_stages)
+    user_results = set(_nodes_in(tuple(results)))
+
     def last_use(node: torch.fx.Node) -> int:
-        return max((stage[u] for u in node.users), default=stage[node])
+        uses = [stage[u] for u in node.users if u.op != "output"]
+        uses += [owner[name] for name, value in written if value is node]
+        if node in user_results:
+            uses.append(n_stages - 1)
+        return max(uses, default=stage[node])
 
     stages = []
     carried: list[torch.fx.Node] = [
@@ -351,8 +388,11 @@ def split_program(
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         state_used = [
-            p for p in placeholders[: program.num_state] if any(stage.get(u) == s for u in p.users)
+            p
+            for p in placeholders[: program.num_state]
+            if any(stage.get(u) == s for u in p.users) or owner.get(state[p]) == s
         ]
+        writes = [(name, value) for name, value in written if owner[name] == s]
         for p in state_used:
             env[p] = graph.placeholder(_safe(state[p]))
             env[p].meta = dict(p.meta)
@@ -363,7 +403,8 @@ def split_program(
             if stage.get(node) != s or node.op == "placeholder":
                 continue
             if node.op == "output":
-                graph.output(torch.fx.node.map_arg(node.args[0], lambda a: env[a]))
+                news = [env[value] for _, value in writes]
+                graph.output((*news, *torch.fx.node.map_arg(tuple(results), lambda a: env[a])))
                 continue
             env[node] = graph.node_copy(node, lambda a: env[a])
         if s < n_stages - 1:
@@ -380,7 +421,7 @@ def split_program(
                         f"value '{v.name}' (module '{module_path(v)}') crosses the pipeline "
                         "cut but is not a tensor; choose other cut points"
                     )
-            graph.output(tuple(env[v] for v in out))
+            graph.output(tuple([env[value] for _, value in writes] + [env[v] for v in out]))
         else:
             out = []
         stage_gm = graph_module(gm, graph)
@@ -396,10 +437,47 @@ def split_program(
                 ),
                 units=[u for u, st in zip(units.names, stage_of_unit) if st == s],
                 is_last=s == n_stages - 1,
+                mutated=[name for name, _ in writes],
             )
         )
         carried = out
     return stages
+
+
+def _written(program: CapturedProgram) -> tuple[list[tuple[str, torch.fx.Node]], list]:
+    """(buffer, new value) of each buffer the forward writes, and the user outputs."""
+    results = list(program.gm.graph.output_node().args[0])
+    n = len(program.mutated)
+    return list(zip(program.mutated, results[:n])), results[n:]
+
+
+def _nodes_in(values) -> list[torch.fx.Node]:
+    """The nodes in a (nested) argument value."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(values, lambda a: found.append(a) or a)
+    return found
+
+
+def _writer_stages(
+    written: list, state: dict[torch.fx.Node, str], stage: dict, n_stages: int
+) -> dict[str, int]:
+    """The stage that holds and writes each written buffer: the one stage that reads it, else the
+    one that computes its new value. A buffer read by two stages, or read before its new value
+    exists, has no such stage: each pp rank holds its own copy, and one copy would go stale."""
+    placeholder = {name: p for p, name in state.items()}
+    owner = {}
+    for name, value in written:
+        made = stage.get(value, 0)
+        readers = {stage[u] for u in placeholder[name].users if u.op != "output"}
+        if len(readers) > 1 or (readers and min(readers) < made):
+            raise PlanError(
+                f"buffer '{name}' is written by pipeline stage {made} and read by stage(s) "
+                f"{sorted(readers)}: every stage holds its own copy, so a reader on another "
+                "stage would see a stale value. What to do: choose cuts (autoshard(..., pipeline_"
+                "cuts=[...])) that keep the code reading and writing it in one stage, or pp=1"
+            )
+        owner[name] = readers.pop() if readers else made
+    return owner
 
 
 def _safe(name: str) -> str:

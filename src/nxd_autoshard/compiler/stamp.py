@@ -24,8 +24,11 @@ Identity is proved, not assumed:
   before it; code after the blocks may read only the last block.
 
 Anything else (no prefix shorter than the list, a capture of the prefix that fails, a
-region that is not contiguous, a tensor constant inside a block) falls back to the full
-capture, with the reason in the debug log (`logging.getLogger("nxd_autoshard.stamp")`).
+region that is not contiguous, a tensor constant inside a block, a block that writes a buffer
+of another module) falls back to the full capture, with the reason in the debug log
+(`logging.getLogger("nxd_autoshard.stamp")`). A buffer a block writes (an MoE's token count)
+is written by every block of its class: one new value per block, in state order, as export
+orders them.
 """
 
 from __future__ import annotations
@@ -533,6 +536,15 @@ def renumber(program: CapturedProgram, stamps: dict | None = None) -> CapturedPr
                 raise _Fallback(f"code after {lists[li].path} reads block {r}, not the last")
             return last_copy[(li, lists[li].length - 1)][regions.index[a]]
 
+        if node.op == "output" and regions:
+            written, values = _stamped_writes(
+                program, node, regions, lists, last_copy, new_names, arg
+            )
+            user = _map_args(tuple(node.args[0][len(program.mutated) :]), arg)
+            env[node] = graph.output((*values, *user), type_expr=node.type)
+            env[node].meta = dict(node.meta)
+            program.mutated = written
+            continue
         args, kwargs = _map_args((node.args, node.kwargs), arg)
         if node.op == "output":
             env[node] = graph.output(args[0], type_expr=node.type)
@@ -543,6 +555,34 @@ def renumber(program: CapturedProgram, stamps: dict | None = None) -> CapturedPr
     program.gm = new_gm
     program.state_names, program.state_kinds = new_names, new_kinds
     return program
+
+
+def _stamped_writes(program, output, regions: _Regions, lists, last_copy, names: list[str], arg):
+    """The buffers the full program writes and their new values: a write outside the blocks as
+    it is, a block's write once per block of the full list (from the copy of its twin's
+    region), all in the order of the state, as export orders a full capture's writes."""
+    by_block: dict[tuple[int, int], list[tuple[str, torch.fx.Node]]] = {}
+    found: list[tuple[str, torch.fx.Node]] = []
+    for name, value in zip(program.mutated, output.args[0]):
+        where = regions.of.get(value)
+        if where is None:
+            if any(name.startswith(b.path + ".") for b in lists):
+                raise _Fallback(f"code outside the blocks writes '{name}' of a block")
+            found.append((name, arg(value)))
+            continue
+        prefix = f"{lists[where[0]].path}.{where[1]}."
+        if not name.startswith(prefix):
+            raise _Fallback(f"a block writes '{name}', a buffer outside it")
+        by_block.setdefault(where, []).append((name[len(prefix) :], value))
+    copied = list(found)
+    for li, blist in enumerate(lists):
+        for j in range(blist.length):
+            for rel, value in by_block.get((li, blist.rep(j)), []):
+                copy = last_copy[(li, j)][regions.index[value]]
+                copied.append((f"{blist.path}.{j}.{rel}", copy))
+    order = {n: i for i, n in enumerate(names)}
+    copied.sort(key=lambda item: order[item[0]])
+    return [n for n, _ in copied], [v for _, v in copied]
 
 
 def _placeholder(graph, node, name: str, kind: str, meta: dict) -> torch.fx.Node:

@@ -45,11 +45,15 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, *, ignore_index: int | N
 
 @dataclass
 class CapturedProgram:
-    """A captured forward: `gm(*state, *flat_user_inputs)` returns the flat user outputs.
+    """A captured forward: `gm(*state, *flat_user_inputs)` returns the new values of the
+    `mutated` buffers, then the flat user outputs.
 
     `state_names[i]` is the qualified name (`model.layers.0.mlp.up_proj.weight`) of the
     i-th placeholder; the user inputs follow. `in_spec`/`out_spec` rebuild the call's
     (args, kwargs) and the model's output structure (e.g. a `CausalLMOutputWithPast`).
+    `mutated` names the buffers the forward writes (BatchNorm running stats, a counter), in
+    the order of their new values at the front of the outputs; each is replicated, and a
+    runtime stores it into the buffer after the call, as the unsharded forward would.
     """
 
     gm: torch.fx.GraphModule
@@ -69,6 +73,7 @@ class CapturedProgram:
     # parts (a length tp does not divide needs the padded program: captured again)
     sequence_inputs: list[tuple[int, int]] = field(default_factory=list)
     sequence_tp: int = 1
+    mutated: list[str] = field(default_factory=list)
 
     def check_token_inputs(self, flat_inputs: list[Any]) -> None:
         """IndexError when a token id input is outside the vocabulary (see `check_token_ids`)."""
@@ -151,7 +156,9 @@ class BlockCost:
 
 @dataclass
 class StageProgram:
-    """One pipeline stage: `gm(*state, *inputs)` returns `outputs` (or the model's outputs if last)."""
+    """One pipeline stage: `gm(*state, *inputs)` returns the new values of the `mutated`
+    buffers (the ones this stage holds and the forward writes), then `outputs` (or the model's
+    outputs if last)."""
 
     index: int
     gm: torch.fx.GraphModule
@@ -161,6 +168,7 @@ class StageProgram:
     blocks: list[str] = field(default_factory=list)
     units: list[str] = field(default_factory=list)
     is_last: bool = False
+    mutated: list[str] = field(default_factory=list)
 
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")

@@ -16,7 +16,7 @@ from nxd_autoshard.rules.registry import (
     tensor_inputs,
 )
 
-__all__ = ["POINTWISE", "glu_rule", "pointwise_rule", "triangle_rule"]
+__all__ = ["POINTWISE", "glu_rule", "pointwise_rule", "triangle_rule", "type_as_rule"]
 
 
 # element-wise ops with no dim argument: output element i reads input element i only
@@ -57,7 +57,6 @@ POINTWISE = (
     aten.detach,
     aten.to,
     aten._to_copy,
-    aten.type_as,
     aten.dropout,
     aten.abs,
     aten.sin,
@@ -136,6 +135,19 @@ def pointwise_rule(node, placements, tp):
         # reduce first: the Megatron all-reduce after a row-parallel layer
         return Decision(R, {n: R for n in partial_ins})
     return Decision(R)
+
+
+@rule(aten.type_as, padding_aware=True)
+def type_as_rule(node, placements, tp):
+    """type_as(x, other): x cast to other's dtype, which every rank's piece of other has, so
+    other is never gathered, sliced or reduced for it; a Partial x passes when the cast is a
+    no-op and is reduced first otherwise (a cast of a sum is not the sum of casts)."""
+    x = node.args[0]
+    p = placements[x]
+    if isinstance(p, Partial):
+        same = x.meta["val"].dtype == node.meta["val"].dtype
+        return Decision(P) if same else Decision(R, {x: R})
+    return Decision(p, padded=padded_of(x) if isinstance(p, Shard) else None)
 
 
 @rule(aten.tril, aten.triu, padding_aware=True)

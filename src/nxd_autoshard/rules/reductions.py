@@ -1,7 +1,9 @@
 """Reduction rules: sum/mean, amax/amin, max/min, argmax/argmin, logsumexp, softmax and cumsum
-along a dim, layer_norm and rms_norm."""
+along a dim, layer_norm, rms_norm and batch_norm."""
 
 from __future__ import annotations
+
+import torch
 
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.placements import Partial, Shard
@@ -23,6 +25,7 @@ from nxd_autoshard.rules.views import dim_map_rule
 
 __all__ = [
     "argmax_rule",
+    "batch_norm_rule",
     "extremum_rule",
     "layer_norm_rule",
     "logsumexp_rule",
@@ -188,3 +191,35 @@ def layer_norm_rule(node, placements, tp):
 def rms_norm_rule(node, placements, tp):
     """rms_norm: as layer_norm."""
     return layer_norm_rule(node, placements, tp)
+
+
+@rule(
+    aten.batch_norm,
+    aten.native_batch_norm,
+    aten._native_batch_norm_legit_functional,
+    aten._native_batch_norm_legit_no_training,
+)
+def batch_norm_rule(node, placements, tp):
+    """batch_norm: statistics per channel (dim 1) over every other dim, so a channel shard passes:
+    weight, bias and running stats are sharded alike (a local slice), and the per-channel
+    results (batch and new running stats) are Shard(0); a sharded new running stat is gathered
+    where the buffer stores it."""
+    x = node.args[0]
+    p = placements[x]
+    if not isinstance(p, Shard) or p.dim != 1 or padded_of(x):
+        return None
+    channels = x.meta["val"].shape[1]
+    needs = {}
+    for n in node.args[1:5]:
+        if n is None:
+            continue
+        if isinstance(placements.get(n), (Partial, Shard)) and placements.get(n) != Shard(0):
+            return None
+        if placements.get(n) != Shard(0):
+            needs[n] = Shard(0)
+    val = node.meta["val"]
+    if not isinstance(val, (list, tuple)):
+        return Decision(Shard(1), needs)
+    # outputs after the normalised input are per channel, or empty (eval's saved stats)
+    per_channel = [isinstance(v, torch.Tensor) and tuple(v.shape) == (channels,) for v in val[1:]]
+    return Decision((Shard(1), *(Shard(0) if c else R for c in per_channel)), needs)

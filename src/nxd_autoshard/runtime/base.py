@@ -25,7 +25,16 @@ if TYPE_CHECKING:
     from nxd_autoshard.ir.placements import Placement
     from nxd_autoshard.ir.program import CapturedProgram
 
-__all__ = ["Host", "LocalState", "Runtime", "checkpoint_tensors", "loss_of", "write_checkpoint"]
+__all__ = [
+    "Host",
+    "LocalState",
+    "Runtime",
+    "checkpoint_tensors",
+    "loss_of",
+    "read_for_write",
+    "store_written",
+    "write_checkpoint",
+]
 
 
 class Host(Protocol):
@@ -56,6 +65,7 @@ class Host(Protocol):
     def named_buffers(self, *args, **kwargs): ...
     def parameters(self, *args, **kwargs): ...
     def get_parameter(self, target: str) -> torch.nn.Parameter: ...
+    def get_buffer(self, target: str) -> torch.Tensor: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
@@ -129,6 +139,25 @@ class Runtime(ABC):
     @abstractmethod
     def save_checkpoint(self, host: Host, directory: Path) -> None:
         """Write the full weights as a transformers-style safetensors checkpoint."""
+
+
+def read_for_write(value: torch.Tensor) -> torch.Tensor:
+    """A buffer the program writes, as the program reads it: a copy, because autograd may keep
+    the value read (BatchNorm's backward reads the running stats) and the write after the call
+    would change it under autograd (an in-place error in backward, or a silent wrong gradient)."""
+    return value.detach().clone()
+
+
+def store_written(
+    buffer: Callable[[str], torch.Tensor], names: list[str], outs: list | tuple
+) -> list:
+    """Store the first len(names) outputs, the new values of the buffers the forward wrote, into
+    those buffers in place (tensors aliasing them, a state_dict, see it as after the unsharded
+    forward), and return the rest: the user outputs (or a stage's outputs)."""
+    with torch.no_grad():
+        for name, value in zip(names, outs):
+            buffer(name).copy_(value)
+    return list(outs[len(names) :])
 
 
 def loss_of(output: Any, target: Any, loss_fn: Callable | None, model_name: str) -> torch.Tensor:

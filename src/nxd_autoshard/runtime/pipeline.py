@@ -11,6 +11,7 @@ from torch.utils import _pytree as pytree
 
 from nxd_autoshard.ir.errors import PlanError
 from nxd_autoshard.ir.program import StageProgram
+from nxd_autoshard.runtime.base import read_for_write, store_written
 from nxd_autoshard.runtime.collectives import axis_groups
 from nxd_autoshard.runtime.simulator import simulate_graph
 
@@ -155,10 +156,20 @@ class StageModule(torch.nn.Module):
         self.float_io = stage_io_must_be_float() if float_io is None else float_io
         placeholders = [n for n in stage.gm.graph.nodes if n.op == "placeholder"]
         self._input_vals = [n.meta.get("val") for n in placeholders[len(stage.state_names) :]]
+        self.dry_run = False  # set while torch's PipelineStage infers shapes (see build_schedule)
+
+    def _store(self, out) -> tuple:
+        return tuple(store_written(self.get_buffer, self.stage.mutated, out))
 
     def forward(self, *inputs):
         state = [
-            self.get_parameter(n) if n in self._params else self.get_buffer(n)
+            self.get_parameter(n)
+            if n in self._params
+            else (
+                read_for_write(self.get_buffer(n))
+                if n in self.stage.mutated
+                else self.get_buffer(n)
+            )
             for n in self.stage.state_names
         ]
         tie = None
@@ -172,6 +183,9 @@ class StageModule(torch.nn.Module):
             )
         with axis_groups({"tp": self.tp_group}):
             out = (self._run or self.stage.gm)(*state, *inputs)
+        # the stage that holds a buffer writes it; a metadata run of the schedule (its inputs
+        # are uninitialised) writes nothing
+        out = out[len(self.stage.mutated) :] if self.dry_run else self._store(out)
         # the schedule concatenates microbatch outputs on dim 0: a scalar loss travels as shape (1,)
         out = tuple(
             o.unsqueeze(0) if isinstance(o, torch.Tensor) and o.dim() == 0 else o for o in out
@@ -197,7 +211,7 @@ class StageModule(torch.nn.Module):
 def unpack_last_outputs(outputs: tuple, stage: StageProgram) -> list:
     """Undo StageModule's (1,)-shaped scalars for the loss function."""
     vals = (
-        [n.meta.get("val") for n in stage.gm.graph.output_node().args[0]]
+        [n.meta.get("val") for n in stage.gm.graph.output_node().args[0]][len(stage.mutated) :]
         if isinstance(stage.gm.graph.output_node().args[0], (list, tuple))
         else []
     )
@@ -225,7 +239,9 @@ def build_schedule(
     import torch.distributed.pipelining as pipelining
 
     stages = [
-        _gloo_safe_warmup(pipelining.PipelineStage(m, i, n_stages, device, group=pp_group))
+        _dry_metadata_runs(
+            _gloo_safe_warmup(pipelining.PipelineStage(m, i, n_stages, device, group=pp_group)), m
+        )
         for m, i in zip(modules, stage_indices)
     ]
     cls = getattr(pipelining, SCHEDULES[schedule][0])
@@ -259,6 +275,26 @@ def _with_local_handoff(built, stages: list, microbatches: int, loss_fn: Callabl
     lowered = runtime(stages, microbatches, loss_fn=loss_fn, scale_grads=False)
     lowered._prepare_schedule_with_comms(built.pipeline_order)
     return lowered
+
+
+def _dry_metadata_runs(stage, module: StageModule):
+    """Mark the forwards torch's PipelineStage runs only to learn shapes (torch 2.13 runs the
+    first microbatch an extra time, later stages on uninitialised inputs): the buffers the
+    stage writes must not take the values of that run."""
+    for name in ("_forward_metadata_inference", "_shape_inference"):
+        infer = getattr(stage, name, None)
+        if infer is None:
+            continue
+
+        def dry(*args, _infer=infer, **kwargs):
+            module.dry_run = True
+            try:
+                return _infer(*args, **kwargs)
+            finally:
+                module.dry_run = False
+
+        setattr(stage, name, dry)
+    return stage
 
 
 def _gloo_safe_warmup(stage):
@@ -322,9 +358,14 @@ def merge_chunk_outputs(chunks: list[list]) -> list:
 
 
 def simulate_stages(
-    stages: list[StageProgram], tp: int, state: Callable[[str], object], flat_inputs: list
+    stages: list[StageProgram],
+    tp: int,
+    state: Callable[[str], object],
+    flat_inputs: list,
+    store: Callable[[list[str], list], list],
 ) -> list:
-    """Run the stage chain for one microbatch, every tp rank in lockstep; returns the last stage's outputs."""
+    """Run the stage chain for one microbatch, every tp rank in lockstep; returns the last stage's
+    outputs. `store(names, outs)` writes a stage's new buffer values and returns its other outputs."""
     carried = [x for x in flat_inputs if isinstance(x, torch.Tensor)]
     for stage in stages:
         if len(carried) != len(stage.inputs):
@@ -332,7 +373,5 @@ def simulate_stages(
                 f"stage {stage.index} expects {len(stage.inputs)} inputs, got {len(carried)}"
             )
         ins = [state(name) for name in stage.state_names] + carried
-        carried = simulate_graph(stage.gm, tp, ins)
-        if not stage.is_last:
-            carried = list(carried)
+        carried = store(stage.mutated, list(simulate_graph(stage.gm, tp, ins)))
     return carried

@@ -20,6 +20,8 @@ from nxd_autoshard.runtime.base import (
     LocalState,
     Runtime,
     checkpoint_tensors,
+    read_for_write,
+    store_written,
     write_checkpoint,
 )
 from nxd_autoshard.runtime.collectives import axis_groups
@@ -143,10 +145,16 @@ class ProcessGroupRuntime(Runtime):
             )
         entry, flat = host._program_for(args, kwargs)
         program = entry.program
-        state = [host._state_value(program, n) for n in program.state_names]
+        state = [
+            read_for_write(host._state_value(program, n))
+            if n in program.mutated
+            else host._state_value(program, n)
+            for n in program.state_names
+        ]
         with axis_groups({"tp": self.group}):
             outs = self._runnable(program.gm)(*state, *flat)
-        return pytree.tree_unflatten(list(outs), program.out_spec)
+        outs = store_written(host.get_buffer, program.mutated, outs)
+        return pytree.tree_unflatten(outs, program.out_spec)
 
     def _runnable(self, gm: torch.fx.GraphModule):
         """The program as this rank runs it: its recomputed regions under checkpoints, compiled

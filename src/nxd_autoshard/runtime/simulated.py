@@ -17,6 +17,8 @@ from nxd_autoshard.runtime.base import (
     LocalState,
     Runtime,
     checkpoint_tensors,
+    read_for_write,
+    store_written,
     write_checkpoint,
 )
 from nxd_autoshard.runtime.pipeline import chunk_batch, merge_chunk_outputs, simulate_stages
@@ -87,10 +89,10 @@ class SimulatorRuntime(Runtime):
             entry, flat = host._program_for(args, kwargs)
             program = entry.program
             inputs = [_rank_state(host, program, n, scattered) for n in program.state_names] + flat
-            return pytree.tree_unflatten(
-                _join(simulate_graph(program.gm, host.tp, inputs)), program.out_spec
-            )
+            outs = _store(host, program.mutated, simulate_graph(program.gm, host.tp, inputs))
+            return pytree.tree_unflatten(_join(outs), program.out_spec)
         outs = []
+        # each chunk writes the buffers before the next reads them, as microbatches do on a mesh
         for chunk_args, chunk_kwargs in chunk_batch(args, kwargs, self.step_chunks(host)):
             entry, flat = host._program_for(chunk_args, chunk_kwargs)
             last = simulate_stages(
@@ -98,6 +100,7 @@ class SimulatorRuntime(Runtime):
                 host.tp,
                 lambda n, p=entry.program: _rank_state(host, p, n, scattered),
                 flat,
+                lambda names, values: _store(host, names, values),
             )
             outs.append(_join(last))
         return pytree.tree_unflatten(merge_chunk_outputs(outs), entry.program.out_spec)
@@ -136,8 +139,27 @@ class SimulatorRuntime(Runtime):
         )
 
 
+def _store(host: Host, names: list[str], outs: list) -> list:
+    """Store the new values of the buffers a program wrote (every rank's must agree: a buffer is
+    replicated) and return the other outputs."""
+    agreed = []
+    for name, value in zip(names, outs):
+        first = value[0] if isinstance(value, PerRank) else value
+        if isinstance(value, PerRank) and not all(torch.equal(first, v) for v in value[1:]):
+            raise RuntimeError(
+                f"the tp ranks computed different new values of buffer '{name}'; it is "
+                "replicated, so they must agree: this is a bug of the plan, please report it"
+            )
+        agreed.append(first)
+    store_written(host.get_buffer, names, agreed)
+    return list(outs[len(names) :])
+
+
 def _rank_state(host: Host, program: CapturedProgram, name: str, cache: dict) -> PerRank:
-    """Each rank's piece of a parameter (scattered once per call, so tied uses share a gradient)."""
+    """Each rank's piece of a parameter (scattered once per call, so tied uses share a gradient);
+    a buffer the program writes is read afresh (a copy) by every program run."""
+    if name in program.mutated:
+        return PerRank([read_for_write(host._state_value(program, name))] * host.tp)
     if name not in cache:
         value = host._state_value(program, name)
         if name in host._full_shapes:

@@ -127,6 +127,17 @@ class StageSpec:
     ranks: list[list[int]] = field(default_factory=list)  # [dp][tp] global ranks running it
 
 
+def _refuse_buffer_writes(program) -> None:
+    """The hand-off's programs return the model's outputs only: a forward that writes buffers
+    (their new values lead the outputs) is refused by name rather than traced as if it did not."""
+    if program.mutated:
+        raise ValueError(
+            f"the XLA hand-off does not carry buffers written in forward yet "
+            f"({', '.join(program.mutated[:3])}{', ...' if len(program.mutated) > 3 else ''}); "
+            "trace the model in eval mode (model.eval()), or run it on the eager runtimes"
+        )
+
+
 def stage_specs(sharded, args: tuple, kwargs: dict) -> list[StageSpec]:
     """The distinct programs of a ShardedModule at this call (one per pipeline stage)."""
     mesh: Mesh = sharded.mesh
@@ -138,6 +149,7 @@ def stage_specs(sharded, args: tuple, kwargs: dict) -> list[StageSpec]:
         entry, flat = sharded._program_for(args, kwargs)
         program = entry.program
         program.check_token_inputs(flat)
+        _refuse_buffer_writes(program)
         placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
         outputs = [str(a) for a in program.gm.graph.output_node().args[0]]
         return [
@@ -157,6 +169,7 @@ def stage_specs(sharded, args: tuple, kwargs: dict) -> list[StageSpec]:
     chunk = chunk_batch(args, sharded._with_defaults(kwargs), sharded.pipeline.microbatches)[0]
     entry, flat = sharded._program_for(*chunk)
     entry.program.check_token_inputs(flat)
+    _refuse_buffer_writes(entry.program)
     specs = []
     carried = [x for x in flat if isinstance(x, torch.Tensor)]
     for stage in entry.stages:
