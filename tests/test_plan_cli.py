@@ -113,7 +113,6 @@ def test_plan_html_is_a_page_with_the_picture(tmp_path, capsys):
     "flags, message",
     [
         (["--pp", "4"], "pp=4 stages need at least 4 blocks, but LlamaForCausalLM has 2"),
-        (["--sequence-parallel", "--seq", "15"], "a sequence of 15 tokens does not split into 2"),
     ],
 )
 def test_plan_refuses_what_is_not_built_yet(flags, message, capsys):
