@@ -199,3 +199,31 @@ def test_a_first_block_fed_by_a_split_projection_has_its_twins_plan_and_optimum(
     blocks = box[0].explain().blocks
     assert [(b.optimum_forward, b.optimum_backward) for b in blocks] == [(2, 2), (2, 2)]
     assert all(b.forward == {"all_reduce": 2} and b.backward == {"all_reduce": 2} for b in blocks)
+
+
+class _NothingSplits(torch.nn.Module):
+    """linear -> glu -> linear -> cumsum -> linear: glu and cumsum undo the two column splits
+    at tp 4, and the last linear's 2 outputs split only at tp 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 4, bias=False)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 4, bias=False)])
+        self.out = torch.nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        h = self.layers[0](torch.nn.functional.glu(self.inp(x), -1))
+        return self.out(h.cumsum(-1))
+
+
+def test_trial_plans_at_other_tps_leave_the_kept_plan_alone():
+    """Finding which tp would split a fully replicated model propagates trial plans at other tp
+    values (here tp 2, where 'out' splits by columns); the kept all-replicated plan must be what
+    partition reads, not the last trial's (an all_gather of 'out' at tp 4: 8 outputs, not 2)."""
+    torch.manual_seed(0)
+    model, x = _NothingSplits(), torch.randn(1, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sharded = autoshard(model, 4, example_inputs=(x,))
+    torch.testing.assert_close(sharded(x), model(x))
+    assert "all_gather" not in sharded.compiled.program(0).program.gm.code

@@ -12,7 +12,14 @@ import torch
 
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
 from nxd_autoshard.ir.errors import DivisibilityError, PlanError
-from nxd_autoshard.ir.meta import is_parameter, state_name_of
+from nxd_autoshard.ir.meta import (
+    is_parameter,
+    padded_of,
+    placement_of,
+    set_padded,
+    set_placement,
+    state_name_of,
+)
 from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 from nxd_autoshard.ir.opsets import CASTS, PERMUTES, op_name
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
@@ -304,14 +311,27 @@ def _without_stat_columns(program, settings, plan, result, veto, undone):
     The plan without those column splits is kept when it saves more traffic than the
     statistics' all-reduces themselves."""
     trial_veto = {**veto, **{m: "all" for m in result.stat_columns}}
+    kept = _node_placements(program)
     trial = _propagate(program, settings, plan, trial_veto, auto=settings.auto)
     converged = not any(m not in trial_veto for m in trial.failed_columns if m in trial.auto_styles)
     ours, stats = _traffic(result)
     theirs, _ = _traffic(trial)
     if not converged or ours - theirs <= 2 * stats:
-        # propagation writes node placements: the plan kept must be the last one run
-        return _propagate(program, settings, plan, veto, auto=settings.auto), undone
+        _restore(kept)
+        return result, undone
     return trial, {**undone, **{m: KEPT_WHOLE for m in result.stat_columns}}
+
+
+def _node_placements(program: CapturedProgram) -> list[tuple]:
+    """The placements propagation wrote on the nodes: a trial propagation (another veto,
+    another tp) overwrites them, and partition reads the kept result's from the nodes."""
+    return [(n, placement_of(n), padded_of(n)) for n in program.gm.graph.nodes]
+
+
+def _restore(kept: list[tuple]) -> None:
+    for node, placement, padded in kept:
+        set_placement(node, placement)
+        set_padded(node, padded)
 
 
 # a choice, not a degradation: no warning (Megatron's MLA keeps linear_q_down_proj whole too)
@@ -385,7 +405,6 @@ def _raise_if_another_tp_splits(
     """No matmul of any block splits at this tp: a DivisibilityError naming the tp values that
     would split them, when this tp's sizes are the cause and another tp splits them (otherwise
     the caller warns about the replication and its causes)."""
-    from math import gcd
 
     def splits(result: PropagationResult) -> bool:
         """Some block weight is sharded and its split is not failed later in the program."""
@@ -395,15 +414,34 @@ def _raise_if_another_tp_splits(
             for w in weights
         )
 
+    kept = _node_placements(program)
+    try:
+        works = _tps_that_split(program, settings, weights, splits)
+    finally:
+        _restore(kept)  # the trials at other tps wrote theirs
+    if not works:
+        return
+    advice = f"tp values that split them: {', '.join(map(str, works))}"
+    example = weights[0].rsplit(".", 1)[0]
+    raise DivisibilityError(
+        f"{settings.model_name} cannot be split across tp={settings.tp}: no matmul of any repeated "
+        f"block divides (e.g. '{example}', weight {list(settings.full_shapes.get(weights[0], ()))}; "
+        f"the head counts and feature sizes must be multiples of tp); {advice}."
+    )
+
+
+def _tps_that_split(program, settings, weights, splits) -> list[int]:
+    """The other tp values at which some block weight splits; none when this tp's sizes split
+    (then what undid the splits is warned about, not sizes)."""
     here = propagate_placements(
         program, settings.tp, styles=dict(settings.styles), auto=settings.auto
     )
     if splits(here):
-        return  # the sizes split at this tp: what undid the splits is warned about, not sizes
-    sizes = [settings.full_shapes[w][0] for w in weights if w in settings.full_shapes]
+        return []
     common = 0
-    for size in sizes:
-        common = gcd(common, size)
+    for w in weights:
+        if w in settings.full_shapes:
+            common = math.gcd(common, settings.full_shapes[w][0])
     works = []
     for tp in [d for d in _divisors(common) if d > 1 and d != settings.tp][:12]:
         trial = propagate_placements(program, tp, styles=dict(settings.styles), auto=settings.auto)
@@ -414,15 +452,7 @@ def _raise_if_another_tp_splits(
             continue
         if splits(trial):
             works.append(tp)
-    if not works:
-        return
-    advice = f"tp values that split them: {', '.join(map(str, works))}"
-    example = weights[0].rsplit(".", 1)[0]
-    raise DivisibilityError(
-        f"{settings.model_name} cannot be split across tp={settings.tp}: no matmul of any repeated "
-        f"block divides (e.g. '{example}', weight {list(settings.full_shapes.get(weights[0], ()))}; "
-        f"the head counts and feature sizes must be multiples of tp); {advice}."
-    )
+    return works
 
 
 def _divisors(n: int) -> list[int]:
