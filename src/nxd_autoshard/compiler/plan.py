@@ -12,14 +12,7 @@ import torch
 
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
 from nxd_autoshard.ir.errors import DivisibilityError, PlanError
-from nxd_autoshard.ir.meta import (
-    is_parameter,
-    padded_of,
-    placement_of,
-    set_padded,
-    set_placement,
-    state_name_of,
-)
+from nxd_autoshard.ir.meta import is_parameter, state_name_of
 from nxd_autoshard.ir.ops import expert_linear, grouped_linear
 from nxd_autoshard.ir.opsets import CASTS, PERMUTES, op_name
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
@@ -135,6 +128,7 @@ def decide_placements(
     if first:
         _commit(result, settings, plan)
         _report_replicated(program, settings, plan, undone, inputs_of, ideal or {})
+    result.write_to_nodes()  # trials (other vetoes, other tp values) wrote theirs
     return result
 
 
@@ -311,27 +305,13 @@ def _without_stat_columns(program, settings, plan, result, veto, undone):
     The plan without those column splits is kept when it saves more traffic than the
     statistics' all-reduces themselves."""
     trial_veto = {**veto, **{m: "all" for m in result.stat_columns}}
-    kept = _node_placements(program)
     trial = _propagate(program, settings, plan, trial_veto, auto=settings.auto)
     converged = not any(m not in trial_veto for m in trial.failed_columns if m in trial.auto_styles)
     ours, stats = _traffic(result)
     theirs, _ = _traffic(trial)
     if not converged or ours - theirs <= 2 * stats:
-        _restore(kept)
         return result, undone
     return trial, {**undone, **{m: KEPT_WHOLE for m in result.stat_columns}}
-
-
-def _node_placements(program: CapturedProgram) -> list[tuple]:
-    """The placements propagation wrote on the nodes: a trial propagation (another veto,
-    another tp) overwrites them, and partition reads the kept result's from the nodes."""
-    return [(n, placement_of(n), padded_of(n)) for n in program.gm.graph.nodes]
-
-
-def _restore(kept: list[tuple]) -> None:
-    for node, placement, padded in kept:
-        set_placement(node, placement)
-        set_padded(node, padded)
 
 
 # a choice, not a degradation: no warning (Megatron's MLA keeps linear_q_down_proj whole too)
@@ -406,19 +386,7 @@ def _raise_if_another_tp_splits(
     would split them, when this tp's sizes are the cause and another tp splits them (otherwise
     the caller warns about the replication and its causes)."""
 
-    def splits(result: PropagationResult) -> bool:
-        """Some block weight is sharded and its split is not failed later in the program."""
-        return any(
-            isinstance(result.param_placements.get(w), Shard)
-            and w.rsplit(".", 1)[0] not in result.failed_columns
-            for w in weights
-        )
-
-    kept = _node_placements(program)
-    try:
-        works = _tps_that_split(program, settings, weights, splits)
-    finally:
-        _restore(kept)  # the trials at other tps wrote theirs
+    works = _tps_that_split(program, settings, weights)
     if not works:
         return
     advice = f"tp values that split them: {', '.join(map(str, works))}"
@@ -430,9 +398,18 @@ def _raise_if_another_tp_splits(
     )
 
 
-def _tps_that_split(program, settings, weights, splits) -> list[int]:
+def _tps_that_split(program, settings, weights: list[str]) -> list[int]:
     """The other tp values at which some block weight splits; none when this tp's sizes split
     (then what undid the splits is warned about, not sizes)."""
+
+    def splits(result: PropagationResult) -> bool:
+        """Some block weight is sharded and its split is not failed later in the program."""
+        return any(
+            isinstance(result.param_placements.get(w), Shard)
+            and w.rsplit(".", 1)[0] not in result.failed_columns
+            for w in weights
+        )
+
     here = propagate_placements(
         program, settings.tp, styles=dict(settings.styles), auto=settings.auto
     )

@@ -65,6 +65,15 @@ class PropagationResult:
     # column modules whose shard reached a sum/mean over the sharded dim (a norm's statistic)
     stat_columns: set[str] = field(default_factory=set)
     placements: dict[torch.fx.Node, Placement | tuple | None] = field(default_factory=dict)
+    node_padded: dict[torch.fx.Node, int | None] = field(default_factory=dict)
+
+    def write_to_nodes(self) -> None:
+        """Put this run's placements and paddings back on the nodes, where partition reads
+        them: a later trial propagation (another veto, another tp) overwrote them."""
+        for node, placement in self.placements.items():
+            set_placement(node, placement)
+        for node, size in self.node_padded.items():
+            set_padded(node, size)
 
 
 def weight_role(
@@ -229,6 +238,7 @@ def propagate_placements(
         padded,
         stat_columns,
         dict(placements),
+        {node: padded_of(node) for node in gm.graph.nodes},
     )
 
 
