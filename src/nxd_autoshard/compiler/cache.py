@@ -73,7 +73,7 @@ class ProgramCache:
         kwargs = self.with_defaults(kwargs)
         key = (input_signature(args, {k: kwargs[k] for k in sorted(kwargs)}), training)
         for entry in self._programs.get(key, []):
-            flat = self.flatten(entry, args, kwargs)
+            flat = _flat_inputs(entry, args, kwargs)
             if entry.program.accepts(flat):
                 return entry, flat, False
         if torch.compiler.is_compiling():  # torch.export cannot run inside a Dynamo trace
@@ -86,7 +86,7 @@ class ProgramCache:
             self.shadow, args, kwargs, training=training, settings=self.settings, plan=self.plan
         )
         self._programs.setdefault(key, []).append(entry)
-        return entry, self.flatten(entry, args, kwargs), True
+        return entry, _flat_inputs(entry, args, kwargs), True
 
     def own_example_call(self, needed_by: str) -> tuple[tuple, dict]:
         """The model's own example call (HF `dummy_inputs`), or an error saying what to pass."""
@@ -114,11 +114,7 @@ class ProgramCache:
 
     def flatten(self, entry: LocalProgram, args: tuple, kwargs: dict) -> list:
         """The call's flat inputs in the program's order; token ids outside the vocab raise."""
-        args, kwargs = self.cast_inputs(args, kwargs)
-        ordered = {k: kwargs[k] for k in entry.kwarg_order}
-        flat = pytree.tree_leaves((args, ordered))
-        entry.program.check_token_inputs(flat)
-        return flat
+        return _flat_inputs(entry, *self.cast_inputs(args, kwargs))
 
     def with_defaults(self, kwargs: dict) -> dict:
         """`kwargs` with the model's defaults for the keyword arguments the call left out."""
@@ -136,7 +132,6 @@ class ProgramCache:
             for name, shape in self.settings.full_shapes.items()
         }
         return CompiledPlan(
-            model_name=self.settings.model_name,
             settings=self.settings,
             plan=read_only_plan(self.plan),
             parameters=MappingProxyType(parameters),
@@ -145,3 +140,11 @@ class ProgramCache:
             ),
             pp=pp,
         )
+
+
+def _flat_inputs(entry: LocalProgram, args: tuple, kwargs: dict) -> list:
+    """Inputs already in the compute dtype, flat in the program's order; token ids outside the
+    vocab raise."""
+    flat = pytree.tree_leaves((args, {k: kwargs[k] for k in entry.kwarg_order}))
+    entry.program.check_token_inputs(flat)
+    return flat

@@ -49,12 +49,15 @@ class ParameterInfo:
 class CompiledPlan:
     """What compiling produced (see the module docstring); `programs[i]` in capture order."""
 
-    model_name: str
     settings: CompileSettings
     plan: Plan  # read-only: its mappings cannot be written (read_only_plan)
     parameters: Mapping[str, ParameterInfo]  # every name, tied aliases included, model order
     programs: tuple[CompiledProgram, ...]
     pp: int = 1
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name
 
     @property
     def tp(self) -> int:

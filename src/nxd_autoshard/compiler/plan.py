@@ -12,9 +12,9 @@ import torch
 
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
 from nxd_autoshard.ir.errors import DivisibilityError, PlanError
-from nxd_autoshard.ir.meta import is_parameter, state_name_of
+from nxd_autoshard.ir.meta import state_name_of
 from nxd_autoshard.ir.ops import expert_linear, grouped_linear
-from nxd_autoshard.ir.opsets import CASTS, PERMUTES, op_name
+from nxd_autoshard.ir.opsets import op_name, parameter_source
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import BlockCost, CapturedProgram, block_of
 from nxd_autoshard.rules import shape_of
@@ -117,7 +117,7 @@ def decide_placements(
         result, undone = _without_stat_columns(program, settings, plan, result, veto, undone)
     alike: dict[str, list[str]] = {}  # one warning per op and place, layer indices aside
     for line in result.fallbacks:
-        key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", line.split(" on ")[0]))
+        key = _cause_key(line.split(" on ")[0])
         alike.setdefault(key, []).append(line)
     for lines in alike.values():
         more = f" (and {len(lines) - 1} more like it in the other blocks)" if len(lines) > 1 else ""
@@ -132,46 +132,33 @@ def decide_placements(
     return result
 
 
-_LINEAR_OPS = {
-    "linear",
-    "mm",
-    "matmul",
-    "addmm",
-    "bmm",
-    "baddbmm",
-    "expert_linear",
-    "grouped_linear",
-}
+_LINEAR_OPS = {"linear", "mm", "matmul", "addmm", "bmm", "baddbmm"}
 _INDEX = re.compile(r"\.\d+(?=\.|'|$)")
 
 
-# ops a matmul may read its weight through: a cast, a transpose, or one expert's slice of a
-# stacked [experts, out, in] parameter (`self.weight[i]` in a loop over experts, JetMoE's)
-_WEIGHT_READS = CASTS | PERMUTES | {"select"}
+def _cause_key(why: str) -> str:
+    """One warning per distinct cause: layer indices and node names differ between layers."""
+    return _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why))
+
+
+def _module_names(modules) -> str:
+    """'layers.*.mlp.up', ...: module paths with their layer indices folded."""
+    return ", ".join(repr(n) for n in dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
 
 
 def _block_matmuls(program: CapturedProgram):
-    """(module, node, weight name, whether the weight is read per expert through `select`) of
-    every product with a parameter inside a repeated block."""
+    """(module, weight name, whether the weight is read per expert through `select`) of every
+    product with a parameter inside a repeated block."""
     for node in program.gm.graph.nodes:
-        if node.op != "call_function":
-            continue
         if op_name(node) not in _LINEAR_OPS and node.target not in (expert_linear, grouped_linear):
             continue
         for arg in node.args[:3]:
-            source, indexed = arg, False
-            while op_name(source) in _WEIGHT_READS:
-                indexed |= op_name(source) == "select"
-                source = source.args[0]
-            if (
-                isinstance(source, torch.fx.Node)
-                and is_parameter(source)
-                and source.meta["val"].dim() >= 2
-            ):
+            source, passed = parameter_source(arg)
+            if source is not None and source.meta["val"].dim() >= 2:
                 weight = state_name_of(source)
                 module = weight.rsplit(".", 1)[0]
                 if block_of(module) is not None:
-                    yield module, node, weight, indexed
+                    yield module, weight, "select" in passed
                 break
 
 
@@ -192,12 +179,12 @@ def _report_replicated(
     found = list(_block_matmuls(program))
     replicated = [
         (m, w)
-        for m, _, w, _ in found
+        for m, w, _ in found
         if isinstance(plan.placements.get(w), Replicate) and settings.styles.get(w) != "replicate"
     ]  # a user's 'replicate' is not a surprise
     if replicated and len(replicated) == len(found):
-        _raise_if_another_tp_splits(program, settings, list(dict.fromkeys(w for *_, w, _ in found)))
-    indexed = {m for m, _, _, by_expert in found if by_expert}
+        _raise_if_another_tp_splits(program, settings, list(dict.fromkeys(w for _, w, _ in found)))
+    indexed = {m for m, _, by_expert in found if by_expert}
     # a minor weight (an MoE router) costs no memory to speak of, and Megatron replicates it
     # too: explain() still shows it, no warning
     minor = _minor_matmuls(program, settings)
@@ -221,7 +208,7 @@ def _report_replicated(
         n.rsplit(".", 1)[0] for n, p in plan.placements.items() if isinstance(p, Shard)
     }
     split_inputs = {x for m, x in column_inputs.items() if m in sharded_modules}
-    causes: dict[str, list[str]] = {}
+    causes: dict[str, list[tuple[str, str]]] = {}  # cause -> (module, why) of each matmul
     for module in dict.fromkeys(degraded):
         why = undone.get(module) or _why_not_split(module + ".weight", settings, module in indexed)
         if why == KEPT_WHOLE:
@@ -229,19 +216,12 @@ def _report_replicated(
         kv = "not divisible" in why and column_inputs.get(module) in split_inputs
         if module in undone and kv:
             continue  # KV heads below tp beside a split query: replicated, as NxD does
-        # one warning per distinct cause: layer indices and node names differ between layers
-        key = _INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why))
-        causes.setdefault(key, []).append(module)
-    problems = []
-    for modules in causes.values():
-        example = undone.get(modules[0]) or _why_not_split(
-            modules[0] + ".weight", settings, modules[0] in indexed
-        )
-        names = ", ".join(repr(n) for n in dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
-        problems.append(
-            f"{names} ({len(modules)} matmul(s)) stay replicated on every rank (the full "
-            f"weight, no split): {_with_op(example, program)}"
-        )
+        causes.setdefault(_cause_key(why), []).append((module, why))
+    problems = [
+        f"{_module_names(m for m, _ in found)} ({len(found)} matmul(s)) stay replicated on every "
+        f"rank (the full weight, no split): {_with_op(found[0][1], program)}"
+        for found in causes.values()
+    ]
     # a column split undone inside a block and taken by rows instead: sharded, but what it feeds
     # (an attention core, say) runs whole on every rank and its output is all-reduced, one
     # collective each way more than Megatron's column split. Only a column of the first round,
@@ -256,13 +236,10 @@ def _report_replicated(
         )
         if fallback and block_of(module) is not None:
             plan.row_fallbacks[module] = why
-            rows.setdefault(_INDEX.sub(".*", re.sub(r"node '[^']*'", "node", why)), []).append(
-                module
-            )
+            rows.setdefault(_cause_key(why), []).append(module)
     for modules in rows.values():
-        names = ", ".join(repr(n) for n in dict.fromkeys(_INDEX.sub(".*", m) for m in modules))
         problems.append(
-            f"{names} ({len(modules)} matmul(s)) split by rows, not columns: what they feed runs "
+            f"{_module_names(modules)} ({len(modules)} matmul(s)) split by rows, not columns: what they feed runs "
             "whole on every rank and their outputs are all-reduced (a collective each way more "
             f"than the column split): {_with_op(undone[modules[0]], program)}"
         )

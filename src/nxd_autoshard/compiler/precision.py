@@ -24,7 +24,7 @@ from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.meta import placement_of, set_placement
 from nxd_autoshard.ir.placements import Placement
 
-__all__ = ["DTYPES", "cast_state", "fp32_partials"]
+__all__ = ["DTYPES", "cast_state", "fp32_partials", "reduce_terms_apart"]
 
 # precision name -> compute dtype (fp16 would need loss scaling, which is not here)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -59,7 +59,7 @@ _SUMS_FORWARD = (ops.all_reduce, ops.reduce_scatter)
 _SUMS_BACKWARD = (ops.grad_all_reduce, ops.all_gather_rs)
 
 
-def _single_floating(node: torch.fx.Node, dtype: torch.dtype) -> bool:
+def _has_dtype(node: torch.fx.Node, dtype: torch.dtype) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.dtype == dtype
 
@@ -69,17 +69,13 @@ def _partial_region(gm: torch.fx.GraphModule, dtype: torch.dtype) -> set[torch.f
     a backward-summing collective's output (their input gradient is Partial) and the collectives."""
     region: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
-        if (
-            node.op != "call_function"
-            or not _single_floating(node, dtype)
-            or "dtype" in node.kwargs
-        ):
+        if node.op != "call_function" or not _has_dtype(node, dtype) or "dtype" in node.kwargs:
             continue
         if _is_partial(node) or node.target in _SUMS_FORWARD:
             region.add(node)
         elif node.target in _SUMS_BACKWARD:
             region.add(node)
-            region.update(u for u in node.users if _single_floating(u, dtype))
+            region.update(u for u in node.users if _has_dtype(u, dtype))
     return region
 
 
@@ -92,7 +88,7 @@ def fp32_partials(gm: torch.fx.GraphModule, dtype: torch.dtype) -> torch.fx.Grap
         def to_fp32(arg):
             if not isinstance(arg, torch.fx.Node) or arg in region:
                 return arg
-            if not _single_floating(arg, dtype):
+            if not _has_dtype(arg, dtype):
                 return arg
             if arg not in up:
                 with gm.graph.inserting_after(arg):
@@ -125,7 +121,9 @@ def _cast(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> 
 
 
 def reduce_terms_apart(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """all_reduce(a + b), `a` all-reduced already, becomes that + all_reduce(b) (same collectives)."""
+    """all_reduce(a + b) of a Partial `b` becomes all_reduce(a) + all_reduce(b), where `a` is
+    all-reduced already (no new collective) or an embedding's output (one rank holds each row:
+    reducing it alone is exact, one all-reduce more)."""
     reduced: dict[torch.fx.Node, torch.fx.Node] = {}  # a Partial value -> its all-reduced value
     sums = []  # the Partial sums rewritten, erased once no later sum reads them
     for reduce in [n for n in gm.graph.nodes if n.target is ops.all_reduce]:

@@ -344,31 +344,27 @@ class _Regions:
         member = self.members[mod]
         interior: list[torch.fx.Node] = []
         rows, gathers = [], []
-        queue, seen = deque(column.users), set()
-        while queue:
-            node = queue.popleft()
-            if node in seen:
-                continue
-            seen.add(node)
+
+        def step(node: torch.fx.Node) -> list[torch.fx.Node]:
             if node.op == "output":
                 self.fail(mod, "its sharded output is returned by the model as it is")
-                continue
+                return []
             # a sharded reduction ends the region as a gather does: under DTensor the model's
             # own reduction runs on the gathered output (correct, if not as cheap as ours)
             if node.target in (ops.all_gather, ops.vocab_parallel_cross_entropy, *ops.REDUCTIONS):
                 gathers.append(node)
-                continue
+                return []
             if isinstance(self.result.placements.get(node), Replicate):
-                continue  # a size read off the sharded value, not the value itself
+                return []  # a size read off the sharded value, not the value itself
             user_mod = self.owner(node)
             if user_mod is not None and self.members[user_mod].kind == "rowwise":
                 rows.append(node)
                 self.union(mod, user_mod)
-                continue
+                return []
             if node.target in ops.PARALLEL_OPS or user_mod is not None:
                 what = node.target.__name__ if node.target in ops.PARALLEL_OPS else user_mod
                 self.fail(mod, f"the rewrite feeds its sharded output to {what} at {node.name}")
-                continue
+                return []
             interior.append(node)
             for value in tensor_inputs(node):
                 name = self.sharded_state.get(value)
@@ -377,7 +373,9 @@ class _Regions:
                         mod,
                         f"{node.name} reads {name}, sharded by the rewrite, in the model's code",
                     )
-            queue.extend(node.users)
+            return list(node.users)
+
+        _breadth_first(column.users, step)
         if gathers and rows:
             self.fail(mod, "its output is both gathered and used sharded")
             return
@@ -394,20 +392,20 @@ class _Regions:
     def nearest_members(self, start: torch.fx.Node) -> set[str]:
         """The sharded modules nearest to a node through sharded values, up and down the graph."""
         found: set[str] = set()
-        for step in (lambda n: tensor_inputs(n), lambda n: list(n.users)):
-            queue, seen = deque(step(start)), {start}
-            while queue:
-                node = queue.popleft()
-                if node in seen or node.op != "call_function":
-                    continue
+        for way in (lambda n: tensor_inputs(n), lambda n: list(n.users)):
+
+            def step(node: torch.fx.Node, way=way) -> list[torch.fx.Node]:
+                if node is start or node.op != "call_function":
+                    return []
                 if isinstance(self.result.placements.get(node), Replicate):
-                    continue  # regions are joined by sharded (or partial) values only
-                seen.add(node)
+                    return []  # regions are joined by sharded (or partial) values only
                 mod = self.owner(node)
                 if mod is not None:
                     found.add(mod)
-                    continue
-                queue.extend(step(node))
+                    return []
+                return way(node)
+
+            _breadth_first(way(start), step)
         return found
 
     def reduce_later(self, start: torch.fx.Node, mod: str) -> None:
@@ -417,20 +415,29 @@ class _Regions:
         attention output); RowwiseParallel all-reduces each at once. Only linear ops touch a
         partial sum, so reducing it first gives the same value.
         """
-        queue, seen = deque(start.users), set()
-        while queue:
-            node = queue.popleft()
-            if node in seen:
-                continue
-            seen.add(node)
+
+        def step(node: torch.fx.Node) -> list[torch.fx.Node]:
             if node.target is ops.all_reduce:
                 self.explained.add(node)
-                continue
+                return []
             if node.op == "output" or node.target in ops.PARALLEL_OPS:
                 what = "the model's output" if node.op == "output" else node.target.__name__
                 self.fail(mod, f"its partial sums reach {what} at {node.name}, not an all-reduce")
-                continue
-            queue.extend(node.users)
+                return []
+            return list(node.users)
+
+        _breadth_first(start.users, step)
+
+
+def _breadth_first(start, step) -> None:
+    """Visit the nodes reachable from `start`, each once, in breadth-first order: `step(node)`
+    does the visit and returns the nodes to go on to."""
+    queue, seen = deque(start), set()
+    while queue:
+        node = queue.popleft()
+        if node not in seen:
+            seen.add(node)
+            queue.extend(step(node))
 
 
 # torch.export names an in-place op's node after the op with its trailing underscore (`add_`,

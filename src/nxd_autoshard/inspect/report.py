@@ -38,7 +38,7 @@ from nxd_autoshard.ir.meta import (
     sequence_sharded,
     state_name_of,
 )
-from nxd_autoshard.ir.opsets import ARITHMETIC, CASTS, COPIES, PERMUTES, RESHAPES, op_name
+from nxd_autoshard.ir.opsets import parameter_source
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard, placement_str
 from nxd_autoshard.ir.printer import (
     display_module,
@@ -425,7 +425,7 @@ def _collective_rows(gm, tp: int, names, grad: set) -> list[CollectiveRow]:
                 + "]",
                 forward=forward,
                 backward=backward,
-                of_parameter=_parameter_source(source) is not None,
+                of_parameter=parameter_source(source)[0] is not None,
             )
         )
     return rows
@@ -450,21 +450,6 @@ def _param_rows(compiled: CompiledPlan) -> list[ParamRow]:
     return rows
 
 
-# ops that carry one tensor through unchanged in layout meaning (a cast, a transpose, `1 + w`),
-# and one expert's slice of stacked expert weights (`weight[i]` in a loop over experts)
-_CARRIES = CASTS | PERMUTES | RESHAPES | COPIES | ARITHMETIC | {"select"}
-
-
-def _parameter_source(node) -> torch.fx.Node | None:
-    """The parameter a value is read from through casts, transposes and scalar arithmetic."""
-    while isinstance(node, torch.fx.Node) and node.op == "call_function":
-        tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-        if op_name(node) not in _CARRIES or len(tensors) != 1:
-            return None
-        node = tensors[0]
-    return node if isinstance(node, torch.fx.Node) and is_parameter(node) else None
-
-
 class _Matmul(NamedTuple):
     """A matmul with a parameter: the weight's placement, its out dim, the activation it
     multiplies, and the module the weight belongs to."""
@@ -484,7 +469,7 @@ def _weight_and_activation(node: torch.fx.Node) -> _Matmul | None:
     if role is None or not isinstance(role[0], torch.fx.Node):
         return None
     weight, _, out_dim, act = role
-    source = _parameter_source(weight)
+    source, _ = parameter_source(weight)
     if source is None:
         return None
     while isinstance(act, torch.fx.Node) and act.target in _COLLECTIVE_FNS:

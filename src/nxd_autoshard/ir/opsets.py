@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import torch
 
+from nxd_autoshard.ir.meta import is_parameter
+
 __all__ = [
     "ARITHMETIC",
+    "CARRIES",
     "CASTS",
     "COPIES",
     "PERMUTES",
     "RESHAPES",
     "SLICES",
     "op_name",
+    "parameter_source",
 ]
 
 # same elements in a new shape
@@ -35,3 +39,22 @@ def op_name(node) -> str:
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return ""
     return getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+
+
+# ops that carry one tensor through unchanged in layout meaning (a cast, a transpose, `1 + w`),
+# and one expert's slice of stacked expert weights (`weight[i]` in a loop over experts)
+CARRIES = CASTS | PERMUTES | RESHAPES | COPIES | ARITHMETIC | {"select"}
+
+
+def parameter_source(node) -> tuple[torch.fx.Node | None, frozenset[str]]:
+    """The parameter a value is read from through CARRIES ops of one tensor input, and the
+    names of the ops on the way (a `select` among them: one expert of a stacked weight)."""
+    passed: set[str] = set()
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        if op_name(node) not in CARRIES or len(tensors) != 1:
+            return None, frozenset(passed)
+        passed.add(op_name(node))
+        node = tensors[0]
+    source = node if isinstance(node, torch.fx.Node) and is_parameter(node) else None
+    return source, frozenset(passed)

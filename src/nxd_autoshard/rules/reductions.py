@@ -94,8 +94,14 @@ def _lower(op, *args):
     return lambda padding: Lower(op, (*args, padding, "tp"), keep=1)
 
 
-_EXTREMUM = {aten.amax: "max", aten.amin: "min", aten.max: "max", aten.min: "min"}
-_EXTREMUM.update({aten.argmax: "max", aten.argmin: "min"})
+_EXTREMUM = {
+    aten.amax: "max",
+    aten.amin: "min",
+    aten.max: "max",
+    aten.min: "min",
+    aten.argmax: "max",
+    aten.argmin: "min",
+}
 
 
 @rule(aten.amax, aten.amin, padding_aware=True)
@@ -115,13 +121,11 @@ def max_min_rule(node, placements, tp):
     overload = node.target._overloadname
     if overload == "other":
         return pointwise_rule(node, placements, tp)
-    op = _EXTREMUM[packet_of(node.target)]
-    if overload == "default":
-        dims = list(range(node.args[0].meta["val"].dim()))
-        lower = _lower(ops.amax_all_reduce, tuple(dims), False, op)
-        return _sharded_reduction(node, placements, dims, False, lower)
+    if overload == "default":  # over every dim, as amax
+        return extremum_rule(node, placements, tp)
     if overload != "dim":
         return None
+    op = _EXTREMUM[packet_of(node.target)]
     dims, keepdim = _reduced_dims(node)
     lower = _lower(ops.max_dim_all_reduce, dims[0], keepdim, op)
     return _sharded_reduction(node, placements, dims, keepdim, lower, outputs=2)
@@ -131,12 +135,10 @@ def max_min_rule(node, placements, tp):
 def argmax_rule(node, placements, tp):
     """argmax/argmin over the shard dim: max_dim_all_reduce's global index; over all dims
     (dim=None) of a 1-d input, as over dim 0; of more dims, refused (a flat global index)."""
-    nd = node.args[0].meta["val"].dim()
     raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if raw is None and nd != 1:
+    if raw is None and node.args[0].meta["val"].dim() != 1:
         return None
-    dims = [norm_dim(0 if raw is None else raw, nd)]
-    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    dims, keepdim = _reduced_dims(node)
     op = _EXTREMUM[packet_of(node.target)]
     lower = _lower(ops.argmax_all_reduce, dims[0], keepdim, op)
     return _sharded_reduction(node, placements, dims, keepdim, lower)
