@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from nxd_autoshard.compiler.cache import ProgramCache, model_settings
 from nxd_autoshard.compiler.plans import load_plan, resolve_styles
 from nxd_autoshard.compiler.precision import DTYPES
 from nxd_autoshard.compiler.recompute import checkpoint_mode
@@ -133,19 +134,22 @@ def autoshard(
     styles = resolve_styles(model, rules)
     auto = (plan == "auto" or isinstance(plan, Mapping)) if auto is None else auto
     runtime = _choose_runtime(model, Mesh(dp, pp, tp), group, on_mesh, compiled)
-    sharded = ShardedModule(
+    settings = model_settings(
         model,
         tp=tp,
-        styles=styles,
+        styles=dict(styles),
         auto=auto,
-        runtime=runtime,
-        pipeline=pipeline,
-        loss_fn=loss_fn,
+        n_stages=pipeline.n_stages,
+        cuts=pipeline.cuts,
+        balance=pipeline.balance,
         strict=strict,
         precision=precision,
         reduce_dtype=reduce_dtype,
         recompute=recompute,
         sequence_parallel=bool(sequence_parallel) and tp > 1,
+    )
+    sharded = ShardedModule(
+        model, ProgramCache(model, settings), runtime=runtime, pipeline=pipeline, loss_fn=loss_fn
     )
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if not example_inputs and not example_kwargs:

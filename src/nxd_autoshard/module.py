@@ -8,20 +8,21 @@ once by `autoshard` (see `runtime/base.py`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils import _pytree as pytree
 
-from nxd_autoshard.compiler.cache import ProgramCache, model_settings
+from nxd_autoshard.compiler.cache import ProgramCache
 from nxd_autoshard.compiler.compiled import CompiledPlan
 from nxd_autoshard.compiler.driver import LocalProgram
 from nxd_autoshard.inspect.history import History
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram
-from nxd_autoshard.runtime.base import LocalState, Runtime, loss_of
+from nxd_autoshard.runtime.base import LocalState, Runtime
 from nxd_autoshard.runtime.pipeline import _attach
-from nxd_autoshard.runtime.simulated import SimulatorRuntime
 
 __all__ = ["ShardedModule", "PipelineConfig"]
 
@@ -43,6 +44,17 @@ class PipelineConfig:
         return self.pp * self.virtual
 
 
+def _installed_first(method, needed_by: str):
+    """`method` of nn.Module, once this rank's tensors are installed (captured first if need be)."""
+
+    @functools.wraps(method)
+    def installed_first(self, *args, **kwargs):
+        self._ensure_installed(needed_by)
+        return method(self, *args, **kwargs)
+
+    return installed_first
+
+
 class ShardedModule(torch.nn.Module):
     """A model rewritten for tensor parallelism; parameters keep their original names.
 
@@ -61,25 +73,21 @@ class ShardedModule(torch.nn.Module):
     def __init__(
         self,
         model: torch.nn.Module,
+        cache: ProgramCache,
         *,
-        tp: int,
-        styles: dict[str, str],
-        auto: bool,
-        runtime: Runtime | None = None,
-        pipeline: PipelineConfig | None = None,
+        runtime: Runtime,
+        pipeline: PipelineConfig,
         loss_fn=None,
-        strict: bool = False,
-        precision: str = "fp32",
-        reduce_dtype: str | None = None,
-        recompute: str | tuple[str, ...] | None = None,
-        sequence_parallel: bool = False,
     ):
         super().__init__()
-        self.tp = tp
-        self.pipeline = pipeline or PipelineConfig()
-        self.mesh = Mesh(self.pipeline.dp, self.pipeline.pp, tp)
-        self.runtime = runtime if runtime is not None else SimulatorRuntime()
+        self.tp = cache.settings.tp
+        self.pipeline = pipeline
+        self.mesh = Mesh(pipeline.dp, pipeline.pp, self.tp)
+        self.runtime = runtime
         self.loss_fn = loss_fn
+        self._cache = cache
+        self.plan = cache.plan  # decided by the first capture
+        self._full_shapes = cache.settings.full_shapes
         self._installed = False
         self._model_name = type(model).__name__
         self._config = (
@@ -95,24 +103,6 @@ class ShardedModule(torch.nn.Module):
             for b in mod._buffers
             if b not in mod._non_persistent_buffers_set
         }
-        settings = model_settings(
-            model,
-            self._device(),
-            tp=tp,
-            styles=dict(styles),
-            auto=auto,
-            n_stages=self.pipeline.n_stages,
-            cuts=self.pipeline.cuts,
-            balance=self.pipeline.balance,
-            strict=strict,
-            precision=precision,
-            reduce_dtype=reduce_dtype,
-            recompute=recompute,
-            sequence_parallel=sequence_parallel,
-        )
-        self._cache = ProgramCache(model, settings)
-        self.plan = self._cache.plan  # decided by the first capture
-        self._full_shapes = settings.full_shapes
         self.train(model.training)
         early = self.runtime.state_before_capture(self, self._full, self._buffers_full)
         if early is not None:
@@ -147,34 +137,18 @@ class ShardedModule(torch.nn.Module):
     # On a process group the parameters are this rank's pieces of the plan: until it exists
     # they are not registered, so the module's tensor accessors capture first (or say what to
     # pass) instead of answering with no parameters, which an optimizer would silently keep.
-    def named_parameters(self, *args, **kwargs):
-        self._ensure_installed("this rank's parameters (parameters(), an optimizer over them)")
-        return super().named_parameters(*args, **kwargs)
-
-    def parameters(self, *args, **kwargs):  # a generator: check at the call, not the first next()
-        self._ensure_installed("this rank's parameters (parameters(), an optimizer over them)")
-        return super().parameters(*args, **kwargs)
-
-    def named_buffers(self, *args, **kwargs):
-        self._ensure_installed("this rank's buffers")
-        return super().named_buffers(*args, **kwargs)
-
-    def state_dict(self, *args, **kwargs):
-        self._ensure_installed("state_dict() of this rank's shards")
-        return super().state_dict(*args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._ensure_installed("load_state_dict() into this rank's shards")
-        return super().load_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...
-        self._ensure_installed("moving or casting this rank's parameters")
-        return super()._apply(fn, recurse)
+    # parameters() is a generator: the check runs at the call, not at the first next().
+    _PARAMETERS = "this rank's parameters (parameters(), an optimizer over them)"
+    named_parameters = _installed_first(torch.nn.Module.named_parameters, _PARAMETERS)
+    parameters = _installed_first(torch.nn.Module.parameters, _PARAMETERS)
+    named_buffers = _installed_first(torch.nn.Module.named_buffers, "this rank's buffers")
+    state_dict = _installed_first(torch.nn.Module.state_dict, "state_dict() of this rank's shards")
+    load_state_dict = _installed_first(torch.nn.Module.load_state_dict, "load_state_dict()")
+    _apply = _installed_first(torch.nn.Module._apply, "moving or casting this rank's parameters")
 
     # the plan's decisions, by the names the report, goldens and runtime read
     placements = property(lambda self: self.plan.placements)
     padded = property(lambda self: self.plan.padded)
-    plan_styles = property(lambda self: self.plan.auto_styles)
     units = property(lambda self: self.plan.units)
     stage_of_unit = property(lambda self: self.plan.stage_of_unit)
     stage_of_block = property(lambda self: self.plan.stage_of_block)
@@ -196,25 +170,10 @@ class ShardedModule(torch.nn.Module):
         if not state.keep_full:
             self._full = {}  # the full weights are no longer needed on this rank
 
-    def _flatten(self, entry: LocalProgram, args: tuple, kwargs: dict) -> list:
-        return self._cache.flatten(entry, args, kwargs)
-
     def _state_value(self, program: CapturedProgram, name: str):
         if name in program.constants:
             return program.constants[name]
         return self.get_parameter(name) if name in self._full_shapes else self.get_buffer(name)
-
-    def _with_defaults(self, kwargs: dict) -> dict:
-        return self._cache.with_defaults(kwargs)
-
-    def _loss_from(self, output, target) -> torch.Tensor:
-        if self._cache.compute_dtype is not torch.float32 and self.loss_fn is not None:
-            # a loss function of the bf16 outputs computes and reduces in fp32
-            output = pytree.tree_map(
-                lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
-                output,
-            )
-        return loss_of(output, target, self.loss_fn, self._model_name).float()
 
     # ------------------------------------------------------------------ running (the runtime's)
     def forward(self, *args, **kwargs):
@@ -261,8 +220,6 @@ class ShardedModule(torch.nn.Module):
         global rank 0 writes model.safetensors.index.json and the model's config.json, so
         `AutoModel*.from_pretrained(directory)` and `safetensors.torch.load_file` read it.
         """
-        from pathlib import Path
-
         self._ensure_installed("save_checkpoint()")
         self.runtime.save_checkpoint(self, Path(directory))
 
@@ -313,16 +270,7 @@ class ShardedModule(torch.nn.Module):
         """
         from nxd_autoshard.inspect.dtensor_plan import dtensor_plan
 
-        compiled = self._compiled("dtensor_plan()")
-        entry = compiled.program(program, "dtensor_plan()")
-        return dtensor_plan(
-            entry.program,
-            entry.result,
-            compiled.plan,
-            self._cache.shadow,
-            self._cache.settings.aliases,
-            tp=self.tp,
-        )
+        return dtensor_plan(self._compiled("dtensor_plan()"), self._cache.shadow, program=program)
 
     def _repr_html_(self) -> str:
         from html import escape
@@ -350,18 +298,15 @@ class ShardedModule(torch.nn.Module):
 
     def gather_grads(self) -> dict[str, torch.Tensor]:
         """Full-shape gradients of every parameter (all-gathers shards when run on a process group)."""
-        grads = {}
-        seen = set()
-        for name, param in self.named_parameters():
-            if param.grad is None or name in seen:
-                continue
-            seen.add(name)
-            grads[name] = self._gather_full(name, param.grad)
-        return grads
-
-    def _gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        return self.runtime.gather_full(self, name, local)
+        return {
+            name: self.runtime.gather_full(self, name, p.grad)
+            for name, p in self.named_parameters()
+            if p.grad is not None
+        }
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters gathered back to full shape, by original name."""
-        return {name: self._gather_full(name, p.detach()) for name, p in self.named_parameters()}
+        return {
+            name: self.runtime.gather_full(self, name, p.detach())
+            for name, p in self.named_parameters()
+        }

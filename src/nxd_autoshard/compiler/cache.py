@@ -28,9 +28,12 @@ from nxd_autoshard.ir.program import input_signature
 __all__ = ["ProgramCache", "model_settings"]
 
 
-def model_settings(model: torch.nn.Module, device: torch.device, **options) -> CompileSettings:
-    """Compile settings for `model`: its parameters' full shapes and tied names, and `options`."""
+def model_settings(model: torch.nn.Module, **options) -> CompileSettings:
+    """Compile settings for `model`: its parameters' full shapes and tied names, the device of
+    its tensors, and `options`."""
     named = dict(model.named_parameters(remove_duplicate=False))
+    tensors = [*named.values(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
     aliases: dict[int, list[str]] = {}
     for name, full in named.items():
         aliases.setdefault(id(full), []).append(name)

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from nxd_autoshard.compiler.compiled import CompiledPlan
 from nxd_autoshard.compiler.plan import Plan
 from nxd_autoshard.compiler.propagate import PropagationResult
 from nxd_autoshard.ir import ops
 from nxd_autoshard.ir.placements import Replicate, Shard
-from nxd_autoshard.ir.program import CapturedProgram, module_path
+from nxd_autoshard.ir.program import module_path
 from nxd_autoshard.rules import DivideSize, Lower, tensor_inputs
 
 __all__ = ["DTensorPlan", "dtensor_plan"]
@@ -156,23 +157,21 @@ def _localised_literal(node: torch.fx.Node, result: PropagationResult, tp: int) 
 
 
 def dtensor_plan(
-    program: CapturedProgram,
-    result: PropagationResult,
-    plan: Plan,
-    model: torch.nn.Module,
-    aliases: tuple[tuple[str, ...], ...] = (),
-    *,
-    tp: int,
+    compiled: CompiledPlan, model: torch.nn.Module, *, program: int = 0
 ) -> DTensorPlan:
-    """DTensor styles for the regions of the partitioned `program` that they express exactly."""
+    """DTensor styles for the regions of a partitioned program of `compiled` (of `model`, whose
+    modules the styles name) that they express exactly."""
     from torch.distributed.tensor import Replicate as DReplicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+    entry = compiled.program(program, "dtensor_plan()")
+    result, plan, aliases, tp = entry.result, compiled.plan, compiled.settings.aliases, compiled.tp
     members = _candidates(plan, model, aliases)
     tied = {name: group for group in aliases for name in group}
-    gm = program.gm
+    gm = entry.program.gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    state_of = {placeholders[i]: program.state_names[i] for i in range(program.num_state)}
+    names = entry.program.state_names
+    state_of = {placeholders[i]: names[i] for i in range(entry.program.num_state)}
     sharded_state = {
         node: name
         for node, name in state_of.items()

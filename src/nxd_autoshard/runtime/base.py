@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from torch.utils._pytree import tree_map
 
 if TYPE_CHECKING:
     from nxd_autoshard.compiler.driver import LocalProgram
@@ -50,16 +51,15 @@ class Host(Protocol):
     placements: dict[str, Placement]
     plan: Any  # compiler.plan.Plan: placements, blocks (fused projections), padding
     padded: dict[str, int]
+    loss_fn: Callable | None
+    _cache: Any  # compiler.cache.ProgramCache: flatten, with_defaults, compute_dtype, settings
     _full_shapes: dict[str, tuple[int, ...]]
     _persistent: set[str]
     _config: Any
 
     def __call__(self, *args, **kwargs) -> Any: ...
     def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]: ...
-    def _flatten(self, entry: LocalProgram, args: tuple, kwargs: dict) -> list: ...
-    def _with_defaults(self, kwargs: dict) -> dict: ...
     def _state_value(self, program: CapturedProgram, name: str) -> torch.Tensor: ...
-    def _loss_from(self, output: Any, target: Any) -> torch.Tensor: ...
     def _device(self) -> torch.device: ...
     def named_parameters(self, *args, **kwargs): ...
     def named_buffers(self, *args, **kwargs): ...
@@ -160,10 +160,16 @@ def store_written(
     return list(outs[len(names) :])
 
 
-def loss_of(output: Any, target: Any, loss_fn: Callable | None, model_name: str) -> torch.Tensor:
-    """The loss: loss_fn(output, target), else the model's own (`output.loss`, a scalar)."""
-    if loss_fn is not None:
-        return loss_fn(output, target)
+def loss_of(host: Host, output: Any, target: Any) -> torch.Tensor:
+    """The loss in fp32: loss_fn(output, target), else the model's own (`output.loss`, a scalar)."""
+    if host.loss_fn is not None:
+        if host._cache.compute_dtype is not torch.float32:
+            # a loss function of the bf16 outputs computes and reduces in fp32
+            output = tree_map(
+                lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                output,
+            )
+        return host.loss_fn(output, target).float()
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
         loss = output
@@ -177,10 +183,10 @@ def loss_of(output: Any, target: Any, loss_fn: Callable | None, model_name: str)
         loss = output[0]
     if loss is None:
         raise ValueError(
-            f"{model_name} returned no loss: pass the labels its forward takes "
-            "(e.g. labels=...) or give autoshard(..., loss_fn=fn(output, target))"
+            f"{host._cache.settings.model_name} returned no loss: pass the labels its forward "
+            "takes (e.g. labels=...) or give autoshard(..., loss_fn=fn(output, target))"
         )
-    return loss
+    return loss.float()
 
 
 def write_checkpoint(

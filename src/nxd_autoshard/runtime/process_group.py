@@ -20,6 +20,7 @@ from nxd_autoshard.runtime.base import (
     LocalState,
     Runtime,
     checkpoint_tensors,
+    loss_of,
     read_for_write,
     store_written,
     write_checkpoint,
@@ -170,7 +171,7 @@ class ProcessGroupRuntime(Runtime):
         )
 
     def train_step(self, host: Host, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
-        kwargs = host._with_defaults(kwargs)
+        kwargs = host._cache.with_defaults(kwargs)
         m = host.pipeline.microbatches
         if host.pipeline.n_stages == 1:
             total = torch.zeros(())
@@ -179,7 +180,7 @@ class ProcessGroupRuntime(Runtime):
                 target.chunk(m) if isinstance(target, torch.Tensor) and m > 1 else [target] * m
             )
             for (a, k), t in zip(chunks, targets):
-                loss = host._loss_from(host(*a, **k), t) / m
+                loss = loss_of(host, host(*a, **k), t) / m
                 loss.backward()
                 total += loss.detach()
         else:
@@ -189,10 +190,10 @@ class ProcessGroupRuntime(Runtime):
 
     def eval_step(self, host: Host, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
         if self.groups is None or host.pipeline.n_stages == 1:
-            loss = host._loss_from(host(*args, **kwargs), target)
+            loss = loss_of(host, host(*args, **kwargs), target)
         else:
             loss = self._pipeline_step(
-                host, tuple(args), host._with_defaults(kwargs), target, backward=False
+                host, tuple(args), host._cache.with_defaults(kwargs), target, backward=False
             )
         return self._dp_mean(host, loss).detach()
 
@@ -212,7 +213,7 @@ class ProcessGroupRuntime(Runtime):
         if entry.runtime is None:
             entry.runtime = self._build_schedule(host, entry)
         schedule, local = entry.runtime
-        flat = [x for x in host._flatten(entry, args, kwargs) if isinstance(x, torch.Tensor)]
+        flat = [x for x in host._cache.flatten(entry, args, kwargs) if isinstance(x, torch.Tensor)]
         losses: list[torch.Tensor] = []
         # the schedule hands each microbatch's target to loss_fn; a dummy one when the model
         # has its own loss
@@ -254,7 +255,7 @@ class ProcessGroupRuntime(Runtime):
 
         def loss_fn(outputs, target):
             flat = unpack_last_outputs(outputs, entry.stages[-1])
-            return host._loss_from(pytree.tree_unflatten(flat, entry.program.out_spec), target) / m
+            return loss_of(host, pytree.tree_unflatten(flat, entry.program.out_spec), target) / m
 
         schedule = build_schedule(
             modules,

@@ -17,6 +17,7 @@ from nxd_autoshard.runtime.base import (
     LocalState,
     Runtime,
     checkpoint_tensors,
+    loss_of,
     read_for_write,
     store_written,
     write_checkpoint,
@@ -106,12 +107,12 @@ class SimulatorRuntime(Runtime):
         return pytree.tree_unflatten(merge_chunk_outputs(outs), entry.program.out_spec)
 
     def train_step(self, host: Host, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
-        loss = host._loss_from(self.simulate(host, args, kwargs), target)
+        loss = loss_of(host, self.simulate(host, args, kwargs), target)
         loss.backward()
         return loss.detach()
 
     def eval_step(self, host: Host, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
-        return host._loss_from(host(*args, **kwargs), target).detach()
+        return loss_of(host, host(*args, **kwargs), target).detach()
 
     def sync_grads(self, host: Host) -> None:
         # tied weights are one tensor and dp replicas are one batch here: nothing to sync

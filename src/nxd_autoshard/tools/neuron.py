@@ -166,7 +166,9 @@ def stage_specs(sharded, args: tuple, kwargs: dict) -> list[StageSpec]:
         ]
     from nxd_autoshard.runtime.pipeline import chunk_batch
 
-    chunk = chunk_batch(args, sharded._with_defaults(kwargs), sharded.pipeline.microbatches)[0]
+    chunk = chunk_batch(args, sharded._cache.with_defaults(kwargs), sharded.pipeline.microbatches)[
+        0
+    ]
     entry, flat = sharded._program_for(*chunk)
     entry.program.check_token_inputs(flat)
     _refuse_buffer_writes(entry.program)
