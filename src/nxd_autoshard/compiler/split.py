@@ -26,6 +26,7 @@ from nxd_autoshard.ir.program import (
     StageProgram,
     graph_module,
     module_path,
+    split_written,
 )
 
 __all__ = [
@@ -70,6 +71,7 @@ def assign_units(gm: torch.fx.GraphModule, blocks: list[str]) -> dict[torch.fx.N
     index = {b: i for i, b in enumerate(blocks)}
     unit: dict[torch.fx.Node, int] = {}
     pending: list[torch.fx.Node] = []
+    later: list[torch.fx.Node] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             unit[node] = 0
@@ -82,7 +84,8 @@ def assign_units(gm: torch.fx.GraphModule, blocks: list[str]) -> dict[torch.fx.N
             unit[node] = unit[node.args[0]]
             continue
         if own is None and _reads_only_state(node):
-            continue  # placed with its first reader below
+            later.append(node)  # placed with its first reader below
+            continue
         if own is None:
             pending.append(node)
             continue
@@ -94,9 +97,7 @@ def assign_units(gm: torch.fx.GraphModule, blocks: list[str]) -> dict[torch.fx.N
     last = len(blocks) - 1
     for p in pending:
         unit[p] = max(last, max((unit[n] for n in p.all_input_nodes if n in unit), default=0))
-    for node in reversed(gm.graph.nodes):
-        if node not in unit and node.op == "call_function":
-            unit[node] = min((unit[u] for u in node.users if u in unit), default=last)
+    _with_first_reader(later, unit, last)
     for node in gm.graph.nodes:  # getitems follow their (possibly moved) tuple
         if node.target is operator.getitem and node in unit:
             unit[node] = unit[node.args[0]]
@@ -110,6 +111,16 @@ def _reads_only_state(node: torch.fx.Node) -> bool:
     return bool(ins) and all(
         n.op == "placeholder" and state_kind_of(n) not in (None, "input") for n in ins
     )
+
+
+def _with_first_reader(
+    later: list[torch.fx.Node], unit: dict[torch.fx.Node, int], default: int
+) -> None:
+    """Give each node put off (`later`, in graph order: `_reads_only_state`) the lowest unit of
+    its readers, `default` where none has one; the last first, so a reader put off too has its
+    unit by then."""
+    for node in reversed(later):
+        unit[node] = min((unit[u] for u in node.users if u in unit), default=default)
 
 
 @dataclass
@@ -170,10 +181,7 @@ def segment_blocks(
         if key is None:  # a block the graph never runs still gets a unit
             names.append(prefix)
             block.append(b)
-    for node in reversed(later):
-        of_node[node] = min(
-            (of_node[u] for u in node.users if u in of_node), default=len(names) - 1
-        )
+    _with_first_reader(later, of_node, len(names) - 1)
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -181,9 +189,11 @@ def segment_blocks(
     n = len(names)
     grad = requires_grad_nodes(gm, program)
     state = set(placeholders[: program.num_state])
-    # a value defined in unit lo and last read in unit hi crosses every cut lo+1..hi; a buffer's
-    # new value is stored by the stage that makes it, and crosses nothing
-    outputs = set(_nodes_in(tuple(_written(program)[1])))
+    # a value defined in unit lo and last read in unit hi crosses every cut lo+1..hi, a user
+    # result every cut after lo; the output's use of a buffer's new value counts for nothing
+    # here, though split_program sends the value on to the stage that holds the buffer
+    # (`_writer_stages`: the one stage that reads the buffer, else the one that makes the value)
+    user_results = set(_nodes_in(tuple(_written(program)[1])))
     delta = [0] * (n + 2)
     for node, lo in of_node.items():
         if node not in grad or node in state:
@@ -192,7 +202,7 @@ def segment_blocks(
             (of_node[u] for u in node.users if u.op != "output"),
             default=lo,
         )
-        hi = n if node in outputs else hi
+        hi = n if node in user_results else hi
         if hi > lo:
             delta[lo + 1] += 1
             delta[hi + 1] -= 1
@@ -370,7 +380,7 @@ def split_program(
             stage[node] = stage_of_unit[units.of_node[node]]
 
     written, results = _written(program)
-    owner = _writer_stages(written, state, stage, n_stages)
+    owner = _writer_stages(written, state, stage)
     user_results = set(_nodes_in(tuple(results)))
 
     def last_use(node: torch.fx.Node) -> int:
@@ -446,9 +456,8 @@ def split_program(
 
 def _written(program: CapturedProgram) -> tuple[list[tuple[str, torch.fx.Node]], list]:
     """(buffer, new value) of each buffer the forward writes, and the user outputs."""
-    results = list(program.gm.graph.output_node().args[0])
-    n = len(program.mutated)
-    return list(zip(program.mutated, results[:n])), results[n:]
+    new, results = split_written(program.mutated, program.gm.graph.output_node().args[0])
+    return list(zip(program.mutated, new)), results
 
 
 def _nodes_in(values) -> list[torch.fx.Node]:
@@ -458,9 +467,7 @@ def _nodes_in(values) -> list[torch.fx.Node]:
     return found
 
 
-def _writer_stages(
-    written: list, state: dict[torch.fx.Node, str], stage: dict, n_stages: int
-) -> dict[str, int]:
+def _writer_stages(written: list, state: dict[torch.fx.Node, str], stage: dict) -> dict[str, int]:
     """The stage that holds and writes each written buffer: the one stage that reads it, else the
     one that computes its new value. A buffer read by two stages, or read before its new value
     exists, has no such stage: each pp rank holds its own copy, and one copy would go stale."""

@@ -44,7 +44,7 @@ import torch
 import torch.fx
 
 from nxd_autoshard.ir.meta import set_state
-from nxd_autoshard.ir.program import CapturedProgram, graph_module, module_path
+from nxd_autoshard.ir.program import CapturedProgram, graph_module, module_path, split_written
 
 __all__ = ["capture_stamped", "full_capture", "renumber", "stamped_lists"]
 
@@ -540,7 +540,7 @@ def renumber(program: CapturedProgram, stamps: dict | None = None) -> CapturedPr
             written, values = _stamped_writes(
                 program, node, regions, lists, last_copy, new_names, arg
             )
-            user = _map_args(tuple(node.args[0][len(program.mutated) :]), arg)
+            user = _map_args(tuple(split_written(program.mutated, node.args[0])[1]), arg)
             env[node] = graph.output((*values, *user), type_expr=node.type)
             env[node].meta = dict(node.meta)
             program.mutated = written

@@ -360,21 +360,24 @@ def _events(node: torch.fx.Node, tp: int, grad: set) -> tuple[list[CommEvent], l
 
 
 def _reduction_events(node: torch.fx.Node, tp: int, grad: set):
-    """A sharded reduction's all-reduces, each of the local result with the reduced dims kept:
-    the extremum (max/min), or for logsumexp the max and the sum of exp; the index of max/min.dim
-    (int64, "all_reduce(min)"); the tie counts of amax/amin in backward."""
+    """A sharded reduction's all-reduces (`ops.REDUCTION_ALL_REDUCES`), each of the local result
+    with the reduced dims kept; the backward ones where a gradient reaches the input."""
     source = node.args[0]
     shape, dtype = _local(source, tp)
     dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
     shape = [1 if d in dims else s for d, s in enumerate(shape)]
-    if node.target is C.logsumexp_all_reduce:
-        size = torch.empty((), dtype=node.meta["val"].dtype).element_size()
-        return [_event(k, "forward", shape, size) for k in ("all_reduce(max)", "all_reduce")], []
-    size = torch.empty((), dtype=dtype).element_size()
-    forward = [_event(f"all_reduce({node.args[3]})", "forward", shape, size)]
-    if node.target is not C.amax_all_reduce:
-        return forward + [_event("all_reduce(min)", "forward", shape, 8)], []
-    backward = [_event("all_reduce", "backward", shape, size)] if source in grad else []
+    forward, backward = [], []
+    for reduce, phase, payload in C.reduction_all_reduces(node.target, node.args):
+        if payload == "index":
+            size = 8  # int64
+        else:
+            of = dtype if payload == "input" else node.meta["val"].dtype
+            size = torch.empty((), dtype=of).element_size()
+        kind = "all_reduce" if reduce == "sum" else f"all_reduce({reduce})"
+        if phase == "forward":
+            forward.append(_event(kind, phase, shape, size))
+        elif source in grad:
+            backward.append(_event(kind, phase, shape, size))
     return forward, backward
 
 

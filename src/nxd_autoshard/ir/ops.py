@@ -34,6 +34,7 @@ __all__ = [
     "COLLECTIVES",
     "PARALLEL_OPS",
     "REDUCTIONS",
+    "REDUCTION_ALL_REDUCES",
     "all_gather",
     "all_gather_rs",
     "all_reduce",
@@ -46,6 +47,7 @@ __all__ = [
     "logsumexp_all_reduce",
     "max_dim_all_reduce",
     "reduce_scatter",
+    "reduction_all_reduces",
     "sequence_dropout",
     "shard",
     "vocab_parallel_cross_entropy",
@@ -233,8 +235,34 @@ COLLECTIVES = (
     argmax_all_reduce,
     logsumexp_all_reduce,
 )
-# the sharded reductions: local reduction, then all-reduces of the small result
-REDUCTIONS = (amax_all_reduce, max_dim_all_reduce, argmax_all_reduce, logsumexp_all_reduce)
+# the sharded reductions: local reduction, then all-reduces of the small result; each one's
+# all-reduces in the order it issues them, as (reduce, phase, payload). reduce: "sum", "max",
+# "min", or "op": the call's own extremum (its `op` argument, "max" or "min"). phase: "forward",
+# or "backward" (only where a gradient reaches the input). payload: what is reduced, of the
+# local result's shape with the reduced dims kept: "input" values of the input's dtype, "result"
+# values of the result's, "index" the int64 global index of the extremum
+REDUCTION_ALL_REDUCES = {
+    # the extremum; backward, the tie counts
+    amax_all_reduce: (("op", "forward", "input"), ("sum", "backward", "input")),
+    # the extremum, then the lowest index that holds it
+    max_dim_all_reduce: (("op", "forward", "input"), ("min", "forward", "index")),
+    argmax_all_reduce: (("op", "forward", "input"), ("min", "forward", "index")),
+    # the max of the local results, then the sum of their exp
+    logsumexp_all_reduce: (("max", "forward", "result"), ("sum", "forward", "result")),
+}
+REDUCTIONS = tuple(REDUCTION_ALL_REDUCES)
+
+
+def reduction_all_reduces(target, args) -> tuple[tuple[str, str, str], ...]:
+    """The all-reduces (reduce, phase, payload) that a call `target(*args)` of a sharded
+    reduction issues (`REDUCTION_ALL_REDUCES`), "op" replaced by the call's max or min; ()
+    for any other target."""
+    return tuple(
+        (args[3] if reduce == "op" else reduce, phase, payload)
+        for reduce, phase, payload in REDUCTION_ALL_REDUCES.get(target, ())
+    )
+
+
 PARALLEL_OPS = COLLECTIVES + (
     vocab_parallel_embedding,
     vocab_parallel_cross_entropy,

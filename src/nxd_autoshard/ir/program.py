@@ -104,6 +104,13 @@ class CapturedProgram:
         return True
 
 
+def split_written(mutated: list[str], outs) -> tuple[list, list]:
+    """A program's outputs (values, or the output node's arguments) cut in two: the new values
+    of the `mutated` buffers, which come first, and the rest (the user's or a stage's outputs)."""
+    n = len(mutated)
+    return list(outs[:n]), list(outs[n:])
+
+
 def graph_module(root: torch.nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
     """A GraphModule whose Python code is generated at its first call (or `.code`), not at
     every `recompile()`: the passes recompile after each change, and generating the code of a

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch.utils._pytree import tree_map
 
+from nxd_autoshard.ir.program import split_written
+
 if TYPE_CHECKING:
     from nxd_autoshard.compiler.driver import LocalProgram
     from nxd_autoshard.ir.mesh import Mesh
@@ -33,6 +35,7 @@ __all__ = [
     "checkpoint_tensors",
     "loss_of",
     "read_for_write",
+    "read_state",
     "store_written",
     "write_checkpoint",
 ]
@@ -148,16 +151,23 @@ def read_for_write(value: torch.Tensor) -> torch.Tensor:
     return value.detach().clone()
 
 
+def read_state(name: str, value: torch.Tensor, mutated: list[str]) -> torch.Tensor:
+    """State tensor `name` as a program that writes the `mutated` buffers reads it: the copy of
+    `read_for_write` where it is one of them, else the tensor itself."""
+    return read_for_write(value) if name in mutated else value
+
+
 def store_written(
     buffer: Callable[[str], torch.Tensor], names: list[str], outs: list | tuple
 ) -> list:
     """Store the first len(names) outputs, the new values of the buffers the forward wrote, into
     those buffers in place (tensors aliasing them, a state_dict, see it as after the unsharded
     forward), and return the rest: the user outputs (or a stage's outputs)."""
+    written, rest = split_written(names, outs)
     with torch.no_grad():
-        for name, value in zip(names, outs):
+        for name, value in zip(names, written):
             buffer(name).copy_(value)
-    return list(outs[len(names) :])
+    return rest
 
 
 def loss_of(host: Host, output: Any, target: Any) -> torch.Tensor:

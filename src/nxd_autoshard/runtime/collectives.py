@@ -42,6 +42,7 @@ __all__ = [
     "all_reduce",
     "amax_all_reduce",
     "argmax_all_reduce",
+    "argmax_forward",
     "axis_groups",
     "bound_groups",
     "grad_all_reduce",
@@ -281,16 +282,26 @@ class AmaxAllReduce(torch.autograd.Function):
 
 
 def max_dim_forward(x: torch.Tensor, dim: int, op: str, padding, low):
-    """(values, global indices) of max/min.dim over the sharded `dim`, reduced dim kept: the
-    extremum, and the lowest index of it over the ranks that hold it, as torch picks the first."""
+    """(values, global indices, local indices) of max/min.dim over the sharded `dim`, reduced
+    dim kept: the extremum, and the lowest index of it over the ranks that hold it, as torch
+    picks the first; the local indices are that index in this rank's piece (outside [0, n) where
+    another rank holds it)."""
     x = _without_padding(x, padding, op, low)
     values, index = x.max(dim, keepdim=True) if op == "max" else x.min(dim, keepdim=True)
     best = low.reduce(values, op)
-    index = index + low.offset(x.shape[dim], index.dim())
+    offset = low.offset(x.shape[dim], index.dim())
+    index = index + offset
     # a NaN is the extremum wherever it is (as in torch's max); no index beats a held one
     holds = (values == best) | values.isnan()
     index = low.reduce(index.masked_fill(~holds, torch.iinfo(index.dtype).max), "min")
-    return best, index
+    return best, index, index - offset
+
+
+def argmax_forward(x: torch.Tensor, dim: int, keepdim: bool, op: str, padding, low):
+    """argmax (op "max") or argmin ("min") over the sharded `dim`, no gradient: the global
+    indices of `max_dim_forward`."""
+    _, index, _ = max_dim_forward(x.detach(), dim, op, padding, low)
+    return index if keepdim else index.squeeze(dim)
 
 
 class MaxDimAllReduce(torch.autograd.Function):
@@ -299,8 +310,8 @@ class MaxDimAllReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, keepdim, op, padding, low):
-        values, index = max_dim_forward(x, dim, op, padding, low)
-        ctx.save_for_backward(index - low.offset(x.shape[dim], index.dim()))
+        values, index, local = max_dim_forward(x, dim, op, padding, low)
+        ctx.save_for_backward(local)
         ctx.dim, ctx.keepdim, ctx.shape = dim, keepdim, x.shape
         if not keepdim:
             values, index = values.squeeze(dim), index.squeeze(dim)
@@ -387,8 +398,7 @@ def max_dim_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, paddin
 
 def argmax_all_reduce(x: torch.Tensor, dim: int, keepdim: bool, op: str, padding, axis: str):
     """argmax/argmin over the sharded dim (no gradient)."""
-    _, index = max_dim_forward(x.detach(), dim, op, padding, _lowering(axis))
-    return index if keepdim else index.squeeze(dim)
+    return argmax_forward(x, dim, keepdim, op, padding, _lowering(axis))
 
 
 def logsumexp_all_reduce(x: torch.Tensor, dims, keepdim: bool, padding, axis: str):

@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from nxd_autoshard.ir.errors import PlanError
-from nxd_autoshard.ir.program import StageProgram
-from nxd_autoshard.runtime.base import read_for_write, store_written
+from nxd_autoshard.ir.program import StageProgram, split_written
+from nxd_autoshard.runtime.base import read_state, store_written
 from nxd_autoshard.runtime.collectives import axis_groups
 from nxd_autoshard.runtime.simulator import simulate_graph
 
@@ -165,11 +165,7 @@ class StageModule(torch.nn.Module):
         state = [
             self.get_parameter(n)
             if n in self._params
-            else (
-                read_for_write(self.get_buffer(n))
-                if n in self.stage.mutated
-                else self.get_buffer(n)
-            )
+            else read_state(n, self.get_buffer(n), self.stage.mutated)
             for n in self.stage.state_names
         ]
         tie = None
@@ -185,7 +181,7 @@ class StageModule(torch.nn.Module):
             out = (self._run or self.stage.gm)(*state, *inputs)
         # the stage that holds a buffer writes it; a metadata run of the schedule (its inputs
         # are uninitialised) writes nothing
-        out = out[len(self.stage.mutated) :] if self.dry_run else self._store(out)
+        out = split_written(self.stage.mutated, out)[1] if self.dry_run else self._store(out)
         # the schedule concatenates microbatch outputs on dim 0: a scalar loss travels as shape (1,)
         out = tuple(
             o.unsqueeze(0) if isinstance(o, torch.Tensor) and o.dim() == 0 else o for o in out
@@ -210,9 +206,10 @@ class StageModule(torch.nn.Module):
 
 def unpack_last_outputs(outputs: tuple, stage: StageProgram) -> list:
     """Undo StageModule's (1,)-shaped scalars for the loss function."""
+    results = stage.gm.graph.output_node().args[0]
     vals = (
-        [n.meta.get("val") for n in stage.gm.graph.output_node().args[0]][len(stage.mutated) :]
-        if isinstance(stage.gm.graph.output_node().args[0], (list, tuple))
+        [n.meta.get("val") for n in split_written(stage.mutated, results)[1]]
+        if isinstance(results, (list, tuple))
         else []
     )
     return (

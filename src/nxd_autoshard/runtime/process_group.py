@@ -21,7 +21,7 @@ from nxd_autoshard.runtime.base import (
     Runtime,
     checkpoint_tensors,
     loss_of,
-    read_for_write,
+    read_state,
     store_written,
     write_checkpoint,
 )
@@ -147,9 +147,7 @@ class ProcessGroupRuntime(Runtime):
         entry, flat = host._program_for(args, kwargs)
         program = entry.program
         state = [
-            read_for_write(host._state_value(program, n))
-            if n in program.mutated
-            else host._state_value(program, n)
+            read_state(n, host._state_value(program, n), program.mutated)
             for n in program.state_names
         ]
         with axis_groups({"tp": self.group}):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
+from nxd_autoshard.ir.program import split_written
 from nxd_autoshard.runtime.base import (
     Host,
     LocalState,
@@ -143,8 +144,9 @@ class SimulatorRuntime(Runtime):
 def _store(host: Host, names: list[str], outs: list) -> list:
     """Store the new values of the buffers a program wrote (every rank's must agree: a buffer is
     replicated) and return the other outputs."""
+    written, rest = split_written(names, outs)
     agreed = []
-    for name, value in zip(names, outs):
+    for name, value in zip(names, written):
         first = value[0] if isinstance(value, PerRank) else value
         if isinstance(value, PerRank) and not all(torch.equal(first, v) for v in value[1:]):
             raise RuntimeError(
@@ -153,7 +155,7 @@ def _store(host: Host, names: list[str], outs: list) -> list:
             )
         agreed.append(first)
     store_written(host.get_buffer, names, agreed)
-    return list(outs[len(names) :])
+    return rest
 
 
 def _rank_state(host: Host, program: CapturedProgram, name: str, cache: dict) -> PerRank:

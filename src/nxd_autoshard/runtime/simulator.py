@@ -17,10 +17,10 @@ from nxd_autoshard.runtime.collectives import (
     AmaxAllReduce,
     LogsumexpAllReduce,
     MaxDimAllReduce,
+    argmax_forward,
     draw_mask,
     dropout_part,
     local_vocab_embedding,
-    max_dim_forward,
     reduce_loss,
 )
 from nxd_autoshard.runtime.recompute import Recompute, with_recompute
@@ -210,8 +210,7 @@ def _sim_reduction(target, x: PerRank, args, tp: int):
         return PerRank(AmaxAllReduce.apply(stacked, dims, keepdim, op, padding, low).unbind(0))
     dim = dims + 1
     if target is C.argmax_all_reduce:
-        _, index = max_dim_forward(stacked.detach(), dim, op, padding, low)
-        return PerRank((index if keepdim else index.squeeze(dim)).unbind(0))
+        return PerRank(argmax_forward(stacked, dim, keepdim, op, padding, low).unbind(0))
     values, index = MaxDimAllReduce.apply(stacked, dim, keepdim, op, padding, low)
     return PerRank(values.unbind(0)), PerRank(index.unbind(0))
 

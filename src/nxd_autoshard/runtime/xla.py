@@ -38,9 +38,9 @@ from nxd_autoshard.runtime.collectives import (
     MaxDimAllReduce,
     ReduceScatter,
     Shard,
+    argmax_forward,
     draw_mask,
     local_vocab_embedding,
-    max_dim_forward,
     reduce_loss,
     vocab_cross_entropy_backward,
     vocab_cross_entropy_forward,
@@ -176,10 +176,6 @@ class _Lowering:
             loss = CrossEntropy.apply(logits, target, ignore_index, vocab_size)
             return reduce_loss(loss, target, reduction, ignore_index)
 
-        def argmax(x, dim, keepdim, op, padding, axis):
-            _, index = max_dim_forward(_on_tp(x, axis).detach(), dim, op, padding, low)
-            return index if keepdim else index.squeeze(dim)
-
         def embedding(weight, ids, padding_idx, vocab_size, axis):
             return local_vocab_embedding(weight, ids, padding_idx, low.rank, low.size, vocab_size)
 
@@ -197,7 +193,9 @@ class _Lowering:
             "max_dim_all_reduce": lambda x, dim, keepdim, op, padding, axis: MaxDimAllReduce.apply(
                 _on_tp(x, axis), dim, keepdim, op, padding, low
             ),
-            "argmax_all_reduce": argmax,
+            "argmax_all_reduce": lambda x, dim, keepdim, op, padding, axis: argmax_forward(
+                _on_tp(x, axis), dim, keepdim, op, padding, low
+            ),
             "logsumexp_all_reduce": lambda x, dims, keepdim, padding, axis: (
                 LogsumexpAllReduce.apply(_on_tp(x, axis), tuple(dims), keepdim, padding, low)
             ),
@@ -483,16 +481,12 @@ def program_collectives(
 
 
 def _reduction_collectives(node: torch.fx.Node) -> list[tuple[str, str]]:
-    """(HLO kind, phase) of each all-reduce a sharded reduction issues (see `collectives`)."""
-    target = node.target
-    if target is ops.logsumexp_all_reduce:
-        return [("all-reduce/max", "forward"), ("all-reduce", "forward")]
-    if target not in ops.REDUCTIONS:
-        return []
-    extremum = f"all-reduce/{node.args[3]}"
-    if target is ops.amax_all_reduce:
-        return [(extremum, "forward"), ("all-reduce", "backward")]
-    return [(extremum, "forward"), ("all-reduce/min", "forward")]  # values, then the index
+    """(HLO kind, phase) of each all-reduce a sharded reduction issues (see
+    `ops.REDUCTION_ALL_REDUCES`); none for any other node."""
+    return [
+        ("all-reduce" if reduce == "sum" else f"all-reduce/{reduce}", phase)
+        for reduce, phase, _ in ops.reduction_all_reduces(node.target, node.args)
+    ]
 
 
 def _grad_nodes(gm: torch.fx.GraphModule, grad_inputs: set[int] | None) -> set[torch.fx.Node]:
