@@ -3,9 +3,13 @@
 hypothesis draws a model from a grammar: a linear, one to three ops on the (batch, seq, width)
 activation (element-wise, gating halves, unequal splits and joins, reductions, softmax, norms,
 heads views and attention, matmuls, cumsum, inner linears, pads and slices), a linear out; and a
-width, batch and tp. The simulated sharded model's loss and every parameter gradient must equal
-the model's (gradients within the model's own fp32 rounding, measured against an fp64 copy); an `AutoshardError` (a refusal that says why) is the only other acceptable outcome.
-A wrong number or any other exception fails, and hypothesis shrinks it to a small model.
+width, batch and tp. `TinyLM` puts the same ops in identical repeated residual blocks between
+token and position embeddings (a vocabulary tp may not divide, tied to the head or not) and a
+cross-entropy loss, at pp 1 or 2, through `train_step`. The simulated sharded model's loss and
+every parameter gradient must equal the model's (gradients within the model's own fp32
+rounding, measured against an fp64 copy: tests/numerics.py), and identical blocks must be placed
+alike; an `AutoshardError` (a refusal that says why) is the only other acceptable outcome. A
+wrong number or any other exception fails, and hypothesis shrinks it to a small model.
 
 Examples run from a fixed seed (CI is deterministic); NXD_FUZZ_EXAMPLES raises their number,
 NXD_FUZZ_SEED=n explores other models (hypothesis' random search from seed n).
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
+from numerics import assert_as_exact_as_the_model
 
 from nxd_autoshard import autoshard
 from nxd_autoshard.ir.errors import AutoshardError
@@ -203,15 +208,132 @@ def test_random_model_is_equal_or_refused(drawn, seed):
     exact_grads = dict(exact.named_parameters())
     for name, param in reference.named_parameters():
         assert name in grads, f"{where}: no gradient for {name}"
-        # Sharding sums in another order than the model does: the sharded gradient must be as
-        # close to the exact one as the model's own fp32 gradient is, with a margin (a wrong
-        # gradient is off by its own size, not by a multiple of the rounding noise)
-        truth = exact_grads[name].grad
-        noise = (param.grad.double() - truth).abs().max().item()
-        torch.testing.assert_close(
-            grads[name].double(),
-            truth,
-            rtol=1e-4,
-            atol=1e-4 + 8 * noise,
-            msg=lambda m, n=name: f"{where}: {n} {m}",
+        assert_as_exact_as_the_model(
+            grads[name], param.grad, exact_grads[name].grad, f"{where}: {name}"
         )
+
+
+class Block(torch.nn.Module):
+    """x + down(ops(up(norm(x)))): a pre-norm residual block around the drawn ops."""
+
+    def __init__(self, width, hidden, steps, norm, bias):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width) if norm == "layer" else torch.nn.RMSNorm(width)
+        self.up = torch.nn.Linear(width, hidden, bias=bias)
+        self.steps = []
+        w = hidden
+        for name in steps:
+            applies, after, fn = OPS[name]
+            if fn is not None and applies(w):
+                self.steps.append(fn)
+                w = after(w)
+        self.down = torch.nn.Linear(w, width, bias=bias)
+
+    def forward(self, x):
+        h = self.up(self.norm(x))
+        for fn in self.steps:
+            h = fn(h)
+        return x + self.down(h)
+
+
+class TinyLM(torch.nn.Module):
+    """Token (and position) embeddings, identical repeated blocks, a norm and an LM head
+    (tied to the embedding or not); returns logits."""
+
+    def __init__(self, vocab, width, hidden, layers, steps, norm, bias, tied, positions):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.pos = torch.nn.Embedding(8, width) if positions else None
+        self.layers = torch.nn.ModuleList(
+            Block(width, hidden, steps, norm, bias) for _ in range(layers)
+        )
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def cross_entropy(logits, labels):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+
+
+BLOCK_OPS = sorted(name for name, (_, _, fn) in OPS.items() if fn is not None)
+
+
+@st.composite
+def language_models(draw):
+    steps = draw(st.lists(st.sampled_from(BLOCK_OPS), min_size=0, max_size=2))
+    layers = draw(st.sampled_from([1, 2, 3]))
+    pp = draw(st.sampled_from([1, 2])) if layers > 1 else 1
+    model = TinyLM(
+        vocab=draw(st.sampled_from([10, 16, 17])),
+        width=draw(st.sampled_from([4, 8, 12])),
+        hidden=draw(st.sampled_from([8, 12, 16])),
+        layers=layers,
+        steps=steps,
+        norm=draw(st.sampled_from(["layer", "rms"])),
+        bias=draw(st.booleans()),
+        tied=draw(st.booleans()),
+        positions=draw(st.booleans()),
+    )
+    batch, seq = draw(st.sampled_from([2, 4])), draw(st.sampled_from([3, 4, 8]))
+    return model, (batch, seq), draw(st.sampled_from([2, 4])), pp, steps
+
+
+@settings(settings.get_profile("nxd_fuzz"))
+@seed(int(SEED or 0))
+@given(drawn=language_models(), seed=st.integers(0, 2**16))
+def test_random_language_model_is_equal_or_refused(drawn, seed):
+    """Embeddings (the vocabulary padded where tp does not divide it, tied or not), identical
+    blocks (which must get identical plans), pipeline stages and a cross-entropy loss: one
+    training step's loss and every gradient equal the model's, or a clear refusal."""
+    model, (batch, seq), tp, pp, steps = drawn
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    vocab = model.embed.num_embeddings
+    ids = torch.randint(vocab, (batch, seq))
+    labels = torch.randint(vocab, (batch, seq))
+    reference = copy.deepcopy(model)
+    want = cross_entropy(reference(ids), labels)
+    want.backward()
+    exact = copy.deepcopy(model).double()
+    cross_entropy(exact(ids).double(), labels).backward()
+    where = f"steps={steps} batch={batch} seq={seq} tp={tp} pp={pp} layers={len(model.layers)}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sharded = autoshard(copy.deepcopy(model), tp, pp=pp, loss_fn=cross_entropy)
+            got = sharded.train_step(ids, target=labels)
+    except AutoshardError as err:
+        event(f"refused: {type(err).__name__}")
+        return
+    event(f"sharded pp={pp}")
+    event(f"embedding {sharded.placements['embed.weight']}, vocab {vocab} at tp {tp}")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{where}: loss {m}")
+    grads = sharded.gather_grads()
+    exact_grads = dict(exact.named_parameters())
+    for name, param in reference.named_parameters():
+        assert name in grads, f"{where}: no gradient for {name}"
+        assert_as_exact_as_the_model(
+            grads[name], param.grad, exact_grads[name].grad, f"{where}: {name}"
+        )
+    # identical blocks, identical plans: each block's parameters placed as the first block's
+    first = {
+        n.split(".", 2)[2]: p for n, p in sharded.placements.items() if n.startswith("layers.0.")
+    }
+    for i in range(1, len(model.layers)):
+        mine = {
+            n.split(".", 2)[2]: p
+            for n, p in sharded.placements.items()
+            if n.startswith(f"layers.{i}.")
+        }
+        assert mine == first, f"{where}: block {i} placed {mine}, block 0 {first}"
