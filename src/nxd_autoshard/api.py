@@ -17,11 +17,12 @@ from nxd_autoshard.compiler.split import (
     find_blocks,
 )
 from nxd_autoshard.ir.mesh import Mesh
-from nxd_autoshard.module import PipelineConfig, ShardedModule
+from nxd_autoshard.module import ShardedModule
 from nxd_autoshard.runtime.base import Runtime
 from nxd_autoshard.runtime.compiled import CompileOptions, compile_options
 from nxd_autoshard.runtime.groups import build_groups
 from nxd_autoshard.runtime.pipeline import (
+    PipelineConfig,
     check_schedule,
     chunk_batch,
 )

@@ -9,7 +9,7 @@ once by `autoshard` (see `runtime/base.py`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import torch
@@ -18,30 +18,15 @@ from torch.utils import _pytree as pytree
 from nxd_autoshard.compiler.cache import ProgramCache
 from nxd_autoshard.compiler.compiled import CompiledPlan
 from nxd_autoshard.compiler.driver import LocalProgram
+from nxd_autoshard.inspect.dtensor_plan import dtensor_plan
 from nxd_autoshard.inspect.history import History
+from nxd_autoshard.inspect.report import explain
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.ir.program import CapturedProgram, StageProgram
-from nxd_autoshard.runtime.base import LocalState, Runtime
-from nxd_autoshard.runtime.pipeline import _attach
+from nxd_autoshard.runtime.base import LocalState, ModelTensors, Runtime
+from nxd_autoshard.runtime.pipeline import PipelineConfig, _attach
 
-__all__ = ["ShardedModule", "PipelineConfig"]
-
-
-@dataclass
-class PipelineConfig:
-    """Pipeline settings: stages = pp x virtual, microbatches per step, torch schedule name, cuts."""
-
-    pp: int = 1
-    dp: int = 1
-    microbatches: int = 1
-    schedule: str = "1f1b"
-    virtual: int = 1
-    cuts: list[str] | None = None
-    balance: str = "flops"
-
-    @property
-    def n_stages(self) -> int:
-        return self.pp * self.virtual
+__all__ = ["ShardedModule"]
 
 
 def _installed_first(method, needed_by: str):
@@ -87,26 +72,11 @@ class ShardedModule(torch.nn.Module):
         self.loss_fn = loss_fn
         self._cache = cache
         self.plan = cache.plan  # decided by the first capture
-        self._full_shapes = cache.settings.full_shapes
+        self.full_shapes = cache.settings.full_shapes
+        self.tensors = ModelTensors.of(model)
         self._installed = False
-        self._model_name = type(model).__name__
-        self._config = (
-            getattr(model, "config", None)
-            if hasattr(getattr(model, "config", None), "to_json_file")
-            else None
-        )
-        self._full = dict(model.named_parameters(remove_duplicate=False))
-        self._buffers_full = dict(model.named_buffers(remove_duplicate=False))
-        self._persistent = {
-            f"{mod_name}.{b}" if mod_name else b
-            for mod_name, mod in model.named_modules()
-            for b in mod._buffers
-            if b not in mod._non_persistent_buffers_set
-        }
         self.train(model.training)
-        early = self.runtime.state_before_capture(self, self._full, self._buffers_full)
-        if early is not None:
-            self._install_state(early)
+        self._install_state(self.runtime.local_state(self, None))
 
     # ------------------------------------------------------------------ building
     def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]:
@@ -114,9 +84,7 @@ class ShardedModule(torch.nn.Module):
         runtime's tensors (this rank's shards, or every full tensor)."""
         entry, flat, new = self._cache.get(args, kwargs, self.training)
         if new and not self._installed:
-            self._install_state(
-                self.runtime.local_state(self, entry, self._full, self._buffers_full)
-            )
+            self._install_state(self.runtime.local_state(self, entry))
         return entry, flat
 
     def _ensure_program(self, needed_by: str) -> None:
@@ -125,7 +93,7 @@ class ShardedModule(torch.nn.Module):
             return
         own = self._cache.own_example_call(needed_by)
         args, kwargs = pytree.tree_map(
-            lambda x: x.to(self._device()) if isinstance(x, torch.Tensor) else x, own
+            lambda x: x.to(self.tensors.device) if isinstance(x, torch.Tensor) else x, own
         )
         # one microbatch as it is: the pipeline's capture sees one chunk
         self._program_for(args, kwargs)
@@ -146,34 +114,22 @@ class ShardedModule(torch.nn.Module):
     load_state_dict = _installed_first(torch.nn.Module.load_state_dict, "load_state_dict()")
     _apply = _installed_first(torch.nn.Module._apply, "moving or casting this rank's parameters")
 
-    # the plan's decisions, by the names the report, goldens and runtime read
+    # the plan's placements and vocab paddings, by the names the report, goldens and runtimes read
     placements = property(lambda self: self.plan.placements)
     padded = property(lambda self: self.plan.padded)
-    units = property(lambda self: self.plan.units)
-    stage_of_unit = property(lambda self: self.plan.stage_of_unit)
-    stage_of_block = property(lambda self: self.plan.stage_of_block)
-    unit_costs = property(lambda self: self.plan.unit_costs)
-    block_costs = property(lambda self: self.plan.block_costs)
 
-    def _device(self) -> torch.device:
-        for t in list(self._full.values()) + list(self._buffers_full.values()):
-            return t.device
-        return torch.device("cpu")
-
-    def _install_state(self, state: LocalState) -> None:
-        """Register what the runtime installs: this rank's stages' shards, or every full tensor."""
+    def _install_state(self, state: LocalState | None) -> None:
+        """Register what the runtime installs (this rank's stages' shards, or every full tensor);
+        None: nothing yet, the plan decides it at the first capture."""
+        if state is None:
+            return
         self._installed = True
         for name, param in state.parameters.items():
             _attach(self, name, param, parameter=True)
         for name, buf in state.buffers.items():
-            _attach(self, name, buf, parameter=False, persistent=name in self._persistent)
+            _attach(self, name, buf, parameter=False, persistent=name in self.tensors.persistent)
         if not state.keep_full:
-            self._full = {}  # the full weights are no longer needed on this rank
-
-    def _state_value(self, program: CapturedProgram, name: str):
-        if name in program.constants:
-            return program.constants[name]
-        return self.get_parameter(name) if name in self._full_shapes else self.get_buffer(name)
+            self.tensors.parameters = {}  # the full weights are no longer needed on this rank
 
     # ------------------------------------------------------------------ running (the runtime's)
     def forward(self, *args, **kwargs):
@@ -257,8 +213,6 @@ class ShardedModule(torch.nn.Module):
 
     def explain(self, format: str | None = None, *, program: int = 0):
         """The plan report (see `report.explain`): a Report, or its "text" / "html" / "json" form."""
-        from nxd_autoshard.inspect.report import explain
-
         return explain(self._compiled("explain()"), format=format, program=program)
 
     def dtensor_plan(self, *, program: int = 0):
@@ -268,15 +222,9 @@ class ShardedModule(torch.nn.Module):
         hard-coded head counts, ...) are left out, each module named with why in `.skipped`;
         `parallelize_module(model, mesh["tp"], plan)` then gives this plan's loss and gradients.
         """
-        from nxd_autoshard.inspect.dtensor_plan import dtensor_plan
-
         return dtensor_plan(self._compiled("dtensor_plan()"), self._cache.shadow, program=program)
 
     def _repr_html_(self) -> str:
-        from html import escape
-
-        from nxd_autoshard.inspect.report import explain
-
         try:
             self._ensure_program("the plan view")
         except ValueError as err:  # a notebook cell showing the module must not fail
@@ -284,17 +232,17 @@ class ShardedModule(torch.nn.Module):
         return explain(self._compiled("the plan view")).to_html(full=True)
 
     def extra_repr(self) -> str:
-        mesh = f"{self._model_name}, tp={self.tp}, pp={self.pipeline.pp}, dp={self.pipeline.dp}"
+        mesh = f"{self._cache.settings.model_name}, tp={self.tp}, pp={self.pipeline.pp}, dp={self.pipeline.dp}"
         if not self._cache.captured:
             return f"{mesh}, not captured yet (captured at the first call)"
         return f"{mesh}, {len(self.programs())} captured program(s)"
 
     def local_shape(self, name: str) -> tuple[int, ...]:
         self._ensure_program("local_shape()")
-        return self.plan.local_shape(name, self._full_shapes[name], self.tp)
+        return self.plan.local_shape(name, self.full_shapes[name], self.tp)
 
     def full_shape(self, name: str) -> tuple[int, ...]:
-        return self._full_shapes[name]
+        return self.full_shapes[name]
 
     def gather_grads(self) -> dict[str, torch.Tensor]:
         """Full-shape gradients of every parameter (all-gathers shards when run on a process group)."""

@@ -22,6 +22,7 @@ from conftest import config_dict  # noqa: E402
 from nxd_autoshard import autoshard  # noqa: E402
 from nxd_autoshard.ir.mesh import Mesh  # noqa: E402
 from nxd_autoshard.runtime import xla  # noqa: E402
+from nxd_autoshard.runtime.base import state_value  # noqa: E402
 from nxd_autoshard.tools import neuron  # noqa: E402
 from nxd_autoshard.tools.hf import build_model, random_batch  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_openxla_compile_of_a_stage_program(family):
     model, sharded, args, kwargs = _sharded(family, 1)
     (spec,) = neuron.stage_specs(sharded, args, kwargs)
     program = sharded.programs()[0]
-    state = [sharded._state_value(program, n).detach().to(DEVICE) for n in spec.state_names]
+    state = [state_value(sharded, program, n).detach().to(DEVICE) for n in spec.state_names]
     params = [s for n, s in zip(spec.state_names, state) if n in sharded._full_shapes]
     for p in params:
         p.requires_grad_(True)

@@ -31,14 +31,48 @@ if TYPE_CHECKING:
 __all__ = [
     "Host",
     "LocalState",
+    "ModelTensors",
     "Runtime",
     "checkpoint_tensors",
     "loss_of",
     "read_for_write",
     "read_state",
+    "state_value",
     "store_written",
     "write_checkpoint",
 ]
+
+
+@dataclass
+class ModelTensors:
+    """The unsharded model's tensors as the runtime installs them, by original name (tied aliases
+    share one), with what a checkpoint needs besides: the persistent buffers' names and the
+    model's config (a Hugging Face config, written as config.json)."""
+
+    parameters: dict[str, torch.nn.Parameter]
+    buffers: dict[str, torch.Tensor]
+    persistent: set[str]
+    config: Any
+    device: torch.device
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelTensors:
+        config = getattr(model, "config", None)
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        first = next(iter([*parameters.values(), *buffers.values()]), None)
+        return cls(
+            parameters,
+            buffers,
+            {
+                f"{mod_name}.{b}" if mod_name else b
+                for mod_name, mod in model.named_modules()
+                for b in mod._buffers
+                if b not in mod._non_persistent_buffers_set
+            },
+            config if hasattr(config, "to_json_file") else None,
+            first.device if first is not None else torch.device("cpu"),
+        )
 
 
 class Host(Protocol):
@@ -55,15 +89,12 @@ class Host(Protocol):
     plan: Any  # compiler.plan.Plan: placements, blocks (fused projections), padding
     padded: dict[str, int]
     loss_fn: Callable | None
+    tensors: ModelTensors
+    full_shapes: dict[str, tuple[int, ...]]  # every parameter's, by original name
     _cache: Any  # compiler.cache.ProgramCache: flatten, with_defaults, compute_dtype, settings
-    _full_shapes: dict[str, tuple[int, ...]]
-    _persistent: set[str]
-    _config: Any
 
     def __call__(self, *args, **kwargs) -> Any: ...
     def _program_for(self, args: tuple, kwargs: dict) -> tuple[LocalProgram, list]: ...
-    def _state_value(self, program: CapturedProgram, name: str) -> torch.Tensor: ...
-    def _device(self) -> torch.device: ...
     def named_parameters(self, *args, **kwargs): ...
     def named_buffers(self, *args, **kwargs): ...
     def parameters(self, *args, **kwargs): ...
@@ -89,21 +120,9 @@ class Runtime(ABC):
         """Indices of the pipeline stages this runtime runs."""
 
     @abstractmethod
-    def local_state(
-        self,
-        host: Host,
-        entry: LocalProgram,
-        full: dict[str, torch.nn.Parameter],
-        buffers: dict[str, torch.Tensor],
-    ) -> LocalState:
-        """The parameters and buffers to install from the first captured program."""
-
-    def state_before_capture(
-        self, host: Host, full: dict[str, torch.nn.Parameter], buffers: dict[str, torch.Tensor]
-    ) -> LocalState | None:
-        """The tensors to install before any program is captured, where they do not depend on the
-        plan; None where they are the pieces the plan decides (installed at the first capture)."""
-        return None
+    def local_state(self, host: Host, entry: LocalProgram | None) -> LocalState | None:
+        """The parameters and buffers to install: from the first captured program `entry`, or
+        before any capture (`entry` None) where they do not depend on the plan, else None."""
 
     @abstractmethod
     def step_chunks(self, host: Host) -> int:
@@ -142,6 +161,14 @@ class Runtime(ABC):
     @abstractmethod
     def save_checkpoint(self, host: Host, directory: Path) -> None:
         """Write the full weights as a transformers-style safetensors checkpoint."""
+
+
+def state_value(host: Host, program: CapturedProgram, name: str) -> torch.Tensor:
+    """State input `name` of `program`: a constant it captured, else the module's installed
+    parameter or buffer."""
+    if name in program.constants:
+        return program.constants[name]
+    return host.get_parameter(name) if name in host.full_shapes else host.get_buffer(name)
 
 
 def read_for_write(value: torch.Tensor) -> torch.Tensor:
@@ -241,14 +268,14 @@ def write_checkpoint(
                 "weight_map": {n: file_of[s] for n, s in sorted(owner.items())},
             }
             (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-        if host._config is not None:
-            host._config.to_json_file(str(directory / "config.json"))
+        if host.tensors.config is not None:
+            host.tensors.config.to_json_file(str(directory / "config.json"))
 
 
 def checkpoint_tensors(host: Host) -> dict[str, torch.Tensor]:
     """Full parameters (a tp collective on a mesh: every rank takes part) and persistent buffers."""
     tensors = host.full_state_dict()
     tensors.update(
-        {n: b.detach().clone() for n, b in host.named_buffers() if n in host._persistent}
+        {n: b.detach().clone() for n, b in host.named_buffers() if n in host.tensors.persistent}
     )
     return tensors

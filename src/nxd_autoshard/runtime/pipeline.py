@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +17,7 @@ from nxd_autoshard.runtime.collectives import axis_groups
 from nxd_autoshard.runtime.simulator import simulate_graph
 
 __all__ = [
+    "PipelineConfig",
     "SCHEDULES",
     "check_schedule",
     "StageModule",
@@ -26,6 +28,23 @@ __all__ = [
     "stage_ranks",
     "unpack_last_outputs",
 ]
+
+
+@dataclass
+class PipelineConfig:
+    """Pipeline settings: stages = pp x virtual, microbatches per step, torch schedule name, cuts."""
+
+    pp: int = 1
+    dp: int = 1
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual: int = 1
+    cuts: list[str] | None = None
+    balance: str = "flops"
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.virtual
 
 
 # name -> (torch schedule class, stages per pp rank)

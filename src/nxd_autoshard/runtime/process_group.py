@@ -22,6 +22,7 @@ from nxd_autoshard.runtime.base import (
     checkpoint_tensors,
     loss_of,
     read_state,
+    state_value,
     store_written,
     write_checkpoint,
 )
@@ -73,13 +74,10 @@ class ProcessGroupRuntime(Runtime):
         mine = self.groups.coord("pp")
         return [s for s, r in enumerate(_stage_ranks(host)) if r == mine]
 
-    def local_state(
-        self,
-        host: Host,
-        entry: LocalProgram,
-        full: dict[str, torch.nn.Parameter],
-        buffers: dict[str, torch.Tensor],
-    ) -> LocalState:
+    def local_state(self, host: Host, entry: LocalProgram | None) -> LocalState | None:
+        if entry is None:
+            return None  # this rank's pieces are the plan's: installed at the first capture
+        full, buffers = host.tensors.parameters, host.tensors.buffers
         held = set(full)
         if entry.stages is not None and self.groups is not None:
             held = {n for s in self.local_stages(host) for n in entry.stages[s].state_names}
@@ -115,7 +113,7 @@ class ProcessGroupRuntime(Runtime):
         holders: dict[str, set[int]] = {}
         for stage in stages:
             for name in stage.state_names:
-                if name in host._full_shapes:
+                if name in host.full_shapes:
                     holders.setdefault(name, set()).add(where[stage.index])
         shared: dict[tuple[int, ...], list[str]] = {}
         for name, ranks in holders.items():
@@ -147,7 +145,7 @@ class ProcessGroupRuntime(Runtime):
         entry, flat = host._program_for(args, kwargs)
         program = entry.program
         state = [
-            read_state(n, host._state_value(program, n), program.mutated)
+            read_state(n, state_value(host, program, n), program.mutated)
             for n in program.state_names
         ]
         with axis_groups({"tp": self.group}):
@@ -235,7 +233,7 @@ class ProcessGroupRuntime(Runtime):
     def _build_schedule(self, host: Host, entry: LocalProgram):
         local = self.local_stages(host)
         state = {
-            n: host._state_value(entry.program, n)
+            n: state_value(host, entry.program, n)
             for s in local
             for n in entry.stages[s].state_names
         }
@@ -243,7 +241,7 @@ class ProcessGroupRuntime(Runtime):
             StageModule(
                 entry.stages[s],
                 state,
-                set(host._full_shapes),
+                set(host.full_shapes),
                 self.group,
                 run=self._runnable(entry.stages[s].gm),
             )
@@ -260,7 +258,7 @@ class ProcessGroupRuntime(Runtime):
             local,
             host.pipeline.n_stages,
             self.groups.pp,
-            host._device(),
+            host.tensors.device,
             m,
             host.pipeline.schedule,
             loss_fn,
@@ -293,7 +291,7 @@ class ProcessGroupRuntime(Runtime):
         dist.all_gather(parts, local.detach().contiguous(), group=self.group)
         blocks = host.plan.blocks.get(name, 1)
         # the vocab padding is dropped
-        return unshard_tensor(list(parts), p, blocks, host._full_shapes[name][p.dim])
+        return unshard_tensor(list(parts), p, blocks, host.full_shapes[name][p.dim])
 
     def optimizer(
         self, params: list[torch.nn.Parameter], optimizer_class: type, *, zero: bool, **kwargs

@@ -20,6 +20,7 @@ from nxd_autoshard.runtime.base import (
     checkpoint_tensors,
     loss_of,
     read_for_write,
+    state_value,
     store_written,
     write_checkpoint,
 )
@@ -62,21 +63,10 @@ class SimulatorRuntime(Runtime):
     def local_stages(self, host: Host) -> list[int]:
         return list(range(host.pipeline.n_stages))
 
-    def local_state(
-        self,
-        host: Host,
-        entry: LocalProgram,
-        full: dict[str, torch.nn.Parameter],
-        buffers: dict[str, torch.Tensor],
-    ) -> LocalState:
-        return self.state_before_capture(host, full, buffers)
-
-    def state_before_capture(
-        self, host: Host, full: dict[str, torch.nn.Parameter], buffers: dict[str, torch.Tensor]
-    ) -> LocalState:
+    def local_state(self, host: Host, entry: LocalProgram | None) -> LocalState:
         # the full tensors themselves, whatever the plan: gradients of the simulated ranks
         # accumulate into them, and an optimizer can be built over them before the first call
-        return LocalState(dict(full), dict(buffers), keep_full=True)
+        return LocalState(dict(host.tensors.parameters), dict(host.tensors.buffers))
 
     def step_chunks(self, host: Host) -> int:
         # the whole batch is here: dp replicas x microbatches, as the mesh would cut it
@@ -162,10 +152,10 @@ def _rank_state(host: Host, program: CapturedProgram, name: str, cache: dict) ->
     """Each rank's piece of a parameter (scattered once per call, so tied uses share a gradient);
     a buffer the program writes is read afresh (a copy) by every program run."""
     if name in program.mutated:
-        return PerRank([read_for_write(host._state_value(program, name))] * host.tp)
+        return PerRank([read_for_write(state_value(host, program, name))] * host.tp)
     if name not in cache:
-        value = host._state_value(program, name)
-        if name in host._full_shapes:
+        value = state_value(host, program, name)
+        if name in host.full_shapes:
             cache[name] = scatter_to_ranks(
                 value,
                 host.placements[name],

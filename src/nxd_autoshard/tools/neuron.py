@@ -29,6 +29,7 @@ import torch
 from nxd_autoshard.ir.mesh import Mesh
 from nxd_autoshard.ir.placements import Shard, placement_str, shard_tensor
 from nxd_autoshard.runtime import xla
+from nxd_autoshard.runtime.base import state_value
 
 __all__ = [
     "TARGETS",
@@ -206,8 +207,8 @@ def _stage_ranks(mesh: Mesh, stage: int) -> list[list[int]]:
 def _rank_state(sharded, program, spec: StageSpec, tp_rank: int) -> list[torch.Tensor]:
     out = []
     for name in spec.state_names:
-        value = sharded._state_value(program, name)
-        if name in sharded._full_shapes:
+        value = state_value(sharded, program, name)
+        if name in sharded.full_shapes:
             value = shard_tensor(
                 value.detach(),
                 sharded.placements[name],
@@ -224,7 +225,7 @@ def _grad_sync(sharded, specs: list[StageSpec], spec: StageSpec):
     """The step's gradient all-reduces of this stage: tied weights summed across the pp ranks
     holding them, then every gradient averaged over dp (NxD's order)."""
     mesh: Mesh = sharded.mesh
-    params = [n for n in spec.state_names if n in sharded._full_shapes]
+    params = [n for n in spec.state_names if n in sharded.full_shapes]
     syncs = []
     holders: dict[str, list[int]] = {}
     for other in specs:
@@ -257,7 +258,7 @@ def trace_stage(sharded, spec: StageSpec, rank: int, specs: list[StageSpec] | No
         mesh=sharded.mesh,
         rank=rank,
         state_names=spec.state_names,
-        params=[n for n in spec.state_names if n in sharded._full_shapes],
+        params=[n for n in spec.state_names if n in sharded.full_shapes],
         grad_sync=_grad_sync(sharded, specs or [spec], spec),
     )
 
@@ -287,7 +288,7 @@ def expected_collectives(sharded, specs: list[StageSpec], spec: StageSpec) -> di
     tp = xla.hlo_groups(sharded.mesh.groups("tp"))
     # the placeholders trace_rank gives a gradient: parameters and the floating inputs
     n_state = len(spec.state_names)
-    with_grad = {i for i, n in enumerate(spec.state_names) if n in sharded._full_shapes}
+    with_grad = {i for i, n in enumerate(spec.state_names) if n in sharded.full_shapes}
     with_grad |= set(range(n_state, n_state + len(spec.inputs)))
     counts = xla.program_collectives(spec.gm, grad_inputs=with_grad)
     out = {(kind, tp): n for kind, n in counts.items()}
@@ -446,7 +447,7 @@ def compile_for_neuron(
         canonical = hashlib.sha256(xla.canonical_hlo(text).encode()).hexdigest()
         same_as = seen.setdefault(canonical, spec.index)
         found = {f"{k}{g and ' ' + g}": n for (k, g), n in xla.hlo_collectives(text).items()}
-        params = [n for n in spec.state_names if n in sharded._full_shapes]
+        params = [n for n in spec.state_names if n in sharded.full_shapes]
         stages.append(
             {
                 "stage": spec.index,
@@ -466,7 +467,7 @@ def compile_for_neuron(
                 "parameters": [
                     {
                         "name": n,
-                        "full_shape": list(sharded._full_shapes[n]),
+                        "full_shape": list(sharded.full_shapes[n]),
                         "local_shape": list(sharded.local_shape(n)),
                         "placement": placement_str(sharded.placements[n]),
                         "dim": sharded.placements[n].dim
@@ -477,7 +478,7 @@ def compile_for_neuron(
                     }
                     for n in params
                 ],
-                "buffers": [n for n in spec.state_names if n not in sharded._full_shapes],
+                "buffers": [n for n in spec.state_names if n not in sharded.full_shapes],
                 "collectives": found,
                 "neuronx_cc": argv,
             }
