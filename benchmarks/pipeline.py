@@ -79,17 +79,17 @@ def balance_rows(name: str, shape: dict, seq: int) -> tuple[list[str], str]:
         model, 8, pp=4, microbatches=4, example_inputs=(ids,), example_kwargs={"labels": ids}
     )
     planned = time.perf_counter() - start
-    blocks = [c.flops for c in sharded.plan.block_costs]
-    flops = [c.flops for c in sharded.plan.unit_costs]
-    memory = [c.param_bytes for c in sharded.plan.unit_costs]
-    unit_of_block = sharded.plan.units.block
+    blocks = [c.flops for c in sharded.block_costs]
+    flops = [c.flops for c in sharded.unit_costs]
+    memory = [c.param_bytes for c in sharded.unit_costs]
+    unit_of_block = sharded.units.block
     rows = []
     for pp in (4, 8):
         even = even_split(len(blocks), pp)
         for label, assign in (
             ("even layers (NxD default)", [even[b] for b in unit_of_block]),
             ("ours: whole layers, by FLOPs", _whole_layers(flops, unit_of_block, pp)),
-            ("ours: attention/MLP cuts, by FLOPs", balance(flops, pp, sharded.plan.units.cut_ok)),
+            ("ours: attention/MLP cuts, by FLOPs", balance(flops, pp, sharded.units.cut_ok)),
         ):
             f_imb, per = _imbalance(flops, assign, pp)
             m_imb, _ = _imbalance(memory, assign, pp)
@@ -101,7 +101,7 @@ def balance_rows(name: str, shape: dict, seq: int) -> tuple[list[str], str]:
     note = (
         f"{name}: planned at tp 8 x pp 4 on meta in {planned:.1f} s (capture, propagate, "
         f"partition, split); {len(blocks)} layers cut into {len(flops)} units, of which "
-        f"{sum(sharded.plan.units.cut_ok)} may start a stage; first layer + embedding "
+        f"{sum(sharded.units.cut_ok)} may start a stage; first layer + embedding "
         f"{blocks[0] / 1e12:.3f} TFLOP, middle layer {blocks[len(blocks) // 2] / 1e12:.3f}, "
         f"last layer + norm + LM head + loss {blocks[-1] / 1e12:.3f}"
     )

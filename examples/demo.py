@@ -153,9 +153,7 @@ def pipeline_rank_main(rank, world):
             len(s.state_names),
             len(s.inputs),
             sum(
-                c.flops
-                for c, st in zip(sharded.plan.unit_costs, sharded.plan.stage_of_unit)
-                if st == s.index
+                c.flops for c, st in zip(sharded.unit_costs, sharded.stage_of_unit) if st == s.index
             ),
         )
         for s in sharded.stages()
@@ -164,7 +162,7 @@ def pipeline_rank_main(rank, world):
         losses=losses,
         grads=first_grads if rank % PP_TP == 0 else None,
         stages=stages,
-        stage_of_block=sharded.plan.stage_of_block,
+        stage_of_block=sharded.stage_of_block,
     )
 
 

@@ -163,7 +163,7 @@ def test_every_parameter_lands_on_exactly_one_stage(n_layers, pp):
     assert list(shared) == [id(by_name["lm_head.weight"])]
     assert list(shared.values()) == [[0, pp - 1]]
     # every unit (a layer's attention half, its MLP half, the embedding...) on exactly one stage
-    assert [u for stage in stages for u in stage.units] == sharded.plan.units.names
+    assert [u for stage in stages for u in stage.units] == sharded.units.names
     blocks = list(dict.fromkeys(b for stage in stages for b in stage.blocks))
     assert blocks == [f"transformer.h.{i}" for i in range(n_layers)]  # no layer dropped
     for stage in stages[1:]:  # a layer is only ever cut after its attention's residual add
@@ -196,8 +196,8 @@ def test_balance_puts_fewer_layers_with_the_lm_head():
     args = random_batch(model, batch=2)[0]
     cost = autoshard(model, 1, pp=2, example_inputs=args)  # balance='flops'
     even = autoshard(model, 1, pp=2, example_inputs=args, balance="even")
-    assert even.plan.stage_of_block == [0, 0, 0, 1, 1, 1]
-    assert cost.plan.stage_of_block.count(1) < 3  # the big head costs as much as a layer or more
+    assert even.stage_of_block == [0, 0, 0, 1, 1, 1]
+    assert cost.stage_of_block.count(1) < 3  # the big head costs as much as a layer or more
     assert even_split(7, 3) == [0, 0, 0, 1, 1, 2, 2]
 
 
@@ -210,7 +210,7 @@ def test_pipeline_cuts_by_name():
         example_inputs=random_batch(model, batch=2)[0],
         pipeline_cuts=["model.layers.1"],
     )
-    assert sharded.plan.stage_of_block == [0, 1, 1, 1]
+    assert sharded.stage_of_block == [0, 1, 1, 1]
 
 
 def test_mesh_rank_order_tp_fastest_then_pp_then_dp():

@@ -114,9 +114,14 @@ class ShardedModule(torch.nn.Module):
     load_state_dict = _installed_first(torch.nn.Module.load_state_dict, "load_state_dict()")
     _apply = _installed_first(torch.nn.Module._apply, "moving or casting this rank's parameters")
 
-    # the plan's placements and vocab paddings, by the names the report, goldens and runtimes read
+    # the plan's decisions, by the names the report, goldens, runtimes and users read
     placements = property(lambda self: self.plan.placements)
     padded = property(lambda self: self.plan.padded)
+    units = property(lambda self: self.plan.units)
+    stage_of_unit = property(lambda self: self.plan.stage_of_unit)
+    stage_of_block = property(lambda self: self.plan.stage_of_block)
+    unit_costs = property(lambda self: self.plan.unit_costs)
+    block_costs = property(lambda self: self.plan.block_costs)
 
     def _install_state(self, state: LocalState | None) -> None:
         """Register what the runtime installs (this rank's stages' shards, or every full tensor);
