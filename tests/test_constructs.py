@@ -3,7 +3,9 @@ writes it: loss and every gradient equal to the unsharded model, and the plan at
 (or the replication NxD would choose, shown and warned about as the plan says).
 
 torchtitan 0.3: sdpa with enable_gqa, complex rotary (view_as_complex / view_as_real, flatten),
-fused q|k|v grouped by KV head, experts as raw [E, out, in] parameters under torch._grouped_mm; timm 1.0: a fused qkv reshaped to (B, N, 3, heads, head_dim);
+fused q|k|v grouped by KV head, experts as raw [E, out, in] parameters under torch._grouped_mm; HF
+Llama 4: experts as raw [E, in, out] parameters under torch.bmm; timm 1.0: a fused qkv reshaped to
+(B, N, 3, heads, head_dim);
 OLMo 2: q/k RMSNorm over the whole projection width.
 """
 
@@ -259,3 +261,45 @@ def test_hf_deepseek_v3_equal_and_its_mla_down_projection_kept_whole():
         checks = verify_config(config, 2, world="sim")
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert not [str(w.message) for w in caught if "nxd-autoshard" in str(w.message)]
+
+
+class _BatchedExperts(torch.nn.Module):
+    """HF Llama 4's MoE: every token goes to every expert, scaled by its router score (0 unless in
+    its top 2),
+    one torch.bmm per projection over raw [experts, in, out] parameters, gate|up fused."""
+
+    def __init__(self, dim: int = 32, hidden: int = 32, experts: int = 4):
+        super().__init__()
+        self.experts = experts
+        self.router = torch.nn.Linear(dim, experts, bias=False)
+        self.gate_up_proj = torch.nn.Parameter(0.2 * torch.randn(experts, dim, 2 * hidden))
+        self.down_proj = torch.nn.Parameter(0.2 * torch.randn(experts, hidden, dim))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        logits = self.router(flat)
+        top, chosen = logits.topk(2, dim=1)
+        scores = torch.full_like(logits, float("-inf")).scatter(1, chosen, top)
+        scores = scores.transpose(0, 1).sigmoid()  # [experts, tokens], 0 where not chosen
+        routed = flat.repeat(self.experts, 1) * scores.reshape(-1, 1)
+        gate, up = torch.bmm(routed.view(self.experts, -1, d), self.gate_up_proj).chunk(2, -1)
+        out = torch.bmm(up * F.silu(gate), self.down_proj)
+        return x + out.sum(0).reshape(b, s, d)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_batched_experts_split_gate_up_by_columns_and_down_by_rows(tp):
+    """Llama 4's bmm experts: gate_up_proj splits its out dim (gate and up halves each split,
+    blocks=2) and down_proj its in dim, one all-reduce each way per layer; only the router
+    (a few % of the weights) stays whole. Before, both 3-D parameters stayed replicated and the
+    warning named an empty weight shape."""
+    torch.manual_seed(0)
+    model = _MoE(None)
+    model.layers = torch.nn.ModuleList([_BatchedExperts(), _BatchedExperts()])
+    totals, placements, messages = _check(model, tp)
+    assert placements["layers.0.gate_up_proj"] == placements["layers.1.gate_up_proj"] == "S(2)"
+    assert placements["layers.0.down_proj"] == placements["layers.1.down_proj"] == "S(1)"
+    assert totals["block_collectives"] == [[1, 1]]
+    assert totals["replicated_block_matmuls"] == 2  # the routers
+    assert not messages, messages

@@ -185,6 +185,7 @@ def _report_replicated(
     if replicated and len(replicated) == len(found):
         _raise_if_another_tp_splits(program, settings, list(dict.fromkeys(w for _, w, _ in found)))
     indexed = {m for m, _, by_expert in found if by_expert}
+    weight_of = {m: w for m, w, _ in reversed(found)}  # a module's first weight, for the reason
     # a minor weight (an MoE router) costs no memory to speak of, and Megatron replicates it
     # too: explain() still shows it, no warning
     minor = _minor_matmuls(program, settings)
@@ -210,7 +211,9 @@ def _report_replicated(
     split_inputs = {x for m, x in column_inputs.items() if m in sharded_modules}
     causes: dict[str, list[tuple[str, str]]] = {}  # cause -> (module, why) of each matmul
     for module in dict.fromkeys(degraded):
-        why = undone.get(module) or _why_not_split(module + ".weight", settings, module in indexed)
+        why = undone.get(module) or _why_not_split(
+            weight_of.get(module, module + ".weight"), settings, module in indexed
+        )
         if why == KEPT_WHOLE:
             continue
         kv = "not divisible" in why and column_inputs.get(module) in split_inputs

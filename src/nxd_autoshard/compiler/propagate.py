@@ -47,7 +47,7 @@ __all__ = ["PropagationResult", "propagate_placements", "LINEAR_OPS", "weight_ro
 aten = torch.ops.aten
 
 
-LINEAR_OPS = {aten.linear, aten.addmm, aten.mm, aten.matmul, expert_linear, grouped_linear}
+LINEAR_OPS = {aten.linear, aten.addmm, aten.mm, aten.matmul, aten.bmm, expert_linear, grouped_linear}
 
 
 @dataclass
@@ -87,8 +87,11 @@ def weight_role(
         return node.args[1], bias if bias is not None else split_off, 0, node.args[0]
     if packet is aten.addmm:
         return node.args[2], node.args[0], 1, node.args[1]
-    if packet in (aten.mm, aten.matmul):
-        return node.args[1], split_off, 1, node.args[0]
+    if packet in (aten.mm, aten.matmul, aten.bmm):
+        # x @ W: W [in, out], or batched [..., in, out] (Llama 4's experts, bmm over [E, in, out])
+        weight = node.args[1]
+        ndim = len(shape_of(weight)) if isinstance(weight, torch.fx.Node) else 2
+        return weight, split_off, max(ndim - 1, 0), node.args[0]
     if node.target in (expert_linear, grouped_linear):  # weight [experts, out, in]
         return node.args[1], None, 1, node.args[0]
     return None
@@ -363,6 +366,16 @@ class _Seeding:
     padded: dict[str, int]  # parameter name -> padded size of its shard dim
 
 
+# the weights a matmul-like op takes: [out, in] or [in, out]; experts [E, out, in] (our expert
+# ops) or [E, in, out] (a batched product by a 3-D parameter)
+_WEIGHT_NDIMS = {
+    expert_linear: (3,),
+    grouped_linear: (3,),
+    aten.bmm: (3,),
+    aten.matmul: (2, 3),
+}
+
+
 def _seed_weights(node: torch.fx.Node, s: _Seeding) -> None:
     """Give a linear's or embedding's parameters their placements the first time they are used."""
     packet = _packet(node)
@@ -377,7 +390,7 @@ def _seed_weights(node: torch.fx.Node, s: _Seeding) -> None:
     if name is None or name in s.chosen:
         return
     ndim = len(shape_of(weight))
-    if ndim != (3 if node.target in (expert_linear, grouped_linear) else 2):
+    if ndim not in _WEIGHT_NDIMS.get(node.target, _WEIGHT_NDIMS.get(packet, (2,))):
         return
     mod = name.rsplit(".", 1)[0]
     style = s.styles.get(name)
