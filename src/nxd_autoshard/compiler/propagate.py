@@ -47,7 +47,15 @@ __all__ = ["PropagationResult", "propagate_placements", "LINEAR_OPS", "weight_ro
 aten = torch.ops.aten
 
 
-LINEAR_OPS = {aten.linear, aten.addmm, aten.mm, aten.matmul, aten.bmm, expert_linear, grouped_linear}
+LINEAR_OPS = {
+    aten.linear,
+    aten.addmm,
+    aten.mm,
+    aten.matmul,
+    aten.bmm,
+    expert_linear,
+    grouped_linear,
+}
 
 
 @dataclass
