@@ -303,3 +303,104 @@ def test_batched_experts_split_gate_up_by_columns_and_down_by_rows(tp):
     assert totals["block_collectives"] == [[1, 1]]
     assert totals["replicated_block_matmuls"] == 2  # the routers
     assert not messages, messages
+
+
+@torch.library.custom_op("nxdtest::project", mutates_args=())
+def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A library's own kernel for x @ w.T, which no sharding rule knows."""
+    return x @ w.T
+
+
+@_project.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+_project.register_autograd(
+    lambda ctx, grad: (grad @ ctx.w, grad.flatten(0, -2).T @ ctx.x.flatten(0, -2)),
+    setup_context=lambda ctx, inputs, output: (
+        ctx.save_for_backward() or setattr(ctx, "x", inputs[0]) or setattr(ctx, "w", inputs[1])
+    ),
+)
+
+
+class _CustomKernelBlock(torch.nn.Module):
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.up = torch.nn.Linear(dim, 2 * dim, bias=False)
+        self.down = torch.nn.Linear(2 * dim, dim, bias=False)
+        self.mix = torch.nn.Parameter(0.1 * torch.randn(dim, dim))
+
+    def forward(self, x):
+        x = x + self.down(F.silu(self.up(x)))
+        return x + _project(x, self.mix)
+
+
+def test_a_weight_read_by_an_op_without_a_rule_is_named_as_replicated():
+    """A custom kernel (torch.library) reading a weight inside the blocks has no rule: it runs
+    whole on every rank, equal, and the warning names the op and the weight, once for both
+    layers (before, its weight stayed whole with no word: only products were looked at)."""
+    torch.manual_seed(0)
+    model = _MoE(None)
+    model.layers = torch.nn.ModuleList([_CustomKernelBlock(), _CustomKernelBlock()])
+    totals, placements, messages = _check(model, 2)
+    assert placements["layers.0.up.weight"] == "S(0)" and placements["layers.0.mix"] == "R"
+    replicated = [m for m in messages if "stay replicated" in m]
+    assert len(replicated) == 1, messages
+    assert "'layers.*'" in replicated[0] and "nxdtest.project.default" in replicated[0]
+    assert "mix [32 x 32]" in replicated[0]
+    x = torch.randn(2, 8, 32)
+    with pytest.raises(Exception, match="nxdtest.project"):
+        autoshard(model, 2, example_inputs=(x,), strict=True)(x)
+
+
+class _ChunkedAndStrided(torch.nn.Module):
+    """One fused output read two ways: chunked into halves (blocks) and every other column (a
+    contiguous layout): no one split fits both, so one of them must give way."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.fused = torch.nn.Linear(dim, 2 * dim, bias=False)
+        self.out = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        y = self.fused(x)
+        a, b = y.chunk(2, -1)
+        return x + self.out(a * b + y[..., ::2])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_fused_output_chunked_and_strided_is_equal(tp):
+    torch.manual_seed(0)
+    model = _MoE(None)
+    model.layers = torch.nn.ModuleList([_ChunkedAndStrided(), _ChunkedAndStrided()])
+    _check(model, tp)
+
+
+def test_hf_gpt_oss_experts_split_like_megatron_experts():
+    """HF GPT-OSS: experts stored [E, in, out] under transformers' grouped_mm_fallback, gate and
+    up interleaved (`gate_up[..., ::2]`, `[..., 1::2]`), per-expert biases gathered by expert id:
+    gate_up by columns, down by rows, 2 all-reduces forward per layer; before, every expert
+    weight stayed whole with no warning (the op had no rule and was not counted)."""
+    from nxd_autoshard.tools.hf import build_model, random_batch
+    from nxd_autoshard.tools.verify import verify_config
+
+    config = {
+        "model_type": "gpt_oss", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "layer_types": ["sliding_attention", "full_attention"], "rope_scaling": None,
+    }  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checks = verify_config(config, 2, world="sim", seq=8)
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert not [w for w in caught if "nxd-autoshard" in str(w.message)]
+    model = build_model(config, seed=0)
+    args, kwargs = random_batch(model, batch=2, seq=8, seed=1)
+    sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)
+    experts = "model.layers.0.mlp.experts"
+    assert str(sharded.placements[f"{experts}.gate_up_proj"]) == "S(2)"
+    assert str(sharded.placements[f"{experts}.down_proj"]) == "S(1)"
+    assert sharded.explain().totals["block_collectives"][0][0] == 2

@@ -14,7 +14,7 @@ import transformers.integrations.moe  # noqa: F401  (registers the grouped_mm op
 from rulecheck import FALLBACK_NOTE, assert_matches_unsharded, run_sharded
 
 from nxd_autoshard.ir.meta import state_name_of
-from nxd_autoshard.ir.ops import expert_linear
+from nxd_autoshard.ir.ops import expert_linear, expert_matmul
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules import REGISTRY, handles_padding, rule_for
 
@@ -305,6 +305,17 @@ ROWS = [
     ),
     Row("slice_other_dim", aten.slice, lambda x: x[1:3], ((4, 8),), (S1,), S1),
     Row("slice_shard_dim_refuses", aten.slice, lambda x: x[:, 2:8], ((4, 8),), (S1,), FALLBACK),
+    # GPT-OSS's interleaved gate|up: every other column of each rank's piece
+    Row("slice_strided", aten.slice, lambda x: x[:, 1::2], ((4, 8),), (S1,), S1),
+    Row(
+        "slice_strided_past_a_piece_refuses",
+        aten.slice,
+        lambda x: x[:, ::4],
+        ((4, 8),),
+        (S1,),
+        FALLBACK,
+        tps=(4,),
+    ),
     Row(
         "cat_other_dim",
         aten.cat,
@@ -554,6 +565,23 @@ ROWS = [
         expert_linear,
         ((6, 8), (2, 8, 8), _OFFSETS),
         (R, S2, R),
+        P,
+        {0: S1},
+    ),
+    Row(  # the weight stored [experts, in, out] (GPT-OSS)
+        "expert_matmul_column",
+        expert_matmul,
+        expert_matmul,
+        ((6, 8), (2, 8, 8), _OFFSETS),
+        (R, S2, R),
+        S1,
+    ),
+    Row(
+        "expert_matmul_row",
+        expert_matmul,
+        expert_matmul,
+        ((6, 8), (2, 8, 8), _OFFSETS),
+        (R, S1, R),
         P,
         {0: S1},
     ),

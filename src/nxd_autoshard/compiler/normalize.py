@@ -8,7 +8,7 @@ import torch
 import torch.fx
 
 from nxd_autoshard.ir.meta import is_parameter, set_split_bias, split_bias_of
-from nxd_autoshard.ir.ops import expert_linear, grouped_linear
+from nxd_autoshard.ir.ops import expert_linear, expert_matmul, grouped_linear
 
 __all__ = [
     "decompose_variance",
@@ -120,17 +120,22 @@ def _insert_before(anchor: torch.fx.Node, target, *args) -> torch.fx.Node:
     return new
 
 
+def _is_param(node, ndim: int) -> bool:
+    """An `ndim`-D parameter."""
+    return (
+        isinstance(node, torch.fx.Node)
+        and is_parameter(node)
+        and isinstance(node.meta.get("val"), torch.Tensor)
+        and node.meta["val"].dim() == ndim
+    )
+
+
 def _transposed_param(node, ndim: int) -> torch.fx.Node | None:
     """W when `node` swaps the last two dims of an `ndim`-D parameter W (W.T, W.transpose(-2, -1))."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function" or not node.args:
         return None
     w = node.args[0]
-    if not (
-        isinstance(w, torch.fx.Node)
-        and is_parameter(w)
-        and isinstance(w.meta.get("val"), torch.Tensor)
-        and w.meta["val"].dim() == ndim
-    ):
+    if not _is_param(w, ndim):
         return None
     packet = getattr(node.target, "overloadpacket", None)
     last_two = [ndim - 2, ndim - 1]
@@ -168,7 +173,8 @@ def linear_from_matmul(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def expert_linear_from_grouped_mm(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite grouped expert products with the weight as an argument, so the experts get
     column/row choices like any linear layer: HF's `grouped_mm_fallback(x, W.transpose(-2, -1),
-    offsets)` (Mixtral, Qwen-MoE: W [experts, out, in]) as `expert_linear(x, W, offsets)`, and
+    offsets)` (Mixtral, Qwen-MoE: W [experts, out, in]) as `expert_linear(x, W, offsets)`,
+    `grouped_mm_fallback(x, W, offsets)` (GPT-OSS: W [experts, in, out]) as `expert_matmul`, and
     `torch._grouped_mm(x, W.to(dtype).transpose(-2, -1), offs=offsets)` (torchtitan) as
     `grouped_linear(x, W, offsets, dtype)`."""
 
@@ -181,6 +187,9 @@ def expert_linear_from_grouped_mm(gm: torch.fx.GraphModule) -> torch.fx.GraphMod
             if weight is not None:
                 node.target = expert_linear
                 node.args = (node.args[0], weight, node.args[2])
+                changed = True
+            elif _is_param(node.args[1], 3):  # the weight stored [E, in, out]
+                node.target = expert_matmul
                 changed = True
         elif packet is aten._grouped_mm and (
             len(node.args) == 3 or len(node.args) == 2 and set(node.kwargs) == {"offs"}

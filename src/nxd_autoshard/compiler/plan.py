@@ -13,11 +13,11 @@ import torch
 from nxd_autoshard.compiler.propagate import PropagationResult, propagate_placements
 from nxd_autoshard.ir.errors import DivisibilityError, PlanError
 from nxd_autoshard.ir.meta import state_name_of
-from nxd_autoshard.ir.ops import expert_linear, grouped_linear
+from nxd_autoshard.ir.ops import expert_linear, expert_matmul, grouped_linear
 from nxd_autoshard.ir.opsets import op_name, parameter_source
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard
 from nxd_autoshard.ir.program import BlockCost, CapturedProgram, block_of
-from nxd_autoshard.rules import shape_of
+from nxd_autoshard.rules import rule_for, shape_of
 
 __all__ = ["CompileSettings", "Plan", "decide_placements"]
 
@@ -147,19 +147,31 @@ def _module_names(modules) -> str:
 
 
 def _block_matmuls(program: CapturedProgram):
-    """(module, weight name, whether the weight is read per expert through `select`) of every
-    product with a parameter inside a repeated block."""
+    """(module, weight name, how the weight is read) of every product with a parameter inside a
+    repeated block: "select" when read per expert (`weight[i]`), "unruled" when the op has no
+    sharding rule (a library's custom kernel: it runs whole, on the full weight), else ""."""
     for node in program.gm.graph.nodes:
-        if op_name(node) not in _LINEAR_OPS and node.target not in (expert_linear, grouped_linear):
+        products = op_name(node) in _LINEAR_OPS or node.target in _EXPERT_OPS
+        unruled = (
+            not products
+            and node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)
+            and rule_for(node.target) is None
+        )
+        if not products and not unruled:
             continue
-        for arg in node.args[:3]:
+        for arg in node.args[:3] if products else node.all_input_nodes:
             source, passed = parameter_source(arg)
             if source is not None and source.meta["val"].dim() >= 2:
                 weight = state_name_of(source)
                 module = weight.rsplit(".", 1)[0]
                 if block_of(module) is not None:
-                    yield module, weight, "select" in passed
+                    how = "unruled" if unruled else "select" if "select" in passed else ""
+                    yield module, weight, how
                 break
+
+
+_EXPERT_OPS = (expert_linear, expert_matmul, grouped_linear)
 
 
 def _report_replicated(
@@ -184,7 +196,8 @@ def _report_replicated(
     ]  # a user's 'replicate' is not a surprise
     if replicated and len(replicated) == len(found):
         _raise_if_another_tp_splits(program, settings, list(dict.fromkeys(w for _, w, _ in found)))
-    indexed = {m for m, _, by_expert in found if by_expert}
+    indexed = {m for m, _, how in found if how == "select"}
+    unruled = {m: w for m, w, how in found if how == "unruled"}
     weight_of = {m: w for m, w, _ in reversed(found)}  # a module's first weight, for the reason
     # a minor weight (an MoE router) costs no memory to speak of, and Megatron replicates it
     # too: explain() still shows it, no warning
@@ -214,6 +227,8 @@ def _report_replicated(
         why = undone.get(module) or _why_not_split(
             weight_of.get(module, module + ".weight"), settings, module in indexed
         )
+        if module in unruled and module not in undone:
+            why = _unruled(program, unruled[module], settings)
         if why == KEPT_WHOLE:
             continue
         kv = "not divisible" in why and column_inputs.get(module) in split_inputs
@@ -344,6 +359,28 @@ def _why_not_split(weight: str, settings: CompileSettings, indexed: bool = False
     return (
         f"no column or row split fits its weight [{sizes}] at tp={settings.tp} "
         "with the placement its input arrives in"
+    )
+
+
+def _unruled(program: CapturedProgram, weight: str, settings: CompileSettings) -> str:
+    """Why a weight read by an op without a sharding rule stays whole, naming the op."""
+    ops = sorted(
+        {
+            str(node.target)
+            for node in program.gm.graph.nodes
+            if node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)
+            and rule_for(node.target) is None
+            and any(
+                (src := parameter_source(a)[0]) is not None and state_name_of(src) == weight
+                for a in node.all_input_nodes
+            )
+        }
+    )
+    sizes = " x ".join(map(str, settings.full_shapes.get(weight, ())))
+    return (
+        f"its weight {weight.rsplit('.', 1)[-1]} [{sizes}] is read by {', '.join(ops)}, an op "
+        "with no sharding rule, which runs whole on every rank"
     )
 
 

@@ -28,8 +28,8 @@ from nxd_autoshard.ir.meta import (
     set_placement,
     split_bias_of,
 )
-from nxd_autoshard.ir.ops import expert_linear, grouped_linear
-from nxd_autoshard.ir.opsets import CASTS, op_name
+from nxd_autoshard.ir.ops import expert_linear, expert_matmul, grouped_linear
+from nxd_autoshard.ir.opsets import CASTS, op_name, parameter_source
 from nxd_autoshard.ir.placements import Partial, Placement, Replicate, Shard, padded_size
 from nxd_autoshard.ir.program import CapturedProgram, module_path
 from nxd_autoshard.rules import (
@@ -54,6 +54,7 @@ LINEAR_OPS = {
     aten.matmul,
     aten.bmm,
     expert_linear,
+    expert_matmul,
     grouped_linear,
 }
 
@@ -102,6 +103,8 @@ def weight_role(
         return weight, split_off, max(ndim - 1, 0), node.args[0]
     if node.target in (expert_linear, grouped_linear):  # weight [experts, out, in]
         return node.args[1], None, 1, node.args[0]
+    if node.target is expert_matmul:  # weight [experts, in, out]
+        return node.args[1], None, 2, node.args[0]
     return None
 
 
@@ -244,7 +247,7 @@ def propagate_placements(
         auto_styles,
         failed,
         fallbacks,
-        blocks,
+        {name: b for name, b in blocks.items() if b != 1},  # 1: contiguous, as unmarked
         column_inputs,
         padded,
         stat_columns,
@@ -378,6 +381,7 @@ class _Seeding:
 # ops) or [E, in, out] (a batched product by a 3-D parameter)
 _WEIGHT_NDIMS = {
     expert_linear: (3,),
+    expert_matmul: (3,),
     grouped_linear: (3,),
     aten.bmm: (3,),
     aten.matmul: (2, 3),
@@ -454,6 +458,16 @@ def _seed_weights(node: torch.fx.Node, s: _Seeding) -> None:
 _PASS_THROUGH = CASTS | {"dropout", "clone", "alias"}
 
 
+def _parameter_read(node) -> bool:
+    """A parameter, read as it is, through views, or by rows (`bias[expert_ids]`: GPT-OSS's
+    per-expert biases, gathered for each token's expert)."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if _packet(node) in (aten.index, aten.index_select):
+        node = node.args[0]
+    return parameter_source(node)[0] is not None or is_parameter(node)
+
+
 def _feeds_residual(node: torch.fx.Node, placements: dict) -> bool:
     """The linear's output only reaches an add with a replicated value of its own shape."""
     current = node
@@ -463,10 +477,9 @@ def _feeds_residual(node: torch.fx.Node, placements: dict) -> bool:
             return False
         user = users[0]
         if _packet(user) is aten.add and any(
-            a is not current and isinstance(a, torch.fx.Node) and is_parameter(a)
-            for a in user.args[:2]
+            a is not current and _parameter_read(a) for a in user.args[:2]
         ):
-            current = user  # the projection's own bias (split off by split_bias)
+            current = user  # the projection's own bias (split off by split_bias, or per expert)
             continue
         if _packet(user) is aten.add:
             other = [a for a in user.args[:2] if a is not current]
@@ -532,9 +545,16 @@ def _mark_blocks(split_node, count, param_of, blocks, placements, decisions) -> 
     linear, or a sharded parameter itself) must be sliced block by block. False when some of
     the layout comes from elsewhere (a user input, a replicated value sharded to fit an op, a
     batch shard through a replicated weight), which is contiguous, or when the value is also
-    read in its fused layout (a gather there would see the blocks out of order)."""
+    read in its fused layout (a gather there would see the blocks out of order).
+
+    count 1 (a strided slice) asks the opposite: a contiguous layout. Every parameter it comes
+    from is marked 1, so a split elsewhere that would block one of them refuses (and this one
+    refuses if one is blocked already); contiguous sources are what it needs."""
+    contiguous = count == 1
     x = split_node.args[0]
-    if any(u is not split_node and _packet(u) is not _packet(split_node) for u in x.users):
+    if not contiguous and any(
+        u is not split_node and _packet(u) is not _packet(split_node) for u in x.users
+    ):
         return False
     marks: dict[str, object] = {}
     todo, seen = [x], set()
@@ -546,24 +566,36 @@ def _mark_blocks(split_node, count, param_of, blocks, placements, decisions) -> 
         if node in param_of:
             marks[param_of[node]] = count
             continue
-        if node.op != "call_function" or (node is not x and len(node.users) != 1):
+        if node.op != "call_function" or (
+            not contiguous and node is not x and len(node.users) != 1
+        ):
+            if contiguous:
+                continue  # a user input: contiguous
             return False
         role = weight_role(node) if _packet(node) in LINEAR_OPS else None
         if role is not None and role[0] in param_of and isinstance(placements.get(role[0]), Shard):
             if placements[role[0]].dim != role[2]:
+                if contiguous:
+                    continue
                 return False  # row-parallel: the output is Partial, not split by features
             for p in role[:2]:
                 if p is not None and p in param_of:
                     marks[param_of[p]] = count
             continue
         decision = decisions.get(node)
-        if decision is None or any(
-            isinstance(need, Shard) and need != placements.get(n)
-            for n, need in decision.needs.items()
-        ):
+        resharded = {
+            n
+            for n, need in (decision.needs.items() if decision is not None else ())
+            if isinstance(need, Shard) and need != placements.get(n)
+        }
+        if not contiguous and (decision is None or resharded):
             return False  # an input resharded to fit is split contiguously
-        sharded = [n for n in tensor_inputs(node) if isinstance(placements.get(n), Shard)]
-        if not sharded:
+        sharded = [
+            n
+            for n in tensor_inputs(node)
+            if isinstance(placements.get(n), Shard) and n not in resharded
+        ]
+        if not sharded and not contiguous:
             return False
         todo += sharded
     if any(blocks.get(name, count) != count for name in marks):

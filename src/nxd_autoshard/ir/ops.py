@@ -43,6 +43,7 @@ __all__ = [
     "bind",
     "bound",
     "expert_linear",
+    "expert_matmul",
     "grad_all_reduce",
     "logsumexp_all_reduce",
     "max_dim_all_reduce",
@@ -211,6 +212,12 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) 
     weight itself as an argument, so a column (out) or row (in) shard of the experts is visible.
     """
     return torch.ops.transformers.grouped_mm_fallback(x, weight.transpose(-2, -1), offsets)
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """As `expert_linear`, the weight stored [E, in, out] (transformers' experts with
+    `is_transposed`, GPT-OSS: `grouped_mm_fallback(x, weight, offsets)`)."""
+    return torch.ops.transformers.grouped_mm_fallback(x, weight, offsets)
 
 
 def grouped_linear(

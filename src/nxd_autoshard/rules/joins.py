@@ -83,11 +83,32 @@ def slice_block_rule(node, placements, tp):
     return Decision(Shard(p.dim), localise=(SliceBlock(dim, start, width),), blocks=blocks)
 
 
+def strided_slice_rule(node, placements, tp):
+    """x[..., s::k] over the shard dim (GPT-OSS's interleaved gate and up, `gate_up[..., ::2]`,
+    `[..., 1::2]`): where k divides each rank's piece, rank r's elements s, s+k, ... of its piece
+    are the r-th contiguous piece of the result, so each rank slices its own piece as it is. The
+    shard must be contiguous (blocks=1): a fused layout read in blocks elsewhere refuses."""
+    x = node.args[0]
+    p = placements[x]
+    bounds = _slice_bounds(node)
+    if not isinstance(p, Shard) or bounds is None or bounds[0] != p.dim or padded_of(x):
+        return None
+    dim, start, end, step = bounds
+    full = shape_of(x)[dim]
+    if step <= 1 or start >= step or end != full or full % tp or (full // tp) % step:
+        return None
+    return Decision(Shard(p.dim), blocks=1)
+
+
 @rule(aten.slice, padding_aware=True)
 def slice_rule(node, placements, tp):
-    """slice: a block of the shard dim (see slice_block_rule), else the shard is kept when the
-    slice leaves the shard dim whole."""
-    return slice_block_rule(node, placements, tp) or _slice_dim_map(node, placements, tp)
+    """slice: a block of the shard dim (see slice_block_rule), a stride through it
+    (strided_slice_rule), else the shard is kept when the slice leaves the shard dim whole."""
+    return (
+        slice_block_rule(node, placements, tp)
+        or strided_slice_rule(node, placements, tp)
+        or _slice_dim_map(node, placements, tp)
+    )
 
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nxd_autoshard.ir.meta import is_parameter
-from nxd_autoshard.ir.ops import expert_linear, grouped_linear
+from nxd_autoshard.ir.ops import expert_linear, expert_matmul, grouped_linear
 from nxd_autoshard.ir.placements import Partial, Replicate, Shard
 from nxd_autoshard.rules.registry import Decision, P, R, aten, padded_of, rule, shape_of
 
@@ -102,16 +102,17 @@ def linear_rule(node, placements, tp):
     return None
 
 
-@rule(expert_linear, grouped_linear)
+@rule(expert_linear, grouped_linear, expert_matmul)
 def expert_linear_rule(node, placements, tp):
-    """expert_linear / grouped_linear(x, W, offsets), W [experts, out, in]: column (W S(1)) or
-    row (W S(2))."""
+    """expert_linear / grouped_linear(x, W, offsets), W [experts, out, in] (expert_matmul: W
+    [experts, in, out]): column (W split on out) or row (W split on in)."""
     x, w, offsets = node.args[:3]
+    out_dim, in_dim = (2, 1) if node.target is expert_matmul else (1, 2)
     px, pw = placements[x], placements[w]
     keep_offsets = {offsets: R} if not isinstance(placements.get(offsets), Replicate) else {}
-    if pw == Shard(1):
+    if pw == Shard(out_dim):
         return Decision(Shard(1), {**keep_offsets, **({x: R} if px != R else {})})
-    if pw == Shard(2):
+    if pw == Shard(in_dim):
         return Decision(P, {**keep_offsets, **({x: Shard(1)} if px != Shard(1) else {})})
     if isinstance(pw, Replicate):
         if isinstance(px, Partial) and not _trained(w):
