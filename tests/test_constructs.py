@@ -404,3 +404,23 @@ def test_hf_gpt_oss_experts_split_like_megatron_experts():
     assert str(sharded.placements[f"{experts}.gate_up_proj"]) == "S(2)"
     assert str(sharded.placements[f"{experts}.down_proj"]) == "S(1)"
     assert sharded.explain().totals["block_collectives"][0][0] == 2
+
+
+def test_hf_granitemoe_whose_output_holds_a_cache_even_without_use_cache():
+    """HF GraniteMoe returns a DynamicCache (`cache`) even with use_cache=False, which
+    torch.export cannot carry out (a CaptureError before): the capture drops inference caches
+    from the output. Its attention concatenates an empty 1-D tensor with the keys (torch.cat
+    skips it), which asked for a shard of the empty tensor on dim 1 (an IndexError)."""
+    from nxd_autoshard.tools.verify import verify_config
+
+    config = {
+        "model_type": "granitemoe", "vocab_size": 64, "hidden_size": 32,
+        "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    }  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checks = verify_config(config, 2, world="sim", seq=8)
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert not [w for w in caught if "nxd-autoshard" in str(w.message)]

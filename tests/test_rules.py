@@ -316,6 +316,14 @@ ROWS = [
         FALLBACK,
         tps=(4,),
     ),
+    Row(  # torch.cat skips a 1-D empty tensor (an empty KV cache): no shard of it is asked for
+        "cat_skips_a_1d_empty",
+        aten.cat,
+        lambda e, k: torch.cat([e, k], -2),
+        ((0,), (4, 8)),
+        (R, S1),
+        S1,
+    ),
     Row(
         "cat_other_dim",
         aten.cat,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -149,6 +150,7 @@ def capture(
     meta_args = pytree.tree_map(to_fake, args)
     meta_kwargs = pytree.tree_map(to_fake, kwargs)
     tracker = _ModuleTracker(shadow)
+    no_cache = shadow.register_forward_hook(_without_caches)
     try:
         try:
             dyn = _dynamic_shapes(shadow, meta_args, meta_kwargs) if dynamic else None
@@ -175,7 +177,25 @@ def capture(
         ) from err
     finally:
         tracker.close()
+        no_cache.remove()
     return _flatten_exported(functionalize(ep), model, training)
+
+
+def _is_cache(value) -> bool:
+    """A Hugging Face inference cache (DynamicCache, ...): no tensors a training step reads."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    return cache_utils is not None and isinstance(value, cache_utils.Cache)
+
+
+def _without_caches(module, args, output):
+    """The model's output with its inference caches as None: some models return one even with
+    use_cache=False (GraniteMoe's `cache`), and torch.export cannot carry it out."""
+    if isinstance(output, dict) and any(_is_cache(v) for v in output.values()):
+        kept = {k: v for k, v in output.items() if not _is_cache(v)}
+        return type(output)(**kept) if hasattr(output, "to_tuple") else kept
+    if isinstance(output, tuple) and any(_is_cache(v) for v in output):
+        return type(output)(None if _is_cache(v) else v for v in output)
+    return output
 
 
 def _mutating_ops(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

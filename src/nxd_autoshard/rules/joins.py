@@ -146,8 +146,15 @@ def split_rule(node, placements, tp):
 
 def _join_rule(node, placements, *, new_dim: bool):
     """cat (new_dim=False) / stack (new_dim=True): inputs share the shard; cat along it gathers."""
-    parts = [n for n in node.args[0] if isinstance(n, torch.fx.Node)]
     out_nd = node.meta["val"].dim()
+    # torch.cat skips 1-D empty tensors whatever the others' rank (an empty KV cache, `cat((past,
+    # k), -2)` with past = torch.tensor([])): they take no part and need nothing
+    parts = [
+        n
+        for n in node.args[0]
+        if isinstance(n, torch.fx.Node)
+        and (new_dim or out_nd == 1 or tuple(shape_of(n)) != (0,))
+    ]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
     pls = [placements[n] for n in parts]
     if any(isinstance(p, Partial) for p in pls):
