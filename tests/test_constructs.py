@@ -377,13 +377,23 @@ def test_a_fused_output_chunked_and_strided_is_equal(tp):
     _check(model, tp)
 
 
+def _equal_and_quiet(config: dict) -> None:
+    """An HF model from `config`: loss, outputs and every gradient equal at tp 2, no warning."""
+    from nxd_autoshard.tools.verify import verify_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checks = verify_config(config, 2, world="sim", seq=8)
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert not [w for w in caught if "nxd-autoshard" in str(w.message)]
+
+
 def test_hf_gpt_oss_experts_split_like_megatron_experts():
     """HF GPT-OSS: experts stored [E, in, out] under transformers' grouped_mm_fallback, gate and
     up interleaved (`gate_up[..., ::2]`, `[..., 1::2]`), per-expert biases gathered by expert id:
     gate_up by columns, down by rows, 2 all-reduces forward per layer; before, every expert
     weight stayed whole with no warning (the op had no rule and was not counted)."""
     from nxd_autoshard.tools.hf import build_model, random_batch
-    from nxd_autoshard.tools.verify import verify_config
 
     config = {
         "model_type": "gpt_oss", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
@@ -392,11 +402,7 @@ def test_hf_gpt_oss_experts_split_like_megatron_experts():
         "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
         "layer_types": ["sliding_attention", "full_attention"], "rope_scaling": None,
     }  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        checks = verify_config(config, 2, world="sim", seq=8)
-    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
-    assert not [w for w in caught if "nxd-autoshard" in str(w.message)]
+    _equal_and_quiet(config)
     model = build_model(config, seed=0)
     args, kwargs = random_batch(model, batch=2, seq=8, seed=1)
     sharded = autoshard(model, 2, example_inputs=args, example_kwargs=kwargs)
@@ -411,16 +417,10 @@ def test_hf_granitemoe_whose_output_holds_a_cache_even_without_use_cache():
     torch.export cannot carry out (a CaptureError before): the capture drops inference caches
     from the output. Its attention concatenates an empty 1-D tensor with the keys (torch.cat
     skips it), which asked for a shard of the empty tensor on dim 1 (an IndexError)."""
-    from nxd_autoshard.tools.verify import verify_config
-
     config = {
         "model_type": "granitemoe", "vocab_size": 64, "hidden_size": 32,
         "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
         "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
     }  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        checks = verify_config(config, 2, world="sim", seq=8)
-    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
-    assert not [w for w in caught if "nxd-autoshard" in str(w.message)]
+    _equal_and_quiet(config)

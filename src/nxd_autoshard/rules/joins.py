@@ -52,17 +52,26 @@ def _slice_bounds(node) -> tuple[int, int, int, int] | None:
     return dim, start, min(end, shape_of(x)[dim]), step
 
 
-def slice_block_rule(node, placements, tp):
-    """Slices that cut the shard dim into aligned pieces (a fused qkv read as x[..., :d],
-    x[..., d:2d], ...; unequal ones when they tile the dim, as a GQA q|k|v) are blocks, like
-    chunk: each rank slices its own piece of every block."""
+def _shard_dim_slice(node, placements):
+    """(the input's placement, the slice's bounds, the dim's size) of a slice with int bounds
+    across an unpadded shard dim; None for any other slice."""
     x = node.args[0]
     p = placements[x]
     bounds = _slice_bounds(node)
     if not isinstance(p, Shard) or bounds is None or bounds[0] != p.dim or padded_of(x):
         return None
-    dim, start, end, step = bounds
-    full = shape_of(x)[dim]
+    return p, bounds, shape_of(x)[bounds[0]]
+
+
+def slice_block_rule(node, placements, tp):
+    """Slices that cut the shard dim into aligned pieces (a fused qkv read as x[..., :d],
+    x[..., d:2d], ...; unequal ones when they tile the dim, as a GQA q|k|v) are blocks, like
+    chunk: each rank slices its own piece of every block."""
+    x = node.args[0]
+    cut = _shard_dim_slice(node, placements)
+    if cut is None:
+        return None
+    p, (dim, start, end, step), full = cut
     width = end - start
     siblings = [u for u in x.users if packet_of(u.target) is aten.slice]
     spans = [_slice_bounds(u) for u in siblings]
@@ -88,13 +97,10 @@ def strided_slice_rule(node, placements, tp):
     `[..., 1::2]`): where k divides each rank's piece, rank r's elements s, s+k, ... of its piece
     are the r-th contiguous piece of the result, so each rank slices its own piece as it is. The
     shard must be contiguous (blocks=1): a fused layout read in blocks elsewhere refuses."""
-    x = node.args[0]
-    p = placements[x]
-    bounds = _slice_bounds(node)
-    if not isinstance(p, Shard) or bounds is None or bounds[0] != p.dim or padded_of(x):
+    cut = _shard_dim_slice(node, placements)
+    if cut is None:
         return None
-    dim, start, end, step = bounds
-    full = shape_of(x)[dim]
+    p, (dim, start, end, step), full = cut
     if step <= 1 or start >= step or end != full or full % tp or (full // tp) % step:
         return None
     return Decision(Shard(p.dim), blocks=1)
@@ -152,8 +158,7 @@ def _join_rule(node, placements, *, new_dim: bool):
     parts = [
         n
         for n in node.args[0]
-        if isinstance(n, torch.fx.Node)
-        and (new_dim or out_nd == 1 or tuple(shape_of(n)) != (0,))
+        if isinstance(n, torch.fx.Node) and (new_dim or out_nd == 1 or tuple(shape_of(n)) != (0,))
     ]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
     pls = [placements[n] for n in parts]
