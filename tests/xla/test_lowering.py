@@ -127,7 +127,7 @@ def test_openxla_compile_of_a_stage_program(family):
     (spec,) = neuron.stage_specs(sharded, args, kwargs)
     program = sharded.programs()[0]
     state = [state_value(sharded, program, n).detach().to(DEVICE) for n in spec.state_names]
-    params = [s for n, s in zip(spec.state_names, state) if n in sharded._full_shapes]
+    params = [s for n, s in zip(spec.state_names, state) if n in sharded.full_shapes]
     for p in params:
         p.requires_grad_(True)
     inputs = [x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in spec.inputs]
@@ -140,7 +140,7 @@ def test_openxla_compile_of_a_stage_program(family):
     want = model(*args, **kwargs).loss
     want.backward()
     torch.testing.assert_close(loss.detach().cpu(), want.detach(), rtol=1e-5, atol=1e-6)
-    names = [n for n in spec.state_names if n in sharded._full_shapes]
+    names = [n for n in spec.state_names if n in sharded.full_shapes]
     _assert_grads(model, {n: p.grad for n, p in zip(names, params) if p.grad is not None})
 
 
