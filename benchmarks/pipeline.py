@@ -141,7 +141,7 @@ def _bubble_worker(rank, world, schedule, microbatches, steps):
         example_kwargs=kwargs,
     )
     sharded.train_step(*args, **kwargs)  # builds the schedule
-    schedule_obj, _ = next(iter(sharded._programs.values()))[0].runtime
+    schedule_obj, _ = sharded._cache.entries()[0].runtime
     stages = getattr(schedule_obj, "_stages", None) or [schedule_obj._stage]
     busy = [0.0]
     for stage in stages:
