@@ -148,7 +148,7 @@ def _module_names(modules) -> str:
 
 def _block_matmuls(program: CapturedProgram):
     """(module, weight name, how the weight is read) of every product with a parameter inside a
-    repeated block: "select" when read per expert (`weight[i]`), "unruled" when the op has no
+    repeated block: "select" when read per expert (`weight[i]`), the op's name when it has no
     sharding rule (a library's custom kernel: it runs whole, on the full weight), else ""."""
     for node in program.gm.graph.nodes:
         products = op_name(node) in _LINEAR_OPS or node.target in _EXPERT_OPS
@@ -166,7 +166,7 @@ def _block_matmuls(program: CapturedProgram):
                 weight = state_name_of(source)
                 module = weight.rsplit(".", 1)[0]
                 if block_of(module) is not None:
-                    how = "unruled" if unruled else "select" if "select" in passed else ""
+                    how = str(node.target) if unruled else "select" if "select" in passed else ""
                     yield module, weight, how
                 break
 
@@ -197,7 +197,10 @@ def _report_replicated(
     if replicated and len(replicated) == len(found):
         _raise_if_another_tp_splits(program, settings, list(dict.fromkeys(w for _, w, _ in found)))
     indexed = {m for m, _, how in found if how == "select"}
-    unruled = {m: w for m, w, how in found if how == "unruled"}
+    unruled: dict[str, tuple[str, set[str]]] = {}  # module -> (weight, ops with no rule)
+    for m, w, how in found:
+        if how not in ("", "select"):
+            unruled.setdefault(m, (w, set()))[1].add(how)
     weight_of = {m: w for m, w, _ in reversed(found)}  # a module's first weight, for the reason
     # a minor weight (an MoE router) costs no memory to speak of, and Megatron replicates it
     # too: explain() still shows it, no warning
@@ -228,7 +231,7 @@ def _report_replicated(
             weight_of.get(module, module + ".weight"), settings, module in indexed
         )
         if module in unruled and module not in undone:
-            why = _unruled(program, unruled[module], settings)
+            why = _unruled(*unruled[module], settings)
         if why == KEPT_WHOLE:
             continue
         kv = "not divisible" in why and column_inputs.get(module) in split_inputs
@@ -362,25 +365,12 @@ def _why_not_split(weight: str, settings: CompileSettings, indexed: bool = False
     )
 
 
-def _unruled(program: CapturedProgram, weight: str, settings: CompileSettings) -> str:
-    """Why a weight read by an op without a sharding rule stays whole, naming the op."""
-    ops = sorted(
-        {
-            str(node.target)
-            for node in program.gm.graph.nodes
-            if node.op == "call_function"
-            and isinstance(node.target, torch._ops.OpOverload)
-            and rule_for(node.target) is None
-            and any(
-                (src := parameter_source(a)[0]) is not None and state_name_of(src) == weight
-                for a in node.all_input_nodes
-            )
-        }
-    )
+def _unruled(weight: str, ops: set[str], settings: CompileSettings) -> str:
+    """Why a weight read by ops without a sharding rule stays whole, naming them."""
     sizes = " x ".join(map(str, settings.full_shapes.get(weight, ())))
     return (
-        f"its weight {weight.rsplit('.', 1)[-1]} [{sizes}] is read by {', '.join(ops)}, an op "
-        "with no sharding rule, which runs whole on every rank"
+        f"its weight {weight.rsplit('.', 1)[-1]} [{sizes}] is read by {', '.join(sorted(ops))}, "
+        "an op with no sharding rule, which runs whole on every rank"
     )
 
 
